@@ -1,0 +1,1 @@
+"""The inventory service: SKU stock and all-or-nothing reservations per order."""

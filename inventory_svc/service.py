@@ -1,0 +1,127 @@
+"""Inventory domain rules: all-or-nothing reservations, no oversell, order-independent release."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import Connection
+
+from inventory_svc import store
+from inventory_svc.models import ReservationRow
+from svckit.errors import FailedPrecondition, InvalidArgument, NotFound
+from svckit.validation import Line, Violations
+
+__all__ = ["RESERVED", "RELEASED", "TOMBSTONE", "Reservation", "StockLevel", "release", "reserve"]
+
+RESERVED, RELEASED, TOMBSTONE = "RESERVED", "RELEASED", "TOMBSTONE"
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Stock held (or once held, or refused in advance) for one order."""
+
+    reservation_id: str
+    order_id: str
+    status: str
+    items: list[Line]
+    created_at: float
+
+
+@dataclass(frozen=True)
+class StockLevel:
+    sku: str
+    name: str
+    available: int
+    reserved: int
+
+
+def _view(row: ReservationRow) -> Reservation:
+    return Reservation(row.reservation_id, row.order_id, row.status, store.decode_lines(row.items), row.created_at)
+
+
+def validate_reserve(order_id: str, lines: list[Line]) -> None:
+    violations = Violations()
+    violations.identifier("order_id", order_id)
+    violations.lines("items", lines)
+    violations.raise_if_any()
+
+
+def validate_release(order_id: str, reason: str) -> None:
+    violations = Violations()
+    violations.identifier("order_id", order_id)
+    violations.reason("reason", reason)
+    violations.raise_if_any()
+
+
+def reserve(connection: Connection, order_id: str, lines: list[Line]) -> Reservation:
+    """Hold every line or none; refuses an order that was released, or reserved already."""
+    existing = store.get_reservation(connection, order_id)
+    if existing is not None:
+        if existing.status in (RELEASED, TOMBSTONE):
+            raise FailedPrecondition(
+                "ORDER_RELEASED", f"order {order_id} was released; it cannot reserve stock again", {"order_id": order_id}
+            )
+        raise FailedPrecondition(
+            "ORDER_ALREADY_RESERVED", f"order {order_id} already holds reservation {existing.reservation_id}",
+            {"order_id": order_id, "reservation_id": existing.reservation_id},
+        )
+    unknown = sorted({line.sku for line in lines} - store.known_skus(connection, [line.sku for line in lines]))
+    if unknown:
+        index = next(i for i, line in enumerate(lines) if line.sku == unknown[0])
+        raise InvalidArgument.of(f"items[{index}].sku", f"unknown SKU {unknown[0]!r}")
+    for line in lines:
+        if not store.take(connection, line.sku, line.quantity):
+            # The caller's savepoint rolls back the lines already taken: all or nothing.
+            raise FailedPrecondition(
+                "OUT_OF_STOCK",
+                f"SKU {line.sku} has {store.available(connection, line.sku)} free, {line.quantity} requested",
+                {"sku": line.sku, "requested": str(line.quantity)},
+            )
+    row = ReservationRow(
+        order_id=order_id,
+        reservation_id="res_" + uuid.uuid4().hex[:20],
+        status=RESERVED,
+        items=store.encode_lines(lines),
+        created_at=time.time(),
+    )
+    store.insert_reservation(connection, row)
+    return _view(row)
+
+
+def release(connection: Connection, order_id: str) -> tuple[Reservation, bool]:
+    """Give the order's stock back; with no reservation, leave a tombstone that refuses a late one."""
+    existing = store.get_reservation(connection, order_id)
+    if existing is None:
+        tombstone = ReservationRow(
+            order_id=order_id,
+            reservation_id="res_" + uuid.uuid4().hex[:20],
+            status=TOMBSTONE,
+            items="",
+            created_at=time.time(),
+        )
+        store.insert_reservation(connection, tombstone)
+        return _view(tombstone), False
+    if existing.status != RESERVED:
+        return _view(existing), False
+    for line in store.decode_lines(existing.items):
+        store.give_back(connection, line.sku, line.quantity)
+    store.set_reservation_status(connection, order_id, RELEASED)
+    existing.status = RELEASED
+    return _view(existing), True
+
+
+def get_reservation(connection: Connection, order_id: str) -> Reservation:
+    existing = store.get_reservation(connection, order_id)
+    if existing is None:
+        raise NotFound("RESERVATION_NOT_FOUND", f"order {order_id} has no reservation", {"order_id": order_id})
+    return _view(existing)
+
+
+def stock_levels(connection: Connection, skus: list[str]) -> list[StockLevel]:
+    rows = store.stock_levels(connection, skus)
+    missing = sorted(set(skus) - {row.sku for row in rows})
+    if missing:
+        raise InvalidArgument.of("skus", f"unknown SKU {missing[0]!r}")
+    return [StockLevel(r.sku, r.name, r.available, r.reserved) for r in rows]

@@ -1,0 +1,1 @@
+"""Shared plumbing for every Sagasuite process: settings, database, idempotency, errors, serving."""

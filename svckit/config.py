@@ -1,0 +1,55 @@
+"""Typed settings loaded once per process from the environment, failing fast with a clear message."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TypeVar
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["ServiceSettings", "load_settings"]
+
+
+class ServiceSettings(BaseSettings):
+    """Settings every gRPC process shares; each service subclasses it with its own defaults."""
+
+    model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
+
+    service_name: str = "service"
+    host: str = Field("127.0.0.1", description="address the gRPC server binds to")
+    port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free one")
+    advertise_host: str = Field("", description="address other processes reach this one at")
+    data_dir: Path = Field(Path("var"), description="folder for SQLite files and logs")
+    database_url: str = Field("", description="SQLAlchemy URL; a SQLite file in DATA_DIR when empty")
+    log_level: str = "INFO"
+    faults: str = Field("", description="fault injection rules (see README)")
+    idempotency_retention_seconds: int = Field(7 * 24 * 3600, ge=60)
+    idempotency_cleanup_interval_seconds: float = Field(300.0, gt=0)
+    grace_seconds: float = Field(10.0, ge=0, description="how long SIGTERM waits for in-flight calls")
+    max_message_bytes: int = Field(1024 * 1024, ge=1024)
+    metrics_port: int = Field(-1, ge=-1, le=65535, description="Prometheus port; -1 turns it off")
+    discovery: str = Field("static", pattern="^(static|consul)$")
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+
+    def resolved_database_url(self) -> str:
+        """DATABASE_URL, or the service's own SQLite file under DATA_DIR."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.data_dir / (self.service_name + '.db')}"
+
+
+SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+
+
+def load_settings(settings_class: type[SettingsT]) -> SettingsT:
+    """Read settings from the environment, or exit with one line per bad variable."""
+    try:
+        return settings_class()
+    except ValidationError as error:
+        lines = [f"{'.'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in error.errors()]
+        print("configuration error:\n  " + "\n  ".join(lines), file=sys.stderr)
+        raise SystemExit(2) from error

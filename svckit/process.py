@@ -1,0 +1,81 @@
+"""One domain service process: settings, database, idempotency and the gRPC server, wired once."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+from sqlalchemy import Connection
+
+from svckit.config import ServiceSettings
+from svckit.db import Database
+from svckit.idempotency import IdempotencyStore
+from svckit.logs import configure_logging
+from svckit.server import CallContext, run_server
+
+__all__ = ["ServiceProcess"]
+
+ResponseT = TypeVar("ResponseT", bound=Message)
+
+
+class ServiceProcess:
+    """Everything a domain service needs at run time, built from its settings."""
+
+    def __init__(self, settings: ServiceSettings, *, contract: str) -> None:
+        configure_logging(settings.service_name, settings.log_level)
+        self.settings = settings
+        self.contract = contract
+        self.log = logging.getLogger(f"sagasuite.{settings.service_name}")
+        self.database = Database(settings.resolved_database_url())
+        self.database.create_schema()
+        self.idempotency = IdempotencyStore(self.database, settings.idempotency_retention_seconds)
+        self._registrations: list[tuple[Callable[[grpc.aio.Server], Any], str]] = []
+
+    def add_service(self, register: Callable[[grpc.aio.Server], Any], full_name: str) -> None:
+        self._registrations.append((register, full_name))
+
+    async def idempotent(
+        self,
+        call: CallContext,
+        request: Message,
+        effect: Callable[[Connection], ResponseT],
+        response_type: type[ResponseT],
+    ) -> ResponseT:
+        """Run effect once per idempotency key, in one transaction with its record."""
+        result = await self.idempotency.execute(
+            call.idempotency_key, call.method, request, effect, response_type, call.deadline
+        )
+        call.notes["replayed"] = result.replayed
+        return result.response
+
+    async def _clean_idempotency_records(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.idempotency_cleanup_interval_seconds)
+            try:
+                deleted = await self.idempotency.delete_expired()
+                if deleted:
+                    self.log.info("deleted %d expired idempotency records", deleted)
+            except Exception:
+                self.log.exception("idempotency cleanup failed; will try again")
+
+    def _add_services(self, server: grpc.aio.Server) -> list[str]:
+        for register, _ in self._registrations:
+            register(server)
+        return [name for _, name in self._registrations]
+
+    async def serve(self) -> None:
+        try:
+            await run_server(
+                self.settings,
+                self._add_services,
+                background=[self._clean_idempotency_records],
+            )
+        finally:
+            self.database.close()
+
+    def run(self) -> None:
+        asyncio.run(self.serve())
