@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import grpc
-
 from inventory_svc import service
 from inventory_svc.config import InventorySettings
 from inventory_svc.store import seed_if_empty
@@ -46,9 +44,7 @@ class InventoryServicer(pb_grpc.InventoryServiceServicer):
         return await self._process.idempotent(
             call,
             request,
-            lambda c: pb.ReserveStockResponse(
-                reservation=_reservation_pb(service.reserve(c, request.order_id, lines))
-            ),
+            lambda c: pb.ReserveStockResponse(reservation=_reservation_pb(service.reserve(c, request.order_id, lines))),
             pb.ReserveStockResponse,
         )
 
@@ -63,15 +59,11 @@ class InventoryServicer(pb_grpc.InventoryServiceServicer):
         return await self._process.idempotent(call, request, effect, pb.ReleaseStockResponse)
 
     @rpc(mutating=False)
-    async def GetReservation(
-        self, request: pb.GetReservationRequest, call: CallContext
-    ) -> pb.GetReservationResponse:
+    async def GetReservation(self, request: pb.GetReservationRequest, call: CallContext) -> pb.GetReservationResponse:
         violations = Violations()
         violations.identifier("order_id", request.order_id)
         violations.raise_if_any()
-        reservation = await self._process.database.transaction(
-            lambda c: service.get_reservation(c, request.order_id)
-        )
+        reservation = await self._process.database.transaction(lambda c: service.get_reservation(c, request.order_id))
         return pb.GetReservationResponse(reservation=_reservation_pb(reservation))
 
     @rpc(mutating=False)

@@ -11,9 +11,9 @@ from sqlalchemy import Connection
 from inventory_svc import store
 from inventory_svc.models import ReservationRow
 from svckit.errors import FailedPrecondition, InvalidArgument, NotFound
-from svckit.validation import Line, Violations
+from svckit.validation import Line, Violations, decode_lines, encode_lines
 
-__all__ = ["RESERVED", "RELEASED", "TOMBSTONE", "Reservation", "StockLevel", "release", "reserve"]
+__all__ = ["RELEASED", "RESERVED", "TOMBSTONE", "Reservation", "StockLevel", "release", "reserve"]
 
 RESERVED, RELEASED, TOMBSTONE = "RESERVED", "RELEASED", "TOMBSTONE"
 
@@ -38,7 +38,7 @@ class StockLevel:
 
 
 def _view(row: ReservationRow) -> Reservation:
-    return Reservation(row.reservation_id, row.order_id, row.status, store.decode_lines(row.items), row.created_at)
+    return Reservation(row.reservation_id, row.order_id, row.status, decode_lines(row.items), row.created_at)
 
 
 def validate_reserve(order_id: str, lines: list[Line]) -> None:
@@ -61,10 +61,13 @@ def reserve(connection: Connection, order_id: str, lines: list[Line]) -> Reserva
     if existing is not None:
         if existing.status in (RELEASED, TOMBSTONE):
             raise FailedPrecondition(
-                "ORDER_RELEASED", f"order {order_id} was released; it cannot reserve stock again", {"order_id": order_id}
+                "ORDER_RELEASED",
+                f"order {order_id} was released; it cannot reserve stock again",
+                {"order_id": order_id},
             )
         raise FailedPrecondition(
-            "ORDER_ALREADY_RESERVED", f"order {order_id} already holds reservation {existing.reservation_id}",
+            "ORDER_ALREADY_RESERVED",
+            f"order {order_id} already holds reservation {existing.reservation_id}",
             {"order_id": order_id, "reservation_id": existing.reservation_id},
         )
     unknown = sorted({line.sku for line in lines} - store.known_skus(connection, [line.sku for line in lines]))
@@ -83,7 +86,7 @@ def reserve(connection: Connection, order_id: str, lines: list[Line]) -> Reserva
         order_id=order_id,
         reservation_id="res_" + uuid.uuid4().hex[:20],
         status=RESERVED,
-        items=store.encode_lines(lines),
+        items=encode_lines(lines),
         created_at=time.time(),
     )
     store.insert_reservation(connection, row)
@@ -105,11 +108,13 @@ def release(connection: Connection, order_id: str) -> tuple[Reservation, bool]:
         return _view(tombstone), False
     if existing.status != RESERVED:
         return _view(existing), False
-    for line in store.decode_lines(existing.items):
-        store.give_back(connection, line.sku, line.quantity)
-    store.set_reservation_status(connection, order_id, RELEASED)
+    # Only the call that moves RESERVED to RELEASED gives the stock back, however many race.
+    released_here = store.move_reservation_status(connection, order_id, RESERVED, RELEASED)
+    if released_here:
+        for line in decode_lines(existing.items):
+            store.give_back(connection, line.sku, line.quantity)
     existing.status = RELEASED
-    return _view(existing), True
+    return _view(existing), released_here
 
 
 def get_reservation(connection: Connection, order_id: str) -> Reservation:

@@ -8,33 +8,20 @@ from pathlib import Path
 from sqlalchemy import Connection, func, insert, select, update
 
 from inventory_svc.models import ReservationRow, StockRow
-from svckit.validation import Line
 
 __all__ = [
     "get_reservation",
     "give_back",
     "insert_reservation",
     "known_skus",
+    "move_reservation_status",
     "seed_if_empty",
-    "set_reservation_status",
     "stock_levels",
     "take",
 ]
 
 _STOCK = StockRow.__table__  # type: ignore[attr-defined]
 _RESERVATION = ReservationRow.__table__  # type: ignore[attr-defined]
-
-
-def encode_lines(lines: list[Line]) -> str:
-    return ";".join(f"{line.sku}={line.quantity}" for line in lines)
-
-
-def decode_lines(text: str) -> list[Line]:
-    lines = []
-    for part in filter(None, text.split(";")):
-        sku, _, quantity = part.rpartition("=")
-        lines.append(Line(sku, int(quantity)))
-    return lines
 
 
 def seed_if_empty(connection: Connection, catalogue_file: Path) -> int:
@@ -83,8 +70,14 @@ def insert_reservation(connection: Connection, row: ReservationRow) -> None:
     connection.execute(insert(_RESERVATION).values(**row.model_dump()))
 
 
-def set_reservation_status(connection: Connection, order_id: str, status: str) -> None:
-    connection.execute(update(_RESERVATION).where(_RESERVATION.c.order_id == order_id).values(status=status))
+def move_reservation_status(connection: Connection, order_id: str, from_status: str, to_status: str) -> bool:
+    """Change the status only if it is still from_status; False when a concurrent call got there first."""
+    result = connection.execute(
+        update(_RESERVATION)
+        .where(_RESERVATION.c.order_id == order_id, _RESERVATION.c.status == from_status)
+        .values(status=to_status)
+    )
+    return result.rowcount == 1
 
 
 def stock_levels(connection: Connection, skus: list[str]) -> list[StockRow]:

@@ -185,9 +185,7 @@ class ConsulSettings:
             scheme, _, rest = raw_address.partition("://")
             scheme = scheme.lower()
             if scheme not in {"http", "https"}:
-                raise ValueError(
-                    f"CONSUL_HTTP_ADDR={raw_address!r}: only http:// and https:// agents are supported"
-                )
+                raise ValueError(f"CONSUL_HTTP_ADDR={raw_address!r}: only http:// and https:// agents are supported")
         rest = rest.rstrip("/")
         ssl_flag = environ.get("CONSUL_HTTP_SSL", "").strip()
         if ssl_flag:
@@ -305,7 +303,6 @@ class _Watch:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     last_error: str | None = None
-    loaded: bool = False
 
 
 def _instance_address(entry: Mapping[str, Any]) -> str | None:
@@ -373,6 +370,8 @@ class ConsulResolver:
         return watch.last_error if watch else None
 
     async def wait_for(self, service: str, timeout: float) -> list[str]:  # noqa: ASYNC109
+        if not self._started or self._closed:
+            raise RuntimeError("ConsulResolver.wait_for needs start() first (and no close())")
         watch = self._ensure_watch(service)
         deadline = time.monotonic() + timeout
         while not watch.addresses:
@@ -380,8 +379,7 @@ class ConsulResolver:
             if remaining <= 0:
                 reason = f"; last Consul error: {watch.last_error}" if watch.last_error else ""
                 raise TimeoutError(
-                    f"no healthy instance of {service!r} in Consul at {self._settings.url} "
-                    f"within {timeout:g}s{reason}"
+                    f"no healthy instance of {service!r} in Consul at {self._settings.url} within {timeout:g}s{reason}"
                 )
             event = watch.changed
             with contextlib.suppress(TimeoutError):
@@ -402,13 +400,14 @@ class ConsulResolver:
         if watch is None:
             watch = self._watches[service] = _Watch()
         if self._started and not self._closed and watch.task is None:
-            watch.task = asyncio.get_running_loop().create_task(
-                self._watch_loop(service, watch), name=f"consul-watch-{service}"
-            )
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # called from outside the event loop: the next call inside starts it
+                return watch
+            watch.task = loop.create_task(self._watch_loop(service, watch), name=f"consul-watch-{service}")
         return watch
 
     def _publish(self, watch: _Watch, addresses: list[str]) -> None:
-        watch.loaded = True
         watch.addresses = addresses
         # Wake every waiter, then hand later waiters a fresh event.
         watch.changed.set()
@@ -438,6 +437,7 @@ class ConsulResolver:
                     functools.partial(query, index), name=f"consul-query-{service}"
                 )
                 new_index = int(raw_index)
+                addresses = sorted({a for a in map(_instance_address, entries) if a is not None})
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -463,7 +463,6 @@ class ConsulResolver:
                 log.info("consul query for %r succeeded again", service)
                 watch.last_error = None
             retry_delay = self._retry_initial
-            addresses = sorted({a for a in map(_instance_address, entries or []) if a is not None})
             if addresses != watch.addresses:
                 log.info("healthy instances of %r: %s", service, ", ".join(addresses) or "none")
             self._publish(watch, addresses)
@@ -525,23 +524,22 @@ class ConsulRegistration:
             replace_existing_checks=True,
         )
 
-    def deregister(self, instance_id: str) -> None:
-        """PUT /v1/agent/service/deregister/<id>; the agent treats an unknown id as a no-op."""
-        self._client.agent.service.deregister(instance_id)
+    def deregister(self, instance_id: str) -> bool:
+        """PUT /v1/agent/service/deregister/<id>; False if the agent did not know that id (its 404)."""
+        removed: bool = self._client.agent.service.deregister(instance_id)
+        return removed
 
     async def register_async(self, *args: Any, **kwargs: Any) -> None:
         await asyncio.to_thread(self.register, *args, **kwargs)
 
-    async def deregister_async(self, instance_id: str) -> None:
-        await asyncio.to_thread(self.deregister, instance_id)
+    async def deregister_async(self, instance_id: str) -> bool:
+        return await asyncio.to_thread(self.deregister, instance_id)
 
 
 # --------------------------------------------------------------------------- choice
 
 
-def make_resolver(
-    environ: Mapping[str, str] = os.environ, services: Iterable[str] = SUITE_SERVICES
-) -> Resolver:
+def make_resolver(environ: Mapping[str, str] = os.environ, services: Iterable[str] = SUITE_SERVICES) -> Resolver:
     """DISCOVERY=consul gives a ConsulResolver; DISCOVERY=static or unset reads <SERVICE>_ADDR."""
     mode = environ.get("DISCOVERY", "").strip().lower() or "static"
     if mode == "consul":

@@ -173,6 +173,8 @@ def error_from_status(code_number: int, message: str, details: list[any_pb2.Any]
             cls: type[_ReasonedError] = {
                 grpc.StatusCode.NOT_FOUND: NotFound,
                 grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
+                grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+                grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
             }.get(code, FailedPrecondition)
             return cls(info.reason, message, dict(info.metadata))
         if packed.Is(error_details_pb2.BadRequest.DESCRIPTOR):
@@ -180,4 +182,3 @@ def error_from_status(code_number: int, message: str, details: list[any_pb2.Any]
             packed.Unpack(bad)
             return InvalidArgument([FieldViolation(v.field, v.description) for v in bad.field_violations])
     return FailedPrecondition("UNKNOWN_REFUSAL", message)
-

@@ -8,13 +8,13 @@ import logging
 import signal
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
 
 from svckit.config import ServiceSettings
@@ -137,7 +137,7 @@ async def run_server(
     *,
     on_started: Callable[[int], Awaitable[None]] | None = None,
     on_stopping: Callable[[], Awaitable[None]] | None = None,
-    background: Sequence[Callable[[], Awaitable[None]]] = (),
+    background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = (),
 ) -> None:
     """Serve until SIGTERM or SIGINT, then stop taking calls, drain in-flight ones and return.
 
@@ -159,8 +159,10 @@ async def run_server(
         server,
     )
     address = f"{settings.host}:{settings.port}"
-    port = server.add_secure_port(address, _server_credentials(settings)) if settings.tls_cert_file else (
-        server.add_insecure_port(address)
+    port = (
+        server.add_secure_port(address, _server_credentials(settings))
+        if settings.tls_cert_file
+        else (server.add_insecure_port(address))
     )
     await server.start()
     for name in [*service_names, ""]:
@@ -169,7 +171,7 @@ async def run_server(
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop_requested.set)
-    tasks = [asyncio.create_task(job()) for job in background]
+    tasks: list[asyncio.Task[None]] = [asyncio.create_task(job()) for job in background]
     log.info("serving %s on port %d", ",".join(service_names), port)
     # Printed for the processes that start us: they read the bound port from this line.
     print(f"READY port={port}", flush=True)

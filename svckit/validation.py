@@ -11,12 +11,16 @@ from svckit.errors import FieldViolation, InvalidArgument
 __all__ = [
     "MAX_ID_LENGTH",
     "MAX_LINES",
+    "MAX_PAGE_SIZE",
     "MAX_QUANTITY",
     "SUPPORTED_CURRENCIES",
     "Line",
     "Money",
     "PostalAddress",
     "Violations",
+    "decode_lines",
+    "encode_lines",
+    "page_offset",
 ]
 
 MAX_ID_LENGTH = 64
@@ -30,6 +34,7 @@ SUPPORTED_CURRENCIES = frozenset({"USD", "EUR", "GBP", "JPY", "CHF", "SEK", "NOK
 _ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]*")
 _EMAIL_PATTERN = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 _COUNTRY_PATTERN = re.compile(r"[A-Z]{2}")
+_PAGE_TOKEN_PATTERN = re.compile(r"[0-9]{1,18}")
 
 
 @dataclass(frozen=True)
@@ -143,10 +148,23 @@ def page_offset(token: str) -> int:
     """Decode a page token (an offset); raises INVALID_ARGUMENT naming page_token when it is bad."""
     if not token:
         return 0
-    if not token.isdigit():
+    if not _PAGE_TOKEN_PATTERN.fullmatch(token):
         raise InvalidArgument.of("page_token", "is not a token returned by a previous page")
     return int(token)
 
 
 def unique(values: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(values))
+
+
+def encode_lines(lines: Sequence[Line]) -> str:
+    """Lines as compact "sku=qty;sku=qty" text for a database column."""
+    return ";".join(f"{line.sku}={line.quantity}" for line in lines)
+
+
+def decode_lines(text: str) -> list[Line]:
+    lines = []
+    for part in filter(None, text.split(";")):
+        sku, _, quantity = part.rpartition("=")
+        lines.append(Line(sku, int(quantity)))
+    return lines

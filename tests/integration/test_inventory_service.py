@@ -218,9 +218,7 @@ async def test_store_on_postgresql_prevents_oversell_and_double_effects(start_pr
 
         async def attempt(n: int) -> bool:
             try:
-                await stubs[n % 2].ReserveStock(
-                    reserve_request(f"pg-{n}", ("RARE-1", 1)), metadata=keyed(f"pg-{n}")
-                )
+                await stubs[n % 2].ReserveStock(reserve_request(f"pg-{n}", ("RARE-1", 1)), metadata=keyed(f"pg-{n}"))
                 return True
             except grpc.aio.AioRpcError as error:
                 assert error_reason(error) == "OUT_OF_STOCK", error.details()

@@ -22,69 +22,74 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from sagasuite.common.v1 import common_pb2 as sagasuite_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n4sagasuite/orchestrator/v1/orchestrator_service.proto\x12\x19sagasuite.orchestrator.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a sagasuite/common/v1/common.proto\"\x80\x02\n\x11PlaceOrderRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63ustomer_email\x18\x02 \x01(\t\x12,\n\x05items\x18\x03 \x03(\x0b\x32\x1d.sagasuite.common.v1.LineItem\x12*\n\x06\x61mount\x18\x04 \x01(\x0b\x32\x1a.sagasuite.common.v1.Money\x12\x15\n\rpayment_token\x18\x05 \x01(\t\x12\x36\n\x10shipping_address\x18\x06 \x01(\x0b\x32\x1c.sagasuite.common.v1.Address\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x07 \x01(\x05\"m\n\x12PlaceOrderResponse\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x35\n\x06status\x18\x02 \x01(\x0e\x32%.sagasuite.orchestrator.v1.SagaStatus\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x08\"!\n\x0eGetSagaRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\"@\n\x0fGetSagaResponse\x12-\n\x04saga\x18\x01 \x01(\x0b\x32\x1f.sagasuite.orchestrator.v1.Saga\"\xae\x01\n\x0bStepAttempt\x12\x11\n\tdirection\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12.\n\nstarted_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x63ode\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\"\x84\x01\n\x08SagaStep\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\r\n\x05state\x18\x03 \x01(\t\x12\x38\n\x08\x61ttempts\x18\x04 \x03(\x0b\x32&.sagasuite.orchestrator.v1.StepAttempt\x12\x12\n\nlast_error\x18\x05 \x01(\t\"\x9e\x01\n\x0cHistoryEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\x05\x12\x0c\n\x04\x63ode\x18\x06 \x01(\t\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x08 \x01(\t\"\xfc\x03\n\x04Saga\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x11\n\tsaga_type\x18\x02 \x01(\t\x12\x1a\n\x12\x64\x65\x66inition_version\x18\x03 \x01(\x05\x12\x14\n\x0c\x62usiness_key\x18\x04 \x01(\t\x12\x35\n\x06status\x18\x05 \x01(\x0e\x32%.sagasuite.orchestrator.v1.SagaStatus\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x64\x65\x61\x64line_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x63urrent_step\x18\n \x01(\t\x12\x12\n\nlast_error\x18\x0b \x01(\t\x12\x32\n\x05steps\x18\x0c \x03(\x0b\x32#.sagasuite.orchestrator.v1.SagaStep\x12\x38\n\x07history\x18\r \x03(\x0b\x32\'.sagasuite.orchestrator.v1.HistoryEvent\x12\x10\n\x08trace_id\x18\x0e \x01(\t\"\x82\x02\n\x10ListSagasRequest\x12\x37\n\x08statuses\x18\x01 \x03(\x0e\x32%.sagasuite.orchestrator.v1.SagaStatus\x12\x11\n\tsaga_type\x18\x02 \x01(\t\x12\x31\n\rcreated_after\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x62usiness_key\x18\x05 \x01(\t\x12\x11\n\tpage_size\x18\x06 \x01(\x05\x12\x12\n\npage_token\x18\x07 \x01(\t\"\\\n\x11ListSagasResponse\x12.\n\x05sagas\x18\x01 \x03(\x0b\x32\x1f.sagasuite.orchestrator.v1.Saga\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"6\n\x10WatchSagaRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\"\x82\x01\n\x11WatchSagaResponse\x12\x36\n\x05\x65vent\x18\x01 \x01(\x0b\x32\'.sagasuite.orchestrator.v1.HistoryEvent\x12\x35\n\x06status\x18\x02 \x01(\x0e\x32%.sagasuite.orchestrator.v1.SagaStatus\"#\n\x10RetrySagaRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\"B\n\x11RetrySagaResponse\x12-\n\x04saga\x18\x01 \x01(\x0b\x32\x1f.sagasuite.orchestrator.v1.Saga\"3\n\x10PauseSagaRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"B\n\x11PauseSagaResponse\x12-\n\x04saga\x18\x01 \x01(\x0b\x32\x1f.sagasuite.orchestrator.v1.Saga\"$\n\x11ResumeSagaRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\"C\n\x12ResumeSagaResponse\x12-\n\x04saga\x18\x01 \x01(\x0b\x32\x1f.sagasuite.orchestrator.v1.Saga\"4\n\x11\x43\x61ncelSagaRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"C\n\x12\x43\x61ncelSagaResponse\x12-\n\x04saga\x18\x01 \x01(\x0b\x32\x1f.sagasuite.orchestrator.v1.Saga\"7\n\x14TerminateSagaRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"F\n\x15TerminateSagaResponse\x12-\n\x04saga\x18\x01 \x01(\x0b\x32\x1f.sagasuite.orchestrator.v1.Saga\"H\n\x13GetSagaStatsRequest\x12\x31\n\rcreated_after\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"S\n\x0bStatusCount\x12\x35\n\x06status\x18\x01 \x01(\x0e\x32%.sagasuite.orchestrator.v1.SagaStatus\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"\xda\x01\n\x14GetSagaStatsResponse\x12\x36\n\x06\x63ounts\x18\x01 \x03(\x0b\x32&.sagasuite.orchestrator.v1.StatusCount\x12\x19\n\x11\x63ompletion_p50_ms\x18\x02 \x01(\x01\x12\x19\n\x11\x63ompletion_p95_ms\x18\x03 \x01(\x01\x12\x19\n\x11\x63ompletion_p99_ms\x18\x04 \x01(\x01\x12\x39\n\x10oldest_in_flight\x18\x05 \x01(\x0b\x32\x1f.sagasuite.orchestrator.v1.Saga*\xed\x01\n\nSagaStatus\x12\x1b\n\x17SAGA_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13SAGA_STATUS_RUNNING\x10\x01\x12\x1c\n\x18SAGA_STATUS_COMPENSATING\x10\x02\x12\x16\n\x12SAGA_STATUS_PAUSED\x10\x03\x12\x19\n\x15SAGA_STATUS_COMPLETED\x10\x04\x12\x1b\n\x17SAGA_STATUS_COMPENSATED\x10\x05\x12\x1f\n\x1bSAGA_STATUS_NEEDS_ATTENTION\x10\x06\x12\x1a\n\x16SAGA_STATUS_TERMINATED\x10\x07\x32\xbf\x08\n\x13OrchestratorService\x12i\n\nPlaceOrder\x12,.sagasuite.orchestrator.v1.PlaceOrderRequest\x1a-.sagasuite.orchestrator.v1.PlaceOrderResponse\x12`\n\x07GetSaga\x12).sagasuite.orchestrator.v1.GetSagaRequest\x1a*.sagasuite.orchestrator.v1.GetSagaResponse\x12\x66\n\tListSagas\x12+.sagasuite.orchestrator.v1.ListSagasRequest\x1a,.sagasuite.orchestrator.v1.ListSagasResponse\x12h\n\tWatchSaga\x12+.sagasuite.orchestrator.v1.WatchSagaRequest\x1a,.sagasuite.orchestrator.v1.WatchSagaResponse0\x01\x12\x66\n\tRetrySaga\x12+.sagasuite.orchestrator.v1.RetrySagaRequest\x1a,.sagasuite.orchestrator.v1.RetrySagaResponse\x12\x66\n\tPauseSaga\x12+.sagasuite.orchestrator.v1.PauseSagaRequest\x1a,.sagasuite.orchestrator.v1.PauseSagaResponse\x12i\n\nResumeSaga\x12,.sagasuite.orchestrator.v1.ResumeSagaRequest\x1a-.sagasuite.orchestrator.v1.ResumeSagaResponse\x12i\n\nCancelSaga\x12,.sagasuite.orchestrator.v1.CancelSagaRequest\x1a-.sagasuite.orchestrator.v1.CancelSagaResponse\x12r\n\rTerminateSaga\x12/.sagasuite.orchestrator.v1.TerminateSagaRequest\x1a\x30.sagasuite.orchestrator.v1.TerminateSagaResponse\x12o\n\x0cGetSagaStats\x12..sagasuite.orchestrator.v1.GetSagaStatsRequest\x1a/.sagasuite.orchestrator.v1.GetSagaStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n4sagasuite/orchestrator/v1/orchestrator_service.proto\x12\x19sagasuite.orchestrator.v1\x1a\x19google/protobuf/any.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a sagasuite/common/v1/common.proto\"\x80\x02\n\x11PlaceOrderRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63ustomer_email\x18\x02 \x01(\t\x12,\n\x05items\x18\x03 \x03(\x0b\x32\x1d.sagasuite.common.v1.LineItem\x12*\n\x06\x61mount\x18\x04 \x01(\x0b\x32\x1a.sagasuite.common.v1.Money\x12\x15\n\rpayment_token\x18\x05 \x01(\t\x12\x36\n\x10shipping_address\x18\x06 \x01(\x0b\x32\x1c.sagasuite.common.v1.Address\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x07 \x01(\x05\"m\n\x12PlaceOrderResponse\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x35\n\x06status\x18\x02 \x01(\x0e\x32%.sagasuite.orchestrator.v1.SagaStatus\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x08\"z\n\x10StartSagaRequest\x12\x11\n\tsaga_type\x18\x01 \x01(\t\x12\x14\n\x0c\x62usiness_key\x18\x02 \x01(\t\x12#\n\x05input\x18\x03 \x01(\x0b\x32\x14.google.protobuf.Any\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x04 \x01(\x05\"\x88\x01\n\x11StartSagaResponse\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x35\n\x06status\x18\x02 \x01(\x0e\x32%.sagasuite.orchestrator.v1.SagaStatus\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x08\x12\x1a\n\x12\x64\x65\x66inition_version\x18\x04 \x01(\x05\"!\n\x0eGetSagaRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\"@\n\x0fGetSagaResponse\x12-\n\x04saga\x18\x01 \x01(\x0b\x32\x1f.sagasuite.orchestrator.v1.Saga\"\xae\x01\n\x0bStepAttempt\x12\x11\n\tdirection\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12.\n\nstarted_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x63ode\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\"\x84\x01\n\x08SagaStep\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\r\n\x05state\x18\x03 \x01(\t\x12\x38\n\x08\x61ttempts\x18\x04 \x03(\x0b\x32&.sagasuite.orchestrator.v1.StepAttempt\x12\x12\n\nlast_error\x18\x05 \x01(\t\"\x9e\x01\n\x0cHistoryEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\x05\x12\x0c\n\x04\x63ode\x18\x06 \x01(\t\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x08 \x01(\t\"\xfc\x03\n\x04Saga\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x11\n\tsaga_type\x18\x02 \x01(\t\x12\x1a\n\x12\x64\x65\x66inition_version\x18\x03 \x01(\x05\x12\x14\n\x0c\x62usiness_key\x18\x04 \x01(\t\x12\x35\n\x06status\x18\x05 \x01(\x0e\x32%.sagasuite.orchestrator.v1.SagaStatus\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x64\x65\x61\x64line_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x63urrent_step\x18\n \x01(\t\x12\x12\n\nlast_error\x18\x0b \x01(\t\x12\x32\n\x05steps\x18\x0c \x03(\x0b\x32#.sagasuite.orchestrator.v1.SagaStep\x12\x38\n\x07history\x18\r \x03(\x0b\x32\'.sagasuite.orchestrator.v1.HistoryEvent\x12\x10\n\x08trace_id\x18\x0e \x01(\t\"\x82\x02\n\x10ListSagasRequest\x12\x37\n\x08statuses\x18\x01 \x03(\x0e\x32%.sagasuite.orchestrator.v1.SagaStatus\x12\x11\n\tsaga_type\x18\x02 \x01(\t\x12\x31\n\rcreated_after\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x62usiness_key\x18\x05 \x01(\t\x12\x11\n\tpage_size\x18\x06 \x01(\x05\x12\x12\n\npage_token\x18\x07 \x01(\t\"\\\n\x11ListSagasResponse\x12.\n\x05sagas\x18\x01 \x03(\x0b\x32\x1f.sagasuite.orchestrator.v1.Saga\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"6\n\x10WatchSagaRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\"\x82\x01\n\x11WatchSagaResponse\x12\x36\n\x05\x65vent\x18\x01 \x01(\x0b\x32\'.sagasuite.orchestrator.v1.HistoryEvent\x12\x35\n\x06status\x18\x02 \x01(\x0e\x32%.sagasuite.orchestrator.v1.SagaStatus\"#\n\x10RetrySagaRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\"B\n\x11RetrySagaResponse\x12-\n\x04saga\x18\x01 \x01(\x0b\x32\x1f.sagasuite.orchestrator.v1.Saga\"3\n\x10PauseSagaRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"B\n\x11PauseSagaResponse\x12-\n\x04saga\x18\x01 \x01(\x0b\x32\x1f.sagasuite.orchestrator.v1.Saga\"$\n\x11ResumeSagaRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\"C\n\x12ResumeSagaResponse\x12-\n\x04saga\x18\x01 \x01(\x0b\x32\x1f.sagasuite.orchestrator.v1.Saga\"4\n\x11\x43\x61ncelSagaRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"C\n\x12\x43\x61ncelSagaResponse\x12-\n\x04saga\x18\x01 \x01(\x0b\x32\x1f.sagasuite.orchestrator.v1.Saga\"7\n\x14TerminateSagaRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"F\n\x15TerminateSagaResponse\x12-\n\x04saga\x18\x01 \x01(\x0b\x32\x1f.sagasuite.orchestrator.v1.Saga\"H\n\x13GetSagaStatsRequest\x12\x31\n\rcreated_after\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"S\n\x0bStatusCount\x12\x35\n\x06status\x18\x01 \x01(\x0e\x32%.sagasuite.orchestrator.v1.SagaStatus\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"\xda\x01\n\x14GetSagaStatsResponse\x12\x36\n\x06\x63ounts\x18\x01 \x03(\x0b\x32&.sagasuite.orchestrator.v1.StatusCount\x12\x19\n\x11\x63ompletion_p50_ms\x18\x02 \x01(\x01\x12\x19\n\x11\x63ompletion_p95_ms\x18\x03 \x01(\x01\x12\x19\n\x11\x63ompletion_p99_ms\x18\x04 \x01(\x01\x12\x39\n\x10oldest_in_flight\x18\x05 \x01(\x0b\x32\x1f.sagasuite.orchestrator.v1.Saga*\xed\x01\n\nSagaStatus\x12\x1b\n\x17SAGA_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13SAGA_STATUS_RUNNING\x10\x01\x12\x1c\n\x18SAGA_STATUS_COMPENSATING\x10\x02\x12\x16\n\x12SAGA_STATUS_PAUSED\x10\x03\x12\x19\n\x15SAGA_STATUS_COMPLETED\x10\x04\x12\x1b\n\x17SAGA_STATUS_COMPENSATED\x10\x05\x12\x1f\n\x1bSAGA_STATUS_NEEDS_ATTENTION\x10\x06\x12\x1a\n\x16SAGA_STATUS_TERMINATED\x10\x07\x32\xa7\t\n\x13OrchestratorService\x12i\n\nPlaceOrder\x12,.sagasuite.orchestrator.v1.PlaceOrderRequest\x1a-.sagasuite.orchestrator.v1.PlaceOrderResponse\x12\x66\n\tStartSaga\x12+.sagasuite.orchestrator.v1.StartSagaRequest\x1a,.sagasuite.orchestrator.v1.StartSagaResponse\x12`\n\x07GetSaga\x12).sagasuite.orchestrator.v1.GetSagaRequest\x1a*.sagasuite.orchestrator.v1.GetSagaResponse\x12\x66\n\tListSagas\x12+.sagasuite.orchestrator.v1.ListSagasRequest\x1a,.sagasuite.orchestrator.v1.ListSagasResponse\x12h\n\tWatchSaga\x12+.sagasuite.orchestrator.v1.WatchSagaRequest\x1a,.sagasuite.orchestrator.v1.WatchSagaResponse0\x01\x12\x66\n\tRetrySaga\x12+.sagasuite.orchestrator.v1.RetrySagaRequest\x1a,.sagasuite.orchestrator.v1.RetrySagaResponse\x12\x66\n\tPauseSaga\x12+.sagasuite.orchestrator.v1.PauseSagaRequest\x1a,.sagasuite.orchestrator.v1.PauseSagaResponse\x12i\n\nResumeSaga\x12,.sagasuite.orchestrator.v1.ResumeSagaRequest\x1a-.sagasuite.orchestrator.v1.ResumeSagaResponse\x12i\n\nCancelSaga\x12,.sagasuite.orchestrator.v1.CancelSagaRequest\x1a-.sagasuite.orchestrator.v1.CancelSagaResponse\x12r\n\rTerminateSaga\x12/.sagasuite.orchestrator.v1.TerminateSagaRequest\x1a\x30.sagasuite.orchestrator.v1.TerminateSagaResponse\x12o\n\x0cGetSagaStats\x12..sagasuite.orchestrator.v1.GetSagaStatsRequest\x1a/.sagasuite.orchestrator.v1.GetSagaStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sagasuite.orchestrator.v1.orchestrator_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SAGASTATUS']._serialized_start=3115
-  _globals['_SAGASTATUS']._serialized_end=3352
-  _globals['_PLACEORDERREQUEST']._serialized_start=151
-  _globals['_PLACEORDERREQUEST']._serialized_end=407
-  _globals['_PLACEORDERRESPONSE']._serialized_start=409
-  _globals['_PLACEORDERRESPONSE']._serialized_end=518
-  _globals['_GETSAGAREQUEST']._serialized_start=520
-  _globals['_GETSAGAREQUEST']._serialized_end=553
-  _globals['_GETSAGARESPONSE']._serialized_start=555
-  _globals['_GETSAGARESPONSE']._serialized_end=619
-  _globals['_STEPATTEMPT']._serialized_start=622
-  _globals['_STEPATTEMPT']._serialized_end=796
-  _globals['_SAGASTEP']._serialized_start=799
-  _globals['_SAGASTEP']._serialized_end=931
-  _globals['_HISTORYEVENT']._serialized_start=934
-  _globals['_HISTORYEVENT']._serialized_end=1092
-  _globals['_SAGA']._serialized_start=1095
-  _globals['_SAGA']._serialized_end=1603
-  _globals['_LISTSAGASREQUEST']._serialized_start=1606
-  _globals['_LISTSAGASREQUEST']._serialized_end=1864
-  _globals['_LISTSAGASRESPONSE']._serialized_start=1866
-  _globals['_LISTSAGASRESPONSE']._serialized_end=1958
-  _globals['_WATCHSAGAREQUEST']._serialized_start=1960
-  _globals['_WATCHSAGAREQUEST']._serialized_end=2014
-  _globals['_WATCHSAGARESPONSE']._serialized_start=2017
-  _globals['_WATCHSAGARESPONSE']._serialized_end=2147
-  _globals['_RETRYSAGAREQUEST']._serialized_start=2149
-  _globals['_RETRYSAGAREQUEST']._serialized_end=2184
-  _globals['_RETRYSAGARESPONSE']._serialized_start=2186
-  _globals['_RETRYSAGARESPONSE']._serialized_end=2252
-  _globals['_PAUSESAGAREQUEST']._serialized_start=2254
-  _globals['_PAUSESAGAREQUEST']._serialized_end=2305
-  _globals['_PAUSESAGARESPONSE']._serialized_start=2307
-  _globals['_PAUSESAGARESPONSE']._serialized_end=2373
-  _globals['_RESUMESAGAREQUEST']._serialized_start=2375
-  _globals['_RESUMESAGAREQUEST']._serialized_end=2411
-  _globals['_RESUMESAGARESPONSE']._serialized_start=2413
-  _globals['_RESUMESAGARESPONSE']._serialized_end=2480
-  _globals['_CANCELSAGAREQUEST']._serialized_start=2482
-  _globals['_CANCELSAGAREQUEST']._serialized_end=2534
-  _globals['_CANCELSAGARESPONSE']._serialized_start=2536
-  _globals['_CANCELSAGARESPONSE']._serialized_end=2603
-  _globals['_TERMINATESAGAREQUEST']._serialized_start=2605
-  _globals['_TERMINATESAGAREQUEST']._serialized_end=2660
-  _globals['_TERMINATESAGARESPONSE']._serialized_start=2662
-  _globals['_TERMINATESAGARESPONSE']._serialized_end=2732
-  _globals['_GETSAGASTATSREQUEST']._serialized_start=2734
-  _globals['_GETSAGASTATSREQUEST']._serialized_end=2806
-  _globals['_STATUSCOUNT']._serialized_start=2808
-  _globals['_STATUSCOUNT']._serialized_end=2891
-  _globals['_GETSAGASTATSRESPONSE']._serialized_start=2894
-  _globals['_GETSAGASTATSRESPONSE']._serialized_end=3112
-  _globals['_ORCHESTRATORSERVICE']._serialized_start=3355
-  _globals['_ORCHESTRATORSERVICE']._serialized_end=4442
+  _globals['_SAGASTATUS']._serialized_start=3405
+  _globals['_SAGASTATUS']._serialized_end=3642
+  _globals['_PLACEORDERREQUEST']._serialized_start=178
+  _globals['_PLACEORDERREQUEST']._serialized_end=434
+  _globals['_PLACEORDERRESPONSE']._serialized_start=436
+  _globals['_PLACEORDERRESPONSE']._serialized_end=545
+  _globals['_STARTSAGAREQUEST']._serialized_start=547
+  _globals['_STARTSAGAREQUEST']._serialized_end=669
+  _globals['_STARTSAGARESPONSE']._serialized_start=672
+  _globals['_STARTSAGARESPONSE']._serialized_end=808
+  _globals['_GETSAGAREQUEST']._serialized_start=810
+  _globals['_GETSAGAREQUEST']._serialized_end=843
+  _globals['_GETSAGARESPONSE']._serialized_start=845
+  _globals['_GETSAGARESPONSE']._serialized_end=909
+  _globals['_STEPATTEMPT']._serialized_start=912
+  _globals['_STEPATTEMPT']._serialized_end=1086
+  _globals['_SAGASTEP']._serialized_start=1089
+  _globals['_SAGASTEP']._serialized_end=1221
+  _globals['_HISTORYEVENT']._serialized_start=1224
+  _globals['_HISTORYEVENT']._serialized_end=1382
+  _globals['_SAGA']._serialized_start=1385
+  _globals['_SAGA']._serialized_end=1893
+  _globals['_LISTSAGASREQUEST']._serialized_start=1896
+  _globals['_LISTSAGASREQUEST']._serialized_end=2154
+  _globals['_LISTSAGASRESPONSE']._serialized_start=2156
+  _globals['_LISTSAGASRESPONSE']._serialized_end=2248
+  _globals['_WATCHSAGAREQUEST']._serialized_start=2250
+  _globals['_WATCHSAGAREQUEST']._serialized_end=2304
+  _globals['_WATCHSAGARESPONSE']._serialized_start=2307
+  _globals['_WATCHSAGARESPONSE']._serialized_end=2437
+  _globals['_RETRYSAGAREQUEST']._serialized_start=2439
+  _globals['_RETRYSAGAREQUEST']._serialized_end=2474
+  _globals['_RETRYSAGARESPONSE']._serialized_start=2476
+  _globals['_RETRYSAGARESPONSE']._serialized_end=2542
+  _globals['_PAUSESAGAREQUEST']._serialized_start=2544
+  _globals['_PAUSESAGAREQUEST']._serialized_end=2595
+  _globals['_PAUSESAGARESPONSE']._serialized_start=2597
+  _globals['_PAUSESAGARESPONSE']._serialized_end=2663
+  _globals['_RESUMESAGAREQUEST']._serialized_start=2665
+  _globals['_RESUMESAGAREQUEST']._serialized_end=2701
+  _globals['_RESUMESAGARESPONSE']._serialized_start=2703
+  _globals['_RESUMESAGARESPONSE']._serialized_end=2770
+  _globals['_CANCELSAGAREQUEST']._serialized_start=2772
+  _globals['_CANCELSAGAREQUEST']._serialized_end=2824
+  _globals['_CANCELSAGARESPONSE']._serialized_start=2826
+  _globals['_CANCELSAGARESPONSE']._serialized_end=2893
+  _globals['_TERMINATESAGAREQUEST']._serialized_start=2895
+  _globals['_TERMINATESAGAREQUEST']._serialized_end=2950
+  _globals['_TERMINATESAGARESPONSE']._serialized_start=2952
+  _globals['_TERMINATESAGARESPONSE']._serialized_end=3022
+  _globals['_GETSAGASTATSREQUEST']._serialized_start=3024
+  _globals['_GETSAGASTATSREQUEST']._serialized_end=3096
+  _globals['_STATUSCOUNT']._serialized_start=3098
+  _globals['_STATUSCOUNT']._serialized_end=3181
+  _globals['_GETSAGASTATSRESPONSE']._serialized_start=3184
+  _globals['_GETSAGASTATSRESPONSE']._serialized_end=3402
+  _globals['_ORCHESTRATORSERVICE']._serialized_start=3645
+  _globals['_ORCHESTRATORSERVICE']._serialized_end=4836
 # @@protoc_insertion_point(module_scope)

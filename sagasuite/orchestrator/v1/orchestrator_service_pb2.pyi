@@ -1,5 +1,6 @@
 import datetime
 
+from google.protobuf import any_pb2 as _any_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from sagasuite.common.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
@@ -57,6 +58,30 @@ class PlaceOrderResponse(_message.Message):
     status: SagaStatus
     created: bool
     def __init__(self, saga_id: _Optional[str] = ..., status: _Optional[_Union[SagaStatus, str]] = ..., created: bool = ...) -> None: ...
+
+class StartSagaRequest(_message.Message):
+    __slots__ = ("saga_type", "business_key", "input", "deadline_seconds")
+    SAGA_TYPE_FIELD_NUMBER: _ClassVar[int]
+    BUSINESS_KEY_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    saga_type: str
+    business_key: str
+    input: _any_pb2.Any
+    deadline_seconds: int
+    def __init__(self, saga_type: _Optional[str] = ..., business_key: _Optional[str] = ..., input: _Optional[_Union[_any_pb2.Any, _Mapping]] = ..., deadline_seconds: _Optional[int] = ...) -> None: ...
+
+class StartSagaResponse(_message.Message):
+    __slots__ = ("saga_id", "status", "created", "definition_version")
+    SAGA_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    DEFINITION_VERSION_FIELD_NUMBER: _ClassVar[int]
+    saga_id: str
+    status: SagaStatus
+    created: bool
+    definition_version: int
+    def __init__(self, saga_id: _Optional[str] = ..., status: _Optional[_Union[SagaStatus, str]] = ..., created: bool = ..., definition_version: _Optional[int] = ...) -> None: ...
 
 class GetSagaRequest(_message.Message):
     __slots__ = ("saga_id",)

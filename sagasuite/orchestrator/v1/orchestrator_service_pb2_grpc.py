@@ -40,6 +40,11 @@ class OrchestratorServiceStub(object):
                 request_serializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.PlaceOrderRequest.SerializeToString,
                 response_deserializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.PlaceOrderResponse.FromString,
                 _registered_method=True)
+        self.StartSaga = channel.unary_unary(
+                '/sagasuite.orchestrator.v1.OrchestratorService/StartSaga',
+                request_serializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.StartSagaRequest.SerializeToString,
+                response_deserializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.StartSagaResponse.FromString,
+                _registered_method=True)
         self.GetSaga = channel.unary_unary(
                 '/sagasuite.orchestrator.v1.OrchestratorService/GetSaga',
                 request_serializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.GetSagaRequest.SerializeToString,
@@ -93,6 +98,13 @@ class OrchestratorServiceServicer(object):
 
     def PlaceOrder(self, request, context):
         """Starts the order saga; the order id is the business key, so a repeat returns the same saga.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartSaga(self, request, context):
+        """Starts a saga of any registered type from its input message; the business key dedups.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -169,6 +181,11 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     request_deserializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.PlaceOrderRequest.FromString,
                     response_serializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.PlaceOrderResponse.SerializeToString,
             ),
+            'StartSaga': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartSaga,
+                    request_deserializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.StartSagaRequest.FromString,
+                    response_serializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.StartSagaResponse.SerializeToString,
+            ),
             'GetSaga': grpc.unary_unary_rpc_method_handler(
                     servicer.GetSaga,
                     request_deserializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.GetSagaRequest.FromString,
@@ -243,6 +260,33 @@ class OrchestratorService(object):
             '/sagasuite.orchestrator.v1.OrchestratorService/PlaceOrder',
             sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.PlaceOrderRequest.SerializeToString,
             sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.PlaceOrderResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartSaga(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sagasuite.orchestrator.v1.OrchestratorService/StartSaga',
+            sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.StartSagaRequest.SerializeToString,
+            sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.StartSagaResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,1 @@
+"""The durable saga orchestrator: definitions, engine, outbox dispatcher, store and gRPC API."""

@@ -1,0 +1,96 @@
+"""Entry point: `python -m orchestrator` or the `sagasuite-orchestrator` console script."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+
+from orchestrator import store
+from orchestrator.config import OrchestratorSettings
+from orchestrator.definition import DefinitionRegistry, SagaDefinition
+from orchestrator.dispatcher import Dispatcher
+from orchestrator.order_saga import ORDER_SAGA
+from orchestrator.server import OrchestratorServicer
+from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
+from sagasuite.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
+from svckit.channels import ChannelPool
+from svckit.config import load_settings
+from svckit.db import Database
+from svckit.discovery import make_resolver
+from svckit.logs import configure_logging
+from svckit.server import run_server
+
+log = logging.getLogger("sagasuite.orchestrator")
+
+
+def load_definitions(spec: str) -> list[SagaDefinition]:
+    """Definitions named by SAGA_DEFINITIONS as "module:attribute,..." (an attribute may be a list)."""
+    definitions: list[SagaDefinition] = []
+    for entry in filter(None, (part.strip() for part in spec.split(","))):
+        module_name, _, attribute = entry.partition(":")
+        if not attribute:
+            raise SystemExit(f"configuration error: SAGA_DEFINITIONS entry {entry!r} must be module:attribute")
+        value = getattr(importlib.import_module(module_name), attribute)
+        definitions.extend(value if isinstance(value, list | tuple) else [value])
+    return definitions
+
+
+async def serve(settings: OrchestratorSettings) -> None:
+    database = Database(settings.resolved_database_url())
+    store.ensure_schema(database)
+    registry = DefinitionRegistry([ORDER_SAGA, *load_definitions(settings.saga_definitions)])
+    resolver = make_resolver()
+    await resolver.start()
+    channels = ChannelPool(resolver)
+    holder: dict[str, Dispatcher] = {}
+
+    def add_services(server):  # type: ignore[no-untyped-def]
+        return [pb.DESCRIPTOR.services_by_name["OrchestratorService"].full_name]
+
+    async def on_started(port: int) -> None:
+        dispatcher = holder["dispatcher"]
+        await dispatcher.start()
+        log.info(
+            "replica %s dispatching; definitions: %s",
+            dispatcher.replica_id,
+            ", ".join(f"{d.name} v{d.version}" for d in registry.all()),
+        )
+
+    async def on_stopping() -> None:
+        await holder["dispatcher"].stop(settings.grace_seconds)
+
+    def add_services_with_dispatcher(server):  # type: ignore[no-untyped-def]
+        port_hint = settings.port
+        dispatcher = Dispatcher(
+            database,
+            registry,
+            channels,
+            replica_id=settings.resolved_replica_id(port_hint),
+            lease_seconds=settings.lease_seconds,
+            poll_interval=settings.poll_interval_seconds,
+            claim_batch=settings.claim_batch,
+            max_in_flight=settings.max_in_flight,
+            commit_batch=settings.commit_batch,
+        )
+        holder["dispatcher"] = dispatcher
+        servicer = OrchestratorServicer(database, registry, dispatcher, settings.default_saga_deadline_seconds)
+        pb_grpc.add_OrchestratorServiceServicer_to_server(servicer, server)
+        return add_services(server)
+
+    try:
+        await run_server(settings, add_services_with_dispatcher, on_started=on_started, on_stopping=on_stopping)
+    finally:
+        await channels.close()
+        await resolver.close()
+        database.close()
+
+
+def main() -> None:
+    settings = load_settings(OrchestratorSettings)
+    configure_logging("orchestrator", settings.log_level)
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

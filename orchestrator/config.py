@@ -1,0 +1,29 @@
+"""Settings of the orchestrator process."""
+
+from __future__ import annotations
+
+import socket
+
+from pydantic import Field
+
+from svckit.config import ServiceSettings
+
+__all__ = ["OrchestratorSettings"]
+
+
+class OrchestratorSettings(ServiceSettings):
+    """Orchestrator settings; service addresses come from discovery (INVENTORY_ADDR etc. when static)."""
+
+    service_name: str = "orchestrator"
+    port: int = Field(50050, ge=0, le=65535)
+    replica_id: str = Field("", description="stable name of this replica; leases are held under it")
+    lease_seconds: float = Field(30.0, gt=1, description="how long a claimed command is held before others may take it")
+    poll_interval_seconds: float = Field(0.2, gt=0, description="how often due commands are looked for")
+    claim_batch: int = Field(256, ge=1, le=10_000)
+    max_in_flight: int = Field(512, ge=1, description="calls on the wire at once")
+    commit_batch: int = Field(512, ge=1, description="most transitions recorded in one transaction")
+    default_saga_deadline_seconds: int = Field(300, ge=1, le=7 * 24 * 3600)
+    saga_definitions: str = Field("", description="extra definitions to load, as module:attribute,...")
+
+    def resolved_replica_id(self, port: int) -> str:
+        return self.replica_id or f"{socket.gethostname()}:{port}"

@@ -1,0 +1,309 @@
+"""gRPC transport of the orchestrator: validates requests, starts and reports sagas, runs operator calls."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import AsyncIterator
+
+import grpc
+from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
+
+from orchestrator import store
+from orchestrator.definition import DefinitionRegistry, SagaDefinition
+from orchestrator.dispatcher import Dispatcher
+from orchestrator.engine import ENDED_STATUSES, SagaState, Status
+from orchestrator.models import SagaEventRow
+from orchestrator.views import STATUS_FROM_PB, STATUS_TO_PB, api_status, event_pb, saga_pb
+from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
+from sagasuite.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
+from svckit.convert import address_from_pb, lines_from_pb, money_from_pb
+from svckit.db import Database
+from svckit.errors import DomainError, InvalidArgument, NotFound, status_from_error
+from svckit.server import CallContext, rpc
+from svckit.validation import Violations
+
+__all__ = ["OrchestratorServicer", "validate_place_order"]
+
+log = logging.getLogger("sagasuite.orchestrator")
+
+MAX_DEADLINE_SECONDS = 7 * 24 * 3600
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+# Statuses after which a watched saga makes no progress without an operator.
+_WATCH_STOP = ENDED_STATUSES | {Status.NEEDS_ATTENTION}
+
+
+def validate_place_order(request: pb.PlaceOrderRequest) -> None:
+    violations = Violations()
+    violations.identifier("order_id", request.order_id)
+    violations.email("customer_email", request.customer_email)
+    violations.lines("items", lines_from_pb(request.items))
+    violations.money("amount", money_from_pb(request, "amount"))
+    violations.text("payment_token", request.payment_token, required=True, max_length=128)
+    violations.address("shipping_address", address_from_pb(request, "shipping_address"))
+    _deadline(violations, request.deadline_seconds)
+    violations.raise_if_any()
+
+
+def _deadline(violations: Violations, seconds: int) -> None:
+    if seconds < 0 or seconds > MAX_DEADLINE_SECONDS:
+        violations.add("deadline_seconds", f"must be within 0..{MAX_DEADLINE_SECONDS} (0 means the default)")
+
+
+def _saga_id(value: str) -> str:
+    violations = Violations()
+    violations.identifier("saga_id", value)
+    violations.raise_if_any()
+    return value
+
+
+def _page_token(token: str) -> tuple[float, str] | None:
+    if not token:
+        return None
+    created_at, _, saga_id = token.partition("_")
+    try:
+        value = float(created_at)
+    except ValueError:
+        value = math.nan
+    if not saga_id or math.isnan(value):
+        raise InvalidArgument.of("page_token", "is not a token returned by a previous page")
+    return value, saga_id
+
+
+class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
+    """Implements sagasuite.orchestrator.v1.OrchestratorService over the dispatcher and store."""
+
+    def __init__(
+        self,
+        database: Database,
+        registry: DefinitionRegistry,
+        dispatcher: Dispatcher,
+        default_deadline_seconds: int,
+    ) -> None:
+        self._database = database
+        self._registry = registry
+        self._dispatcher = dispatcher
+        self._default_deadline = default_deadline_seconds
+
+    # -- starting ----------------------------------------------------------------------------
+
+    async def _start(
+        self,
+        definition: SagaDefinition,
+        business_key: str,
+        message: object,
+        deadline_seconds: int,
+        call: CallContext,
+    ) -> tuple[SagaState, bool]:
+        return await self._dispatcher.start_saga(
+            definition,
+            business_key,
+            message,  # type: ignore[arg-type]
+            deadline_seconds or self._default_deadline,
+            call.notes.get("trace_context", ""),
+        )
+
+    @rpc(mutating=False)
+    async def PlaceOrder(self, request: pb.PlaceOrderRequest, call: CallContext) -> pb.PlaceOrderResponse:
+        validate_place_order(request)
+        definition = self._registry.latest("OrderSaga")
+        saga, created = await self._start(definition, request.order_id, request, request.deadline_seconds, call)
+        return pb.PlaceOrderResponse(saga_id=saga.saga_id, status=api_status(saga), created=created)  # type: ignore[arg-type]
+
+    @rpc(mutating=False)
+    async def StartSaga(self, request: pb.StartSagaRequest, call: CallContext) -> pb.StartSagaResponse:
+        violations = Violations()
+        violations.text("saga_type", request.saga_type, required=True, max_length=100)
+        violations.text("business_key", request.business_key, required=True, max_length=200)
+        _deadline(violations, request.deadline_seconds)
+        if not request.HasField("input"):
+            violations.add("input", "is required")
+        violations.raise_if_any()
+        try:
+            definition = self._registry.latest(request.saga_type)
+        except LookupError:
+            known = ", ".join(self._registry.names())
+            raise InvalidArgument.of("saga_type", f"unknown saga type {request.saga_type!r}; known: {known}") from None
+        message = definition.input_type()
+        if not _unpack(request.input, message):
+            expected = definition.input_type.DESCRIPTOR.full_name
+            raise InvalidArgument.of("input", f"must be a packed {expected}, got {request.input.type_url!r}")
+        if isinstance(message, pb.PlaceOrderRequest):
+            validate_place_order(message)
+        saga, created = await self._start(definition, request.business_key, message, request.deadline_seconds, call)
+        return pb.StartSagaResponse(
+            saga_id=saga.saga_id,
+            status=api_status(saga),
+            created=created,
+            definition_version=saga.version,
+        )
+
+    # -- reading -----------------------------------------------------------------------------
+
+    async def _load_full(self, saga_id: str) -> tuple[SagaState, list[SagaEventRow], store.PendingCommand | None]:
+        def work(connection):  # type: ignore[no-untyped-def]
+            sagas = store.load_sagas(connection, [saga_id])
+            if saga_id not in sagas:
+                raise NotFound("SAGA_NOT_FOUND", f"no saga {saga_id}", {"saga_id": saga_id})
+            return sagas[saga_id], store.load_events(connection, saga_id), store.load_pending(connection, saga_id)
+
+        return await self._database.transaction(work)
+
+    def _definition(self, saga: SagaState) -> SagaDefinition | None:
+        try:
+            return self._registry.get(saga.saga_type, saga.version)
+        except LookupError:
+            return None
+
+    async def _view(self, saga_id: str, *, include_history: bool) -> pb.Saga:
+        saga, events, pending = await self._load_full(saga_id)
+        return saga_pb(saga, self._definition(saga), events, pending, include_history=include_history)
+
+    @rpc(mutating=False)
+    async def GetSaga(self, request: pb.GetSagaRequest, call: CallContext) -> pb.GetSagaResponse:
+        return pb.GetSagaResponse(saga=await self._view(_saga_id(request.saga_id), include_history=True))
+
+    @rpc(mutating=False)
+    async def ListSagas(self, request: pb.ListSagasRequest, call: CallContext) -> pb.ListSagasResponse:
+        violations = Violations()
+        if request.page_size < 0 or request.page_size > MAX_PAGE_SIZE:
+            violations.add("page_size", f"must be within 0..{MAX_PAGE_SIZE}")
+        for index, status in enumerate(request.statuses):
+            if status not in STATUS_FROM_PB:
+                violations.add(f"statuses[{index}]", f"unknown status {status}")
+        violations.raise_if_any()
+        after = _page_token(request.page_token)
+        names = {STATUS_FROM_PB[s] for s in request.statuses}
+        saga_filter = store.SagaFilter(
+            statuses=tuple(sorted(names - {"PAUSED"})),
+            include_paused="PAUSED" in names,
+            saga_type=request.saga_type,
+            business_key=request.business_key,
+            created_after=request.created_after.ToNanoseconds() / 1e9 if request.HasField("created_after") else None,
+            created_before=request.created_before.ToNanoseconds() / 1e9 if request.HasField("created_before") else None,
+        )
+        if names and not saga_filter.statuses and not saga_filter.include_paused:
+            return pb.ListSagasResponse()
+        limit = request.page_size or DEFAULT_PAGE_SIZE
+        sagas = await self._database.transaction(lambda c: store.list_sagas(c, saga_filter, limit + 1, after))
+        response = pb.ListSagasResponse(sagas=[saga_pb(s, self._definition(s)) for s in sagas[:limit]])
+        if len(sagas) > limit:
+            last = sagas[limit - 1]
+            response.next_page_token = f"{last.created_at!r}_{last.saga_id}"
+        return response
+
+    @rpc(mutating=False)
+    async def GetSagaStats(self, request: pb.GetSagaStatsRequest, call: CallContext) -> pb.GetSagaStatsResponse:
+        created_after = request.created_after.ToNanoseconds() / 1e9 if request.HasField("created_after") else None
+
+        def work(connection):  # type: ignore[no-untyped-def]
+            return (
+                store.count_by_status(connection, created_after),
+                store.completion_latencies(connection, created_after),
+                store.oldest_in_flight(connection),
+            )
+
+        counts, latencies, oldest = await self._database.transaction(work)
+        response = pb.GetSagaStatsResponse(
+            counts=[pb.StatusCount(status=STATUS_TO_PB[name], count=n) for name, n in sorted(counts.items())]  # type: ignore[arg-type]
+        )
+        if latencies:
+            ordered = sorted(latencies)
+            response.completion_p50_ms = _percentile(ordered, 0.50) * 1000
+            response.completion_p95_ms = _percentile(ordered, 0.95) * 1000
+            response.completion_p99_ms = _percentile(ordered, 0.99) * 1000
+        if oldest is not None:
+            response.oldest_in_flight.CopyFrom(saga_pb(oldest, self._definition(oldest)))
+        return response
+
+    async def WatchSaga(
+        self, request: pb.WatchSagaRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchSagaResponse]:
+        try:
+            saga_id = _saga_id(request.saga_id)
+            if request.after_seq < 0:
+                raise InvalidArgument.of("after_seq", "must not be negative")
+            after = request.after_seq
+            wake = self._dispatcher.watch(saga_id)
+        except DomainError as error:
+            failure = status_from_error(error)
+            await context.abort(failure.code, failure.details, failure.trailing_metadata)  # type: ignore[attr-defined]
+            return
+        try:
+            while True:
+                wake.clear()
+
+                def work(connection, since=after):  # type: ignore[no-untyped-def]
+                    sagas = store.load_sagas(connection, [saga_id])
+                    return sagas.get(saga_id), store.load_events(connection, saga_id, since)
+
+                saga, events = await self._database.transaction(work)
+                if saga is None:
+                    failure = status_from_error(NotFound("SAGA_NOT_FOUND", f"no saga {saga_id}", {"saga_id": saga_id}))
+                    await context.abort(failure.code, failure.details, failure.trailing_metadata)  # type: ignore[attr-defined]
+                    return
+                for event in events:
+                    yield pb.WatchSagaResponse(event=event_pb(event), status=api_status(saga))  # type: ignore[arg-type]
+                    after = event.seq
+                if saga.status in _WATCH_STOP and not saga.paused:
+                    return
+                # Another replica may move the saga: look again after a while even without a wake-up.
+                try:
+                    await asyncio.wait_for(wake.wait(), 0.5)
+                except TimeoutError:
+                    pass
+        finally:
+            self._dispatcher.unwatch(saga_id, wake)
+
+    # -- operating ---------------------------------------------------------------------------
+
+    async def _operate(self, operation: str, saga_id: str, call: CallContext, reason: str = "") -> pb.Saga:
+        actor = call.notes.get("actor", "operator")
+        saga_id = _saga_id(saga_id)
+        await self._dispatcher.operate(operation, saga_id, actor, reason)
+        log.info("operator %s: %s saga %s %s", actor, operation, saga_id, reason)
+        return await self._view(saga_id, include_history=False)
+
+    @rpc(mutating=False)
+    async def RetrySaga(self, request: pb.RetrySagaRequest, call: CallContext) -> pb.RetrySagaResponse:
+        return pb.RetrySagaResponse(saga=await self._operate("retry", request.saga_id, call))
+
+    @rpc(mutating=False)
+    async def PauseSaga(self, request: pb.PauseSagaRequest, call: CallContext) -> pb.PauseSagaResponse:
+        _reason(request.reason, required=False)
+        return pb.PauseSagaResponse(saga=await self._operate("pause", request.saga_id, call, request.reason))
+
+    @rpc(mutating=False)
+    async def ResumeSaga(self, request: pb.ResumeSagaRequest, call: CallContext) -> pb.ResumeSagaResponse:
+        return pb.ResumeSagaResponse(saga=await self._operate("resume", request.saga_id, call))
+
+    @rpc(mutating=False)
+    async def CancelSaga(self, request: pb.CancelSagaRequest, call: CallContext) -> pb.CancelSagaResponse:
+        _reason(request.reason, required=False)
+        return pb.CancelSagaResponse(saga=await self._operate("cancel", request.saga_id, call, request.reason))
+
+    @rpc(mutating=False)
+    async def TerminateSaga(self, request: pb.TerminateSagaRequest, call: CallContext) -> pb.TerminateSagaResponse:
+        _reason(request.reason, required=True)
+        return pb.TerminateSagaResponse(saga=await self._operate("terminate", request.saga_id, call, request.reason))
+
+
+def _reason(reason: str, *, required: bool) -> None:
+    violations = Violations()
+    violations.text("reason", reason, required=required, max_length=500)
+    violations.raise_if_any()
+
+
+def _unpack(packed: any_pb2.Any, message: object) -> bool:
+    try:
+        return packed.Unpack(message)  # type: ignore[arg-type]
+    except DecodeError:
+        return False
+
+
+def _percentile(ordered: list[float], fraction: float) -> float:
+    index = min(len(ordered) - 1, max(0, math.ceil(fraction * len(ordered)) - 1))
+    return ordered[index]

@@ -1,0 +1,101 @@
+"""The local stack: four services and an orchestrator as child processes on loopback, SQLite by default."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from svckit.launcher import ManagedProcess
+
+__all__ = ["SERVICES", "LocalStack", "StackConfig"]
+
+# Discovery name -> Python module that runs the service.
+SERVICES = {
+    "inventory": "inventory_svc",
+    "payment": "payment_svc",
+    "shipping": "shipping_svc",
+    "notify": "notify_svc",
+}
+
+
+@dataclass
+class StackConfig:
+    """Where the stack keeps its files and how each process is configured."""
+
+    data_dir: Path
+    orchestrator_port: int = 0
+    orchestrator_database_url: str = ""
+    service_env: dict[str, dict[str, str]] = field(default_factory=dict)
+    orchestrator_env: dict[str, str] = field(default_factory=dict)
+    common_env: dict[str, str] = field(default_factory=dict)
+
+
+class LocalStack:
+    """Starts the services first, then the orchestrator pointed at them by static discovery."""
+
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self.services: dict[str, ManagedProcess] = {}
+        self.orchestrator: ManagedProcess | None = None
+
+    def _env(self, name: str, extra: Mapping[str, str]) -> dict[str, str]:
+        return {
+            "HOST": "127.0.0.1",
+            "PORT": "0",
+            "DATA_DIR": str(self.config.data_dir / name),
+            **self.config.common_env,
+            **extra,
+        }
+
+    def start(self, timeout: float = 60.0) -> LocalStack:
+        log_dir = self.config.data_dir / "logs"
+        for name, module in SERVICES.items():
+            process = ManagedProcess(name, module, self._env(name, self.config.service_env.get(name, {})), log_dir)
+            self.services[name] = process
+        try:
+            for process in self.services.values():
+                process.start(timeout)
+            orchestrator_env = self._env("orchestrator", self.config.orchestrator_env)
+            orchestrator_env["PORT"] = str(self.config.orchestrator_port)
+            if self.config.orchestrator_database_url:
+                orchestrator_env["DATABASE_URL"] = self.config.orchestrator_database_url
+            for name, process in self.services.items():
+                orchestrator_env[f"{name.upper()}_ADDR"] = process.address
+            self.orchestrator = ManagedProcess("orchestrator", "orchestrator", orchestrator_env, log_dir)
+            self.orchestrator.start(timeout)
+        except Exception:
+            self.stop()
+            raise
+        return self
+
+    @property
+    def address(self) -> str:
+        assert self.orchestrator is not None
+        return self.orchestrator.address
+
+    def processes(self) -> dict[str, ManagedProcess]:
+        named = dict(self.services)
+        if self.orchestrator is not None:
+            named["orchestrator"] = self.orchestrator
+        return named
+
+    def add_orchestrator(self, name: str, extra_env: Mapping[str, str] | None = None) -> ManagedProcess:
+        """Start one more orchestrator replica beside the first, with the same settings."""
+        assert self.orchestrator is not None
+        env = {**self.orchestrator.env, "PORT": "0", **(extra_env or {})}
+        env.pop("REPLICA_ID", None)
+        replica = ManagedProcess(name, "orchestrator", env, self.config.data_dir / "logs")
+        return replica.start()
+
+    def stop(self) -> None:
+        if self.orchestrator is not None:
+            self.orchestrator.stop()
+        for process in self.services.values():
+            process.stop()
+
+    def __enter__(self) -> LocalStack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

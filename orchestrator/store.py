@@ -1,0 +1,370 @@
+"""Orchestrator persistence in SQLAlchemy Core: sagas, history and outbox, batched per transaction."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, and_, bindparam, delete, func, insert, or_, select, update
+
+from orchestrator.engine import Command, Event, SagaState
+from orchestrator.models import SCHEMA_VERSION, OutboxRow, SagaEventRow, SagaRow, SchemaVersionRow
+from svckit.db import Database
+
+__all__ = [
+    "PendingCommand",
+    "SagaFilter",
+    "append_events",
+    "claim_due",
+    "ensure_schema",
+    "fence",
+    "find_by_business_key",
+    "insert_saga",
+    "list_sagas",
+    "load_events",
+    "load_pending",
+    "load_sagas",
+    "put_command",
+    "release_leases",
+    "update_sagas",
+]
+
+SAGA = SagaRow.__table__  # type: ignore[attr-defined]
+EVENT = SagaEventRow.__table__  # type: ignore[attr-defined]
+OUTBOX = OutboxRow.__table__  # type: ignore[attr-defined]
+SCHEMA = SchemaVersionRow.__table__  # type: ignore[attr-defined]
+
+
+class SchemaTooNew(RuntimeError):
+    """The database was migrated by a newer release than this one."""
+
+
+def ensure_schema(database: Database) -> int:
+    """Create the tables on first start and record the schema version; refuse a newer schema."""
+    database.create_schema()
+
+    def work(connection: Connection) -> int:
+        stored = connection.execute(select(func.max(SCHEMA.c.version))).scalar()
+        if stored is None:
+            connection.execute(insert(SCHEMA).values(version=SCHEMA_VERSION, applied_at=time.time()))
+            return SCHEMA_VERSION
+        if stored > SCHEMA_VERSION:
+            raise SchemaTooNew(f"database schema is version {stored}; this release knows up to {SCHEMA_VERSION}")
+        return int(stored)
+
+    return database.transaction_sync(work)
+
+
+# -- sagas ---------------------------------------------------------------------------------
+
+
+def _encode_results(results: dict[str, bytes]) -> str:
+    return json.dumps({name: base64.b64encode(payload).decode() for name, payload in results.items()})
+
+
+def _decode_results(text: str) -> dict[str, bytes]:
+    return {name: base64.b64decode(payload) for name, payload in json.loads(text).items()}
+
+
+def saga_from_row(row: Any) -> SagaState:
+    m = row._mapping
+    return SagaState(
+        saga_id=m["saga_id"],
+        saga_type=m["saga_type"],
+        version=m["version"],
+        business_key=m["business_key"],
+        input=bytes(m["input"]),
+        status=m["status"],
+        deadline_at=m["deadline_at"],
+        created_at=m["created_at"],
+        updated_at=m["updated_at"],
+        paused=bool(m["paused"]),
+        cancel_requested=bool(m["cancel_requested"]),
+        step_index=m["step_index"],
+        compensations=[int(i) for i in m["compensations"].split(",") if i],
+        results=_decode_results(m["results"]),
+        last_error=m["last_error"],
+        trace_context=m["trace_context"],
+        event_seq=m["event_seq"],
+        ended_at=m["ended_at"],
+    )
+
+
+def _mutable_values(saga: SagaState) -> dict[str, Any]:
+    return {
+        "status": saga.status,
+        "paused": saga.paused,
+        "cancel_requested": saga.cancel_requested,
+        "step_index": saga.step_index,
+        "compensations": ",".join(str(i) for i in saga.compensations),
+        "results": _encode_results(saga.results),
+        "last_error": saga.last_error[:2000],
+        "event_seq": saga.event_seq,
+        "updated_at": saga.updated_at,
+        "ended_at": saga.ended_at,
+    }
+
+
+def insert_saga(connection: Connection, saga: SagaState, input_hash: str) -> None:
+    connection.execute(
+        insert(SAGA).values(
+            saga_id=saga.saga_id,
+            saga_type=saga.saga_type,
+            version=saga.version,
+            business_key=saga.business_key,
+            input=saga.input,
+            input_hash=input_hash,
+            trace_context=saga.trace_context,
+            deadline_at=saga.deadline_at,
+            created_at=saga.created_at,
+            **_mutable_values(saga),
+        )
+    )
+
+
+_UPDATE_SAGA = (
+    update(SAGA)
+    .where(SAGA.c.saga_id == bindparam("key_saga_id"))
+    .values({name: bindparam(name) for name in _mutable_values(SagaState("", "", 0, "", b"", "", 0, 0, 0))})
+)
+
+
+def update_sagas(connection: Connection, sagas: Iterable[SagaState]) -> None:
+    rows = [{"key_saga_id": saga.saga_id, **_mutable_values(saga)} for saga in sagas]
+    if rows:
+        connection.execute(_UPDATE_SAGA, rows)
+
+
+def load_sagas(connection: Connection, saga_ids: Iterable[str], *, for_update: bool = False) -> dict[str, SagaState]:
+    ids = list(saga_ids)
+    if not ids:
+        return {}
+    query = select(SAGA).where(SAGA.c.saga_id.in_(ids))
+    if for_update:
+        query = query.with_for_update()
+    return {row.saga_id: saga_from_row(row) for row in connection.execute(query)}
+
+
+def find_by_business_key(connection: Connection, saga_type: str, business_key: str) -> tuple[SagaState, str] | None:
+    row = connection.execute(
+        select(SAGA).where(SAGA.c.saga_type == saga_type, SAGA.c.business_key == business_key)
+    ).first()
+    return (saga_from_row(row), row._mapping["input_hash"]) if row else None
+
+
+@dataclass(frozen=True)
+class SagaFilter:
+    """What ListSagas and the stats may filter on; empty fields do not filter."""
+
+    statuses: tuple[str, ...] = ()
+    include_paused: bool = False
+    saga_type: str = ""
+    business_key: str = ""
+    created_after: float | None = None
+    created_before: float | None = None
+
+
+def _where(saga_filter: SagaFilter) -> list[Any]:
+    conditions: list[Any] = []
+    status_conditions: list[Any] = []
+    if saga_filter.statuses:
+        status_conditions.append(and_(SAGA.c.status.in_(saga_filter.statuses), SAGA.c.paused.is_(False)))
+    if saga_filter.include_paused:
+        status_conditions.append(SAGA.c.paused.is_(True))
+    if status_conditions:
+        conditions.append(or_(*status_conditions))
+    if saga_filter.saga_type:
+        conditions.append(SAGA.c.saga_type == saga_filter.saga_type)
+    if saga_filter.business_key:
+        conditions.append(SAGA.c.business_key == saga_filter.business_key)
+    if saga_filter.created_after is not None:
+        conditions.append(SAGA.c.created_at >= saga_filter.created_after)
+    if saga_filter.created_before is not None:
+        conditions.append(SAGA.c.created_at < saga_filter.created_before)
+    return conditions
+
+
+def list_sagas(
+    connection: Connection, saga_filter: SagaFilter, limit: int, after: tuple[float, str] | None
+) -> list[SagaState]:
+    """Newest first; after is the (created_at, saga_id) of the last saga of the previous page."""
+    conditions = _where(saga_filter)
+    if after is not None:
+        created_at, saga_id = after
+        conditions.append(
+            or_(SAGA.c.created_at < created_at, and_(SAGA.c.created_at == created_at, SAGA.c.saga_id < saga_id))
+        )
+    query = select(SAGA).where(*conditions).order_by(SAGA.c.created_at.desc(), SAGA.c.saga_id.desc()).limit(limit)
+    return [saga_from_row(row) for row in connection.execute(query)]
+
+
+def count_by_status(connection: Connection, created_after: float | None) -> dict[str, int]:
+    conditions = [SAGA.c.created_at >= created_after] if created_after is not None else []
+    query = select(SAGA.c.status, SAGA.c.paused, func.count()).where(*conditions).group_by(SAGA.c.status, SAGA.c.paused)
+    counts: dict[str, int] = {}
+    for status, paused, count in connection.execute(query):
+        label = "PAUSED" if paused else status
+        counts[label] = counts.get(label, 0) + int(count)
+    return counts
+
+
+def completion_latencies(connection: Connection, created_after: float | None, limit: int = 100_000) -> list[float]:
+    conditions = [SAGA.c.ended_at.is_not(None)]
+    if created_after is not None:
+        conditions.append(SAGA.c.created_at >= created_after)
+    query = select(SAGA.c.ended_at - SAGA.c.created_at).where(*conditions).order_by(SAGA.c.ended_at.desc()).limit(limit)
+    return [float(value) for value in connection.execute(query).scalars()]
+
+
+def oldest_in_flight(connection: Connection) -> SagaState | None:
+    row = connection.execute(select(SAGA).where(SAGA.c.ended_at.is_(None)).order_by(SAGA.c.created_at).limit(1)).first()
+    return saga_from_row(row) if row else None
+
+
+# -- history -------------------------------------------------------------------------------
+
+
+def append_events(saga: SagaState, events: Sequence[Event], rows: list[dict[str, Any]]) -> None:
+    """Number the events after the saga's last one and add them to rows for one batched insert."""
+    for event in events:
+        saga.event_seq += 1
+        rows.append(
+            {
+                "saga_id": saga.saga_id,
+                "seq": saga.event_seq,
+                "at": event.at,
+                "type": event.type,
+                "step": event.step,
+                "attempt": event.attempt,
+                "code": event.code,
+                "message": event.message[:2000],
+                "duration_ms": round(event.duration_ms, 3),
+                "actor": event.actor,
+            }
+        )
+
+
+def insert_events(connection: Connection, rows: list[dict[str, Any]]) -> None:
+    if rows:
+        connection.execute(insert(EVENT), rows)
+
+
+def load_events(connection: Connection, saga_id: str, after_seq: int = 0) -> list[SagaEventRow]:
+    query = select(EVENT).where(EVENT.c.saga_id == saga_id, EVENT.c.seq > after_seq).order_by(EVENT.c.seq)
+    return [SagaEventRow(**row._mapping) for row in connection.execute(query)]
+
+
+# -- outbox --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PendingCommand:
+    """A saga's outbox row: the command and who holds it."""
+
+    command: Command
+    lease_owner: str | None
+    lease_expires_at: float
+
+    def in_flight(self, now: float) -> bool:
+        return self.lease_owner is not None and self.lease_expires_at > now
+
+
+def _command_from_row(row: Any) -> Command:
+    m = row._mapping
+    return Command(
+        saga_id=m["saga_id"],
+        step_index=m["step_index"],
+        direction=m["direction"],
+        attempt=m["attempt"],
+        first_attempt_at=m["first_attempt_at"],
+        uncertain=bool(m["uncertain"]),
+        due_at=m["due_at"],
+    )
+
+
+def put_command(connection: Connection, command: Command, lease_owner: str | None, lease_expires_at: float) -> None:
+    connection.execute(
+        insert(OUTBOX).values(
+            saga_id=command.saga_id,
+            step_index=command.step_index,
+            direction=command.direction,
+            attempt=command.attempt,
+            first_attempt_at=command.first_attempt_at,
+            uncertain=command.uncertain,
+            due_at=command.due_at,
+            lease_owner=lease_owner,
+            lease_expires_at=lease_expires_at,
+            created_at=time.time(),
+        )
+    )
+
+
+def fence(connection: Connection, command: Command, lease_owner: str) -> bool:
+    """Remove the command if this owner still holds it: only the holder may record its outcome."""
+    result = connection.execute(
+        delete(OUTBOX).where(
+            OUTBOX.c.saga_id == command.saga_id,
+            OUTBOX.c.lease_owner == lease_owner,
+            OUTBOX.c.step_index == command.step_index,
+            OUTBOX.c.direction == command.direction,
+            OUTBOX.c.attempt == command.attempt,
+        )
+    )
+    return result.rowcount == 1
+
+
+def load_pending(connection: Connection, saga_id: str) -> PendingCommand | None:
+    row = connection.execute(select(OUTBOX).where(OUTBOX.c.saga_id == saga_id)).first()
+    if row is None:
+        return None
+    return PendingCommand(_command_from_row(row), row._mapping["lease_owner"], row._mapping["lease_expires_at"])
+
+
+def delete_command(connection: Connection, saga_id: str) -> None:
+    connection.execute(delete(OUTBOX).where(OUTBOX.c.saga_id == saga_id))
+
+
+def claim_due(
+    connection: Connection, owner: str, now: float, lease_seconds: float, limit: int, *, skip_locked: bool
+) -> list[tuple[Command, SagaState]]:
+    """Lease up to limit due commands nobody holds (or whose lease expired), with their sagas."""
+    candidates = (
+        select(OUTBOX.c.saga_id)
+        .where(
+            OUTBOX.c.due_at <= now,
+            or_(OUTBOX.c.lease_owner.is_(None), OUTBOX.c.lease_expires_at < now),
+        )
+        .order_by(OUTBOX.c.due_at)
+        .limit(limit)
+    )
+    if skip_locked:
+        candidates = candidates.with_for_update(skip_locked=True)
+    claimed = connection.execute(
+        update(OUTBOX)
+        .where(OUTBOX.c.saga_id.in_(candidates.scalar_subquery()))
+        .values(lease_owner=owner, lease_expires_at=now + lease_seconds)
+        .returning(*OUTBOX.c)
+    ).all()
+    if not claimed:
+        return []
+    sagas = load_sagas(connection, [row.saga_id for row in claimed])
+    return [(_command_from_row(row), sagas[row.saga_id]) for row in claimed if row.saga_id in sagas]
+
+
+def release_leases(connection: Connection, owner: str) -> int:
+    """Give up every lease of owner, so the commands are claimed again at once."""
+    return connection.execute(
+        update(OUTBOX).where(OUTBOX.c.lease_owner == owner).values(lease_owner=None, lease_expires_at=0.0)
+    ).rowcount
+
+
+def outbox_depth(connection: Connection, now: float) -> tuple[int, float]:
+    """How many commands are due now, and the age in seconds of the oldest due one."""
+    count, oldest = connection.execute(
+        select(func.count(), func.min(OUTBOX.c.due_at)).where(OUTBOX.c.due_at <= now)
+    ).one()
+    return int(count), (now - oldest) if oldest is not None else 0.0

@@ -1,0 +1,136 @@
+"""Builds the API's view of a saga (steps, attempts, history) from its stored state and events."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from orchestrator.definition import SagaDefinition
+from orchestrator.engine import ACTION, COMPENSATION, SagaState, Status
+from orchestrator.models import SagaEventRow
+from orchestrator.store import PendingCommand
+from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
+from svckit.convert import timestamp
+
+__all__ = ["STATUS_FROM_PB", "STATUS_TO_PB", "api_status", "event_pb", "saga_pb", "trace_id_of"]
+
+STATUS_TO_PB: dict[str, Any] = {
+    Status.RUNNING: pb.SAGA_STATUS_RUNNING,
+    Status.COMPENSATING: pb.SAGA_STATUS_COMPENSATING,
+    Status.COMPLETED: pb.SAGA_STATUS_COMPLETED,
+    Status.COMPENSATED: pb.SAGA_STATUS_COMPENSATED,
+    Status.NEEDS_ATTENTION: pb.SAGA_STATUS_NEEDS_ATTENTION,
+    Status.TERMINATED: pb.SAGA_STATUS_TERMINATED,
+    "PAUSED": pb.SAGA_STATUS_PAUSED,
+}
+STATUS_FROM_PB = {number: name for name, number in STATUS_TO_PB.items()}
+
+_ATTEMPT_EVENTS = {
+    "StepSucceeded": ACTION,
+    "StepFailed": ACTION,
+    "CompensationSucceeded": COMPENSATION,
+    "CompensationFailed": COMPENSATION,
+}
+
+
+def api_status(saga: SagaState) -> Any:
+    """The API status: PAUSED while the paused flag is set, else the stored status."""
+    if saga.paused and not saga.ended:
+        return pb.SAGA_STATUS_PAUSED
+    return STATUS_TO_PB[saga.status]
+
+
+def trace_id_of(trace_context: str) -> str:
+    parts = trace_context.split("-")
+    return parts[1] if len(parts) == 4 else ""
+
+
+def event_pb(event: SagaEventRow) -> pb.HistoryEvent:
+    return pb.HistoryEvent(
+        seq=event.seq,
+        at=timestamp(event.at),
+        type=event.type,
+        step=event.step,
+        attempt=event.attempt,
+        code=event.code,
+        message=event.message,
+        actor=event.actor,
+    )
+
+
+def _steps(
+    definition: SagaDefinition, saga: SagaState, events: list[SagaEventRow], pending: PendingCommand | None
+) -> list[pb.SagaStep]:
+    steps = {step.name: pb.SagaStep(name=step.name, index=i) for i, step in enumerate(definition.steps)}
+    succeeded: set[str] = set()
+    compensated: set[str] = set()
+    failed: set[str] = set()
+    for event in events:
+        direction = _ATTEMPT_EVENTS.get(event.type)
+        if direction is None or event.step not in steps:
+            continue
+        ended = event.at
+        steps[event.step].attempts.append(
+            pb.StepAttempt(
+                direction=direction,
+                attempt=event.attempt,
+                started_at=timestamp(ended - event.duration_ms / 1000),
+                ended_at=timestamp(ended),
+                code=event.code,
+                message=event.message,
+            )
+        )
+        if event.type == "StepSucceeded":
+            succeeded.add(event.step)
+            failed.discard(event.step)
+        elif event.type == "StepFailed":
+            failed.add(event.step)
+            steps[event.step].last_error = f"{event.code}: {event.message}"
+        elif event.type == "CompensationSucceeded":
+            compensated.add(event.step)
+        else:
+            steps[event.step].last_error = f"{event.code}: {event.message}"
+    on_wire = definition.steps[pending.command.step_index].name if pending else None
+    for name, view in steps.items():
+        if name == on_wire and pending is not None:
+            view.state = "running" if pending.command.direction == ACTION else "compensating"
+        elif name in compensated:
+            view.state = "compensated"
+        elif name in succeeded:
+            view.state = "succeeded"
+        elif name in failed:
+            view.state = "failed"
+        else:
+            view.state = "skipped" if saga.ended else "pending"
+    return list(steps.values())
+
+
+def saga_pb(
+    saga: SagaState,
+    definition: SagaDefinition | None,
+    events: list[SagaEventRow] | None = None,
+    pending: PendingCommand | None = None,
+    *,
+    include_history: bool = False,
+) -> pb.Saga:
+    view = pb.Saga(
+        saga_id=saga.saga_id,
+        saga_type=saga.saga_type,
+        definition_version=saga.version,
+        business_key=saga.business_key,
+        status=api_status(saga),
+        created_at=timestamp(saga.created_at),
+        updated_at=timestamp(saga.updated_at),
+        deadline_at=timestamp(saga.deadline_at),
+        last_error=saga.last_error,
+        trace_id=trace_id_of(saga.trace_context),
+    )
+    if saga.ended_at is not None:
+        view.ended_at.CopyFrom(timestamp(saga.ended_at))
+    if definition is not None:
+        if not saga.ended or saga.status == Status.NEEDS_ATTENTION:
+            view.current_step = definition.steps[saga.step_index].name
+        if events is not None:
+            view.steps.extend(_steps(definition, saga, events, pending))
+    if include_history and events is not None:
+        view.history.extend(event_pb(event) for event in events)
+    return view
