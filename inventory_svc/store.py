@@ -1,15 +1,17 @@
-"""Inventory persistence as SQLAlchemy Core statements: one round trip per row touched."""
+"""Inventory persistence: Core statements prepared once, one round trip per row touched."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import Connection, bindparam, func, insert, select, update
 
 from inventory_svc.models import ReservationRow, StockRow
+from svckit.db import Prepared
 
 __all__ = [
+    "available",
     "get_reservation",
     "give_back",
     "insert_reservation",
@@ -22,6 +24,32 @@ __all__ = [
 
 _STOCK = StockRow.__table__  # type: ignore[attr-defined]
 _RESERVATION = ReservationRow.__table__  # type: ignore[attr-defined]
+
+_SKU_EXISTS = Prepared(select(_STOCK.c.sku).where(_STOCK.c.sku == bindparam("sku")))
+_TAKE = Prepared(
+    update(_STOCK)
+    .where(_STOCK.c.sku == bindparam("sku"), _STOCK.c.available >= bindparam("quantity"))
+    .values(available=_STOCK.c.available - bindparam("quantity"), reserved=_STOCK.c.reserved + bindparam("quantity"))
+)
+_GIVE_BACK = Prepared(
+    update(_STOCK)
+    .where(_STOCK.c.sku == bindparam("sku"))
+    .values(available=_STOCK.c.available + bindparam("quantity"), reserved=_STOCK.c.reserved - bindparam("quantity"))
+)
+_AVAILABLE = Prepared(select(_STOCK.c.available).where(_STOCK.c.sku == bindparam("sku")))
+_GET_RESERVATION = Prepared(
+    select(*[_RESERVATION.c[name] for name in ReservationRow.model_fields]).where(
+        _RESERVATION.c.order_id == bindparam("order_id")
+    )
+)
+_INSERT_RESERVATION = Prepared(
+    insert(_RESERVATION).values({name: bindparam(name) for name in ReservationRow.model_fields})
+)
+_MOVE_STATUS = Prepared(
+    update(_RESERVATION)
+    .where(_RESERVATION.c.order_id == bindparam("order_id"), _RESERVATION.c.status == bindparam("from_status"))
+    .values(status=bindparam("to_status"))
+)
 
 
 def seed_if_empty(connection: Connection, catalogue_file: Path) -> int:
@@ -36,48 +64,35 @@ def seed_if_empty(connection: Connection, catalogue_file: Path) -> int:
 
 
 def known_skus(connection: Connection, skus: list[str]) -> set[str]:
-    return set(connection.execute(select(_STOCK.c.sku).where(_STOCK.c.sku.in_(skus))).scalars())
+    return {sku for sku in skus if _SKU_EXISTS.execute(connection, {"sku": sku}).fetchone() is not None}
 
 
 def take(connection: Connection, sku: str, quantity: int) -> bool:
     """Move quantity from available to reserved if enough is free; atomic under concurrency."""
-    result = connection.execute(
-        update(_STOCK)
-        .where(_STOCK.c.sku == sku, _STOCK.c.available >= quantity)
-        .values(available=_STOCK.c.available - quantity, reserved=_STOCK.c.reserved + quantity)
-    )
-    return result.rowcount == 1
+    return int(_TAKE.execute(connection, {"sku": sku, "quantity": quantity}).rowcount) == 1
 
 
 def give_back(connection: Connection, sku: str, quantity: int) -> None:
-    connection.execute(
-        update(_STOCK)
-        .where(_STOCK.c.sku == sku)
-        .values(available=_STOCK.c.available + quantity, reserved=_STOCK.c.reserved - quantity)
-    )
+    _GIVE_BACK.execute(connection, {"sku": sku, "quantity": quantity})
 
 
 def available(connection: Connection, sku: str) -> int:
-    return int(connection.execute(select(_STOCK.c.available).where(_STOCK.c.sku == sku)).scalar_one())
+    return int(_AVAILABLE.execute(connection, {"sku": sku}).fetchone()[0])
 
 
 def get_reservation(connection: Connection, order_id: str) -> ReservationRow | None:
-    row = connection.execute(select(_RESERVATION).where(_RESERVATION.c.order_id == order_id)).first()
-    return ReservationRow(**row._mapping) if row else None
+    row = _GET_RESERVATION.execute(connection, {"order_id": order_id}).fetchone()
+    return ReservationRow(**dict(zip(ReservationRow.model_fields, row, strict=True))) if row else None
 
 
 def insert_reservation(connection: Connection, row: ReservationRow) -> None:
-    connection.execute(insert(_RESERVATION).values(**row.model_dump()))
+    _INSERT_RESERVATION.execute(connection, {name: getattr(row, name) for name in ReservationRow.model_fields})
 
 
 def move_reservation_status(connection: Connection, order_id: str, from_status: str, to_status: str) -> bool:
     """Change the status only if it is still from_status; False when a concurrent call got there first."""
-    result = connection.execute(
-        update(_RESERVATION)
-        .where(_RESERVATION.c.order_id == order_id, _RESERVATION.c.status == from_status)
-        .values(status=to_status)
-    )
-    return result.rowcount == 1
+    params = {"order_id": order_id, "from_status": from_status, "to_status": to_status}
+    return int(_MOVE_STATUS.execute(connection, params).rowcount) == 1
 
 
 def stock_levels(connection: Connection, skus: list[str]) -> list[StockRow]:

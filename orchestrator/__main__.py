@@ -10,6 +10,7 @@ from orchestrator import store
 from orchestrator.config import OrchestratorSettings
 from orchestrator.definition import DefinitionRegistry, SagaDefinition
 from orchestrator.dispatcher import Dispatcher
+from orchestrator.observability import Observability
 from orchestrator.order_saga import ORDER_SAGA
 from orchestrator.server import OrchestratorServicer
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
@@ -19,7 +20,9 @@ from svckit.config import load_settings
 from svckit.db import Database
 from svckit.discovery import make_resolver
 from svckit.logs import configure_logging
-from svckit.server import run_server
+from svckit.registration import announcer_from_settings
+from svckit.server import RpcServer, run_server
+from svckit.telemetry import client_interceptors, configure_tracing
 
 log = logging.getLogger("sagasuite.orchestrator")
 
@@ -40,9 +43,19 @@ async def serve(settings: OrchestratorSettings) -> None:
     database = Database(settings.resolved_database_url())
     store.ensure_schema(database)
     registry = DefinitionRegistry([ORDER_SAGA, *load_definitions(settings.saga_definitions)])
-    resolver = make_resolver()
+    try:
+        # DISCOVERY=consul: this replica registers itself as "orchestrator" once it dispatches.
+        announcer = announcer_from_settings(settings, contract=pb.DESCRIPTOR.package)
+        resolver = make_resolver()
+    except ValueError as error:
+        raise SystemExit(f"configuration error: {error}") from error
     await resolver.start()
-    channels = ChannelPool(resolver)
+    # Tracing (off unless OTEL_* variables ask for it) comes first: the channels carry its interceptors.
+    metrics_on = settings.metrics_port >= 0
+    observability = Observability(configure_tracing(settings.service_name), metrics=metrics_on)
+    if metrics_on:
+        RpcServer.observers.append(observability.rpc_observer)
+    channels = ChannelPool(resolver, interceptors=client_interceptors() or None)
     holder: dict[str, Dispatcher] = {}
 
     def add_services(server):  # type: ignore[no-untyped-def]
@@ -50,14 +63,21 @@ async def serve(settings: OrchestratorSettings) -> None:
 
     async def on_started(port: int) -> None:
         dispatcher = holder["dispatcher"]
+        # The default replica id names the bound port, known only now (PORT=0 binds a free one);
+        # a restart on the same port then takes back the leases of its previous run at once.
+        dispatcher.replica_id = settings.resolved_replica_id(port)
         await dispatcher.start()
         log.info(
             "replica %s dispatching; definitions: %s",
             dispatcher.replica_id,
             ", ".join(f"{d.name} v{d.version}" for d in registry.all()),
         )
+        if announcer is not None:
+            await announcer.start(port)
 
     async def on_stopping() -> None:
+        if announcer is not None:
+            await announcer.stop()  # leave discovery before draining
         await holder["dispatcher"].stop(settings.grace_seconds)
 
     def add_services_with_dispatcher(server):  # type: ignore[no-untyped-def]
@@ -72,14 +92,27 @@ async def serve(settings: OrchestratorSettings) -> None:
             claim_batch=settings.claim_batch,
             max_in_flight=settings.max_in_flight,
             commit_batch=settings.commit_batch,
+            observer=observability.observer(),
+            wrap_call=observability.wrap_call(),
         )
         holder["dispatcher"] = dispatcher
-        servicer = OrchestratorServicer(database, registry, dispatcher, settings.default_saga_deadline_seconds)
+        observability.bind(dispatcher)
+        servicer = OrchestratorServicer(
+            database, registry, dispatcher, settings.default_saga_deadline_seconds, observability=observability
+        )
         pb_grpc.add_OrchestratorServiceServicer_to_server(servicer, server)
         return add_services(server)
 
     try:
-        await run_server(settings, add_services_with_dispatcher, on_started=on_started, on_stopping=on_stopping)
+        await run_server(
+            settings,
+            add_services_with_dispatcher,
+            on_started=on_started,
+            on_stopping=on_stopping,
+            background=[lambda: observability.watch_outbox(database, settings.outbox_metrics_interval_seconds)]
+            if metrics_on
+            else [],
+        )
     finally:
         await channels.close()
         await resolver.close()

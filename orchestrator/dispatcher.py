@@ -419,11 +419,13 @@ class Dispatcher:
             definition = self.definition_of(saga)
             step = definition.steps[command.step_index]
             if self._wrap_call is not None:
+                # The observer runs inside the wrapper too, so it can annotate the step's span.
                 with self._wrap_call(saga, step.name, command.direction, command.attempt):
                     outcome = await self._make_call(definition, command, saga)
+                    self.observer.call_finished(saga, step.name, command.direction, outcome)
             else:
                 outcome = await self._make_call(definition, command, saga)
-            self.observer.call_finished(saga, step.name, command.direction, outcome)
+                self.observer.call_finished(saga, step.name, command.direction, outcome)
         await self._queue.put(_Result(command, outcome))
 
     async def _make_call(self, definition: SagaDefinition, command: Command, saga: SagaState) -> Outcome:

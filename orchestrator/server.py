@@ -16,6 +16,7 @@ from orchestrator.definition import DefinitionRegistry, SagaDefinition
 from orchestrator.dispatcher import Dispatcher
 from orchestrator.engine import ENDED_STATUSES, SagaState, Status
 from orchestrator.models import SagaEventRow
+from orchestrator.observability import Observability
 from orchestrator.views import STATUS_FROM_PB, STATUS_TO_PB, api_status, event_pb, saga_pb
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
@@ -82,11 +83,14 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         registry: DefinitionRegistry,
         dispatcher: Dispatcher,
         default_deadline_seconds: int,
+        *,
+        observability: Observability | None = None,
     ) -> None:
         self._database = database
         self._registry = registry
         self._dispatcher = dispatcher
         self._default_deadline = default_deadline_seconds
+        self._observability = observability
 
     # -- starting ----------------------------------------------------------------------------
 
@@ -98,13 +102,19 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         deadline_seconds: int,
         call: CallContext,
     ) -> tuple[SagaState, bool]:
-        return await self._dispatcher.start_saga(
+        # With tracing on, the saga span opens here, under the call's server span; its traceparent
+        # is stored with the saga so every step, on any replica, continues this trace.
+        saga_span = self._observability.begin_saga(definition.name, business_key) if self._observability else None
+        saga, created = await self._dispatcher.start_saga(
             definition,
             business_key,
             message,  # type: ignore[arg-type]
             deadline_seconds or self._default_deadline,
-            call.notes.get("trace_context", ""),
+            saga_span.trace_context if saga_span is not None else call.notes.get("trace_context", ""),
         )
+        if saga_span is not None:
+            saga_span.finish(saga, created)
+        return saga, created
 
     @rpc(mutating=False)
     async def PlaceOrder(self, request: pb.PlaceOrderRequest, call: CallContext) -> pb.PlaceOrderResponse:

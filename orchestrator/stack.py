@@ -83,8 +83,11 @@ class LocalStack:
     def add_orchestrator(self, name: str, extra_env: Mapping[str, str] | None = None) -> ManagedProcess:
         """Start one more orchestrator replica beside the first, with the same settings."""
         assert self.orchestrator is not None
-        env = {**self.orchestrator.env, "PORT": "0", **(extra_env or {})}
+        # The first replica's REPLICA_ID is not inherited (two replicas must never share one);
+        # one given in extra_env is kept.
+        env = {**self.orchestrator.env, "PORT": "0"}
         env.pop("REPLICA_ID", None)
+        env.update(extra_env or {})
         replica = ManagedProcess(name, "orchestrator", env, self.config.data_dir / "logs")
         return replica.start()
 

@@ -13,7 +13,7 @@ from sqlalchemy import Connection, and_, bindparam, delete, func, insert, or_, s
 
 from orchestrator.engine import Command, Event, SagaState
 from orchestrator.models import SCHEMA_VERSION, OutboxRow, SagaEventRow, SagaRow, SchemaVersionRow
-from svckit.db import Database
+from svckit.db import Database, Prepared
 
 __all__ = [
     "PendingCommand",
@@ -37,6 +37,9 @@ SAGA = SagaRow.__table__  # type: ignore[attr-defined]
 EVENT = SagaEventRow.__table__  # type: ignore[attr-defined]
 OUTBOX = OutboxRow.__table__  # type: ignore[attr-defined]
 SCHEMA = SchemaVersionRow.__table__  # type: ignore[attr-defined]
+
+_SAGA_COLUMNS = tuple(SagaRow.model_fields)
+_OUTBOX_COLUMNS = tuple(OutboxRow.model_fields)
 
 
 class SchemaTooNew(RuntimeError):
@@ -71,7 +74,8 @@ def _decode_results(text: str) -> dict[str, bytes]:
 
 
 def saga_from_row(row: Any) -> SagaState:
-    m = row._mapping
+    """A saga from a Core row, or from a tuple of the saga table's columns in declaration order."""
+    m = row._mapping if hasattr(row, "_mapping") else dict(zip(_SAGA_COLUMNS, row, strict=True))
     return SagaState(
         saga_id=m["saga_id"],
         saga_type=m["saga_type"],
@@ -109,51 +113,62 @@ def _mutable_values(saga: SagaState) -> dict[str, Any]:
     }
 
 
+_INSERT_SAGA = Prepared(insert(SAGA).values({name: bindparam(name) for name in _SAGA_COLUMNS}))
+
+
 def insert_saga(connection: Connection, saga: SagaState, input_hash: str) -> None:
-    connection.execute(
-        insert(SAGA).values(
-            saga_id=saga.saga_id,
-            saga_type=saga.saga_type,
-            version=saga.version,
-            business_key=saga.business_key,
-            input=saga.input,
-            input_hash=input_hash,
-            trace_context=saga.trace_context,
-            deadline_at=saga.deadline_at,
-            created_at=saga.created_at,
+    _INSERT_SAGA.execute(
+        connection,
+        {
+            "saga_id": saga.saga_id,
+            "saga_type": saga.saga_type,
+            "version": saga.version,
+            "business_key": saga.business_key,
+            "input": saga.input,
+            "input_hash": input_hash,
+            "trace_context": saga.trace_context,
+            "deadline_at": saga.deadline_at,
+            "created_at": saga.created_at,
             **_mutable_values(saga),
-        )
+        },
     )
 
 
-_UPDATE_SAGA = (
+_UPDATE_SAGA = Prepared(
     update(SAGA)
     .where(SAGA.c.saga_id == bindparam("key_saga_id"))
     .values({name: bindparam(name) for name in _mutable_values(SagaState("", "", 0, "", b"", "", 0, 0, 0))})
 )
+_SELECT_SAGA = select(*[SAGA.c[name] for name in _SAGA_COLUMNS]).where(SAGA.c.saga_id == bindparam("saga_id"))
+_LOAD_SAGA = Prepared(_SELECT_SAGA)
+# Row locks keep two replicas from recording transitions of one saga at once on PostgreSQL.
+_LOAD_SAGA_FOR_UPDATE = Prepared(_SELECT_SAGA.with_for_update())
+_FIND_BY_BUSINESS_KEY = Prepared(
+    select(*[SAGA.c[name] for name in _SAGA_COLUMNS]).where(
+        SAGA.c.saga_type == bindparam("saga_type"), SAGA.c.business_key == bindparam("business_key")
+    )
+)
 
 
 def update_sagas(connection: Connection, sagas: Iterable[SagaState]) -> None:
-    rows = [{"key_saga_id": saga.saga_id, **_mutable_values(saga)} for saga in sagas]
-    if rows:
-        connection.execute(_UPDATE_SAGA, rows)
+    _UPDATE_SAGA.executemany(connection, [{"key_saga_id": saga.saga_id, **_mutable_values(saga)} for saga in sagas])
 
 
 def load_sagas(connection: Connection, saga_ids: Iterable[str], *, for_update: bool = False) -> dict[str, SagaState]:
-    ids = list(saga_ids)
-    if not ids:
-        return {}
-    query = select(SAGA).where(SAGA.c.saga_id.in_(ids))
-    if for_update:
-        query = query.with_for_update()
-    return {row.saga_id: saga_from_row(row) for row in connection.execute(query)}
+    statement = _LOAD_SAGA_FOR_UPDATE if for_update else _LOAD_SAGA
+    sagas = {}
+    for saga_id in saga_ids:
+        row = statement.execute(connection, {"saga_id": saga_id}).fetchone()
+        if row is not None:
+            sagas[saga_id] = saga_from_row(row)
+    return sagas
 
 
 def find_by_business_key(connection: Connection, saga_type: str, business_key: str) -> tuple[SagaState, str] | None:
-    row = connection.execute(
-        select(SAGA).where(SAGA.c.saga_type == saga_type, SAGA.c.business_key == business_key)
-    ).first()
-    return (saga_from_row(row), row._mapping["input_hash"]) if row else None
+    row = _FIND_BY_BUSINESS_KEY.execute(connection, {"saga_type": saga_type, "business_key": business_key}).fetchone()
+    if row is None:
+        return None
+    return saga_from_row(row), row[_SAGA_COLUMNS.index("input_hash")]
 
 
 @dataclass(frozen=True)
@@ -248,9 +263,16 @@ def append_events(saga: SagaState, events: Sequence[Event], rows: list[dict[str,
         )
 
 
+_INSERT_EVENT = Prepared(
+    insert(EVENT).values(
+        {name: bindparam(name) for name in ("saga_id", "seq", "at", "type", "step", "attempt", "code", "message",
+                                            "duration_ms", "actor")}
+    )
+)  # fmt: skip
+
+
 def insert_events(connection: Connection, rows: list[dict[str, Any]]) -> None:
-    if rows:
-        connection.execute(insert(EVENT), rows)
+    _INSERT_EVENT.executemany(connection, rows)
 
 
 def load_events(connection: Connection, saga_id: str, after_seq: int = 0) -> list[SagaEventRow]:
@@ -274,7 +296,7 @@ class PendingCommand:
 
 
 def _command_from_row(row: Any) -> Command:
-    m = row._mapping
+    m = row._mapping if hasattr(row, "_mapping") else dict(zip(_OUTBOX_COLUMNS, row, strict=True))
     return Command(
         saga_id=m["saga_id"],
         step_index=m["step_index"],
@@ -286,46 +308,62 @@ def _command_from_row(row: Any) -> Command:
     )
 
 
+_PUT_COMMAND = Prepared(insert(OUTBOX).values({name: bindparam(name) for name in _OUTBOX_COLUMNS}))
+_FENCE = Prepared(
+    delete(OUTBOX).where(
+        OUTBOX.c.saga_id == bindparam("saga_id"),
+        OUTBOX.c.lease_owner == bindparam("lease_owner"),
+        OUTBOX.c.step_index == bindparam("step_index"),
+        OUTBOX.c.direction == bindparam("direction"),
+        OUTBOX.c.attempt == bindparam("attempt"),
+    )
+)
+_LOAD_PENDING = Prepared(
+    select(*[OUTBOX.c[name] for name in _OUTBOX_COLUMNS]).where(OUTBOX.c.saga_id == bindparam("saga_id"))
+)
+_DELETE_COMMAND = Prepared(delete(OUTBOX).where(OUTBOX.c.saga_id == bindparam("saga_id")))
+
+
 def put_command(connection: Connection, command: Command, lease_owner: str | None, lease_expires_at: float) -> None:
-    connection.execute(
-        insert(OUTBOX).values(
-            saga_id=command.saga_id,
-            step_index=command.step_index,
-            direction=command.direction,
-            attempt=command.attempt,
-            first_attempt_at=command.first_attempt_at,
-            uncertain=command.uncertain,
-            due_at=command.due_at,
-            lease_owner=lease_owner,
-            lease_expires_at=lease_expires_at,
-            created_at=time.time(),
-        )
+    _PUT_COMMAND.execute(
+        connection,
+        {
+            "saga_id": command.saga_id,
+            "step_index": command.step_index,
+            "direction": command.direction,
+            "attempt": command.attempt,
+            "first_attempt_at": command.first_attempt_at,
+            "uncertain": command.uncertain,
+            "due_at": command.due_at,
+            "lease_owner": lease_owner,
+            "lease_expires_at": lease_expires_at,
+            "created_at": time.time(),
+        },
     )
 
 
 def fence(connection: Connection, command: Command, lease_owner: str) -> bool:
     """Remove the command if this owner still holds it: only the holder may record its outcome."""
-    result = connection.execute(
-        delete(OUTBOX).where(
-            OUTBOX.c.saga_id == command.saga_id,
-            OUTBOX.c.lease_owner == lease_owner,
-            OUTBOX.c.step_index == command.step_index,
-            OUTBOX.c.direction == command.direction,
-            OUTBOX.c.attempt == command.attempt,
-        )
-    )
-    return result.rowcount == 1
+    params = {
+        "saga_id": command.saga_id,
+        "lease_owner": lease_owner,
+        "step_index": command.step_index,
+        "direction": command.direction,
+        "attempt": command.attempt,
+    }
+    return int(_FENCE.execute(connection, params).rowcount) == 1
 
 
 def load_pending(connection: Connection, saga_id: str) -> PendingCommand | None:
-    row = connection.execute(select(OUTBOX).where(OUTBOX.c.saga_id == saga_id)).first()
+    row = _LOAD_PENDING.execute(connection, {"saga_id": saga_id}).fetchone()
     if row is None:
         return None
-    return PendingCommand(_command_from_row(row), row._mapping["lease_owner"], row._mapping["lease_expires_at"])
+    values = dict(zip(_OUTBOX_COLUMNS, row, strict=True))
+    return PendingCommand(_command_from_row(row), values["lease_owner"], values["lease_expires_at"])
 
 
 def delete_command(connection: Connection, saga_id: str) -> None:
-    connection.execute(delete(OUTBOX).where(OUTBOX.c.saga_id == saga_id))
+    _DELETE_COMMAND.execute(connection, {"saga_id": saga_id})
 
 
 def claim_due(

@@ -16,21 +16,37 @@ __all__ = ["FaultInjector", "FaultRule", "parse_faults"]
 
 @dataclass(frozen=True)
 class FaultRule:
-    """What to do to calls of one method (or of every method, for "*")."""
+    """What to do to calls of one method (or of every method, for "*").
+
+    reply_delay_first=N limits reply_delay_ms to the first N replies per method and key (0: every
+    reply), so a retry with the same key gets its replayed answer in time.
+    """
 
     method: str
     latency_ms: float = 0.0
     reply_delay_ms: float = 0.0
+    reply_delay_first: int = 0
     error_rate: float = 0.0
     fail_first: int = 0
     code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE
     key_contains: str = ""
+    order_contains: str = ""
 
-    def applies_to(self, method: str, key: str) -> bool:
-        return self.method in ("*", method) and (not self.key_contains or self.key_contains in key)
+    def applies_to(self, method: str, key: str, order_id: str = "") -> bool:
+        return (
+            self.method in ("*", method)
+            and (not self.key_contains or self.key_contains in key)
+            and (not self.order_contains or self.order_contains in order_id)
+        )
 
 
-_NUMERIC_FIELDS = {"latency_ms": float, "reply_delay_ms": float, "error_rate": float, "fail_first": int}
+_NUMERIC_FIELDS = {
+    "latency_ms": float,
+    "reply_delay_ms": float,
+    "reply_delay_first": int,
+    "error_rate": float,
+    "fail_first": int,
+}
 
 
 def parse_faults(spec: str) -> list[FaultRule]:
@@ -53,7 +69,7 @@ def parse_faults(spec: str) -> list[FaultRule]:
                     values[name] = grpc.StatusCode[raw.upper()]
                 except KeyError as error:
                     raise ValueError(f"FAULTS rule {chunk!r}: unknown status code {raw!r}") from error
-            elif name == "key_contains":
+            elif name in ("key_contains", "order_contains"):
                 values[name] = raw
             else:
                 raise ValueError(f"FAULTS rule {chunk!r}: unknown field {name!r}")
@@ -70,14 +86,15 @@ class FaultInjector:
     def __init__(self, rules: list[FaultRule]) -> None:
         self._rules = rules
         self._calls_by_key: Counter[tuple[str, str]] = Counter()
+        self._replies_by_key: Counter[tuple[str, str]] = Counter()
 
     @property
     def enabled(self) -> bool:
         return bool(self._rules)
 
-    async def before(self, method: str, key: str) -> None:
+    async def before(self, method: str, key: str, order_id: str = "") -> None:
         for rule in self._rules:
-            if not rule.applies_to(method, key):
+            if not rule.applies_to(method, key, order_id):
                 continue
             if rule.latency_ms:
                 await asyncio.sleep(rule.latency_ms / 1000)
@@ -88,7 +105,11 @@ class FaultInjector:
             if rule.error_rate and random.random() < rule.error_rate:
                 raise RetryableError(f"injected fault: {method} error", rule.code)
 
-    async def after(self, method: str, key: str) -> None:
+    async def after(self, method: str, key: str, order_id: str = "") -> None:
         for rule in self._rules:
-            if rule.reply_delay_ms and rule.applies_to(method, key):
+            if rule.reply_delay_ms and rule.applies_to(method, key, order_id):
+                if rule.reply_delay_first:
+                    self._replies_by_key[(method, key)] += 1
+                    if self._replies_by_key[(method, key)] > rule.reply_delay_first:
+                        continue
                 await asyncio.sleep(rule.reply_delay_ms / 1000)

@@ -11,10 +11,10 @@ from typing import Generic, TypeVar
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 from google.rpc import status_pb2
-from sqlalchemy import Column, Connection, LargeBinary, delete, insert, select
+from sqlalchemy import Column, Connection, LargeBinary, bindparam, delete, insert, select
 from sqlmodel import Field, SQLModel
 
-from svckit.db import Database
+from svckit.db import Database, Prepared, savepoint
 from svckit.errors import DeadlineExceeded, DomainError, IdempotencyKeyReused, error_from_status
 
 __all__ = ["IdempotencyRecord", "IdempotencyStore", "IdempotentResult"]
@@ -38,6 +38,12 @@ class IdempotencyRecord(SQLModel, table=True):
 
 
 _TABLE = IdempotencyRecord.__table__  # type: ignore[attr-defined]
+_SELECT = Prepared(
+    select(_TABLE.c.method, _TABLE.c.request_hash, _TABLE.c.code, _TABLE.c.response).where(
+        _TABLE.c.key == bindparam("key")
+    )
+)
+_INSERT = Prepared(insert(_TABLE).values({c.name: bindparam(c.name) for c in _TABLE.c}))
 
 
 @dataclass(frozen=True)
@@ -71,17 +77,13 @@ class IdempotencyStore:
         request_hash = hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
 
         def work(connection: Connection) -> IdempotentResult[ResponseT]:
-            row = connection.execute(
-                select(_TABLE.c.method, _TABLE.c.request_hash, _TABLE.c.code, _TABLE.c.response).where(
-                    _TABLE.c.key == key
-                )
-            ).first()
+            row = _SELECT.execute(connection, {"key": key}).fetchone()
             if row is not None:
                 return _replay(key, method, request_hash, row, response_type)
             refusal: DomainError | None = None
             try:
                 # A savepoint, so a refusal raised halfway leaves none of the effect's writes.
-                with connection.begin_nested():
+                with savepoint(connection):
                     response = effect(connection)
             except DomainError as error:
                 refusal = error
@@ -93,15 +95,16 @@ class IdempotencyStore:
                 code, payload = refusal.code.value[0], stored.SerializeToString()
             else:
                 code, payload = _OK, response.SerializeToString(deterministic=True)
-            connection.execute(
-                insert(_TABLE).values(
-                    key=key,
-                    method=method,
-                    request_hash=request_hash,
-                    code=code,
-                    response=payload,
-                    created_at=time.time(),
-                )
+            _INSERT.execute(
+                connection,
+                {
+                    "key": key,
+                    "method": method,
+                    "request_hash": request_hash,
+                    "code": code,
+                    "response": payload,
+                    "created_at": time.time(),
+                },
             )
             if refusal is not None:
                 # The refusal is recorded; raising after the insert would roll it back, so the
@@ -138,7 +141,7 @@ def _replay(
     if stored_method != method or stored_hash != request_hash:
         raise IdempotencyKeyReused(key)
     if code == _OK:
-        return IdempotentResult(response_type.FromString(payload), replayed=True)
-    status = status_pb2.Status.FromString(payload)
+        return IdempotentResult(response_type.FromString(bytes(payload)), replayed=True)
+    status = status_pb2.Status.FromString(bytes(payload))
     details: list[any_pb2.Any] = list(status.details)
     raise error_from_status(status.code, status.message, details)

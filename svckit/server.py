@@ -16,10 +16,13 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
+from opentelemetry import trace
 
 from svckit.config import ServiceSettings
 from svckit.errors import DomainError, InvalidArgument, RetryableError, status_from_error
 from svckit.faults import FaultInjector, parse_faults
+from svckit.metrics import RpcMetrics, serve_metrics
+from svckit.telemetry import configure_tracing, server_interceptors, shutdown_tracing
 
 __all__ = ["IDEMPOTENCY_HEADER", "CallContext", "RpcServer", "rpc", "run_server"]
 
@@ -66,10 +69,11 @@ def _idempotency_key(context: grpc.aio.ServicerContext, required: bool) -> str:
 
 
 class RpcServer:
-    """Per-process state the RPC wrapper uses: fault injection and call observers."""
+    """Per-process state the RPC wrapper uses: fault injection, call observers, whether calls are traced."""
 
     faults: FaultInjector = FaultInjector([])
     observers: list[Callable[[str, str, float, bool], None]] = []
+    tracing: bool = False
 
 
 def rpc(*, mutating: bool) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
@@ -90,13 +94,19 @@ def rpc(*, mutating: bool) -> Callable[[Callable[..., Awaitable[Any]]], Callable
             failure: grpc.Status | None = None
             try:
                 key = _idempotency_key(context, required=mutating)
-                await RpcServer.faults.before(method, key)
+                if key and RpcServer.tracing:
+                    # The server span the tracing interceptor opened around this call.
+                    trace.get_current_span().set_attribute("idempotency.key", key)
+                order_id = getattr(request, "order_id", "")
+                await RpcServer.faults.before(method, key, order_id)
                 remaining = context.time_remaining()
                 deadline = time.monotonic() + remaining if remaining is not None else None
                 call = CallContext(method, key, deadline, context)
                 response = await handler(self, request, call)
                 replayed = bool(call.notes.get("replayed"))
-                await RpcServer.faults.after(method, key)
+                if replayed and RpcServer.tracing:
+                    trace.get_current_span().set_attribute("idempotency.replayed", True)
+                await RpcServer.faults.after(method, key, order_id)
             except (DomainError, RetryableError) as error:
                 failure = status_from_error(error)
             except asyncio.CancelledError:
@@ -105,7 +115,9 @@ def rpc(*, mutating: bool) -> Callable[[Callable[..., Awaitable[Any]]], Callable
             except Exception:
                 reference = uuid.uuid4().hex[:12]
                 log.exception("method=%s key=%s code=INTERNAL ref=%s", method, key or "-", reference)
-                failure = grpc.Status(grpc.StatusCode.INTERNAL, f"internal error, reference {reference}", ())  # type: ignore[call-arg]
+                failure = status_from_error(
+                    RetryableError(f"internal error, reference {reference}", grpc.StatusCode.INTERNAL)
+                )
             elapsed_ms = (time.perf_counter() - started) * 1000
             code_name = failure.code.name if failure else "OK"  # type: ignore[attr-defined]
             log.info(
@@ -145,12 +157,15 @@ async def run_server(
     reflection. on_started receives the bound port (registration in discovery goes there).
     """
     RpcServer.faults = FaultInjector(parse_faults(settings.faults))
+    # Off unless OTEL_* variables ask for it; then every call runs inside a server span, so the
+    # per-call log line carries its trace and span ids.
+    RpcServer.tracing = configure_tracing(settings.service_name) is not None
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(options=options)
+    server = grpc.aio.server(options=options, interceptors=server_interceptors() or None)
     service_names = list(add_services(server))
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -173,6 +188,12 @@ async def run_server(
         loop.add_signal_handler(signum, stop_requested.set)
     tasks: list[asyncio.Task[None]] = [asyncio.create_task(job()) for job in background]
     log.info("serving %s on port %d", ",".join(service_names), port)
+    metrics_server = None
+    if settings.metrics_port >= 0:
+        RpcServer.observers.append(RpcMetrics())
+        metrics_server = serve_metrics(settings.host, settings.metrics_port)
+        # Printed before READY, so whoever waits for READY finds the metrics port too.
+        print(f"METRICS port={metrics_server.port}", flush=True)
     # Printed for the processes that start us: they read the bound port from this line.
     print(f"READY port={port}", flush=True)
     if on_started is not None:
@@ -185,6 +206,9 @@ async def run_server(
     for task in tasks:
         task.cancel()
     await server.stop(settings.grace_seconds)
+    if metrics_server is not None:
+        metrics_server.close()
+    shutdown_tracing()
     log.info("stopped")
 
 
