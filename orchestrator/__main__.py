@@ -7,6 +7,7 @@ import importlib
 import logging
 
 from orchestrator import store
+from orchestrator.auth import AccessControl
 from orchestrator.config import OrchestratorSettings
 from orchestrator.definition import DefinitionRegistry, SagaDefinition
 from orchestrator.dispatcher import Dispatcher
@@ -23,6 +24,7 @@ from svckit.logs import configure_logging
 from svckit.registration import announcer_from_settings
 from svckit.server import RpcServer, run_server
 from svckit.telemetry import client_interceptors, configure_tracing
+from svckit.tls import ClientTls
 
 log = logging.getLogger("sagasuite.orchestrator")
 
@@ -47,6 +49,12 @@ async def serve(settings: OrchestratorSettings) -> None:
         # DISCOVERY=consul: this replica registers itself as "orchestrator" once it dispatches.
         announcer = announcer_from_settings(settings, contract=pb.DESCRIPTOR.package)
         resolver = make_resolver()
+        # Who may call what (OPERATOR_TOKENS, READ_ACCESS, ...) and TLS to the services (TLS_CA_FILE, ...).
+        access = AccessControl.from_settings(settings)
+        client_tls = ClientTls(
+            settings.tls_ca_file, settings.tls_client_cert_file, settings.tls_client_key_file, settings.tls_server_name
+        )
+        client_credentials = client_tls.credentials()
     except ValueError as error:
         raise SystemExit(f"configuration error: {error}") from error
     await resolver.start()
@@ -55,7 +63,13 @@ async def serve(settings: OrchestratorSettings) -> None:
     observability = Observability(configure_tracing(settings.service_name), metrics=metrics_on)
     if metrics_on:
         RpcServer.observers.append(observability.rpc_observer)
-    channels = ChannelPool(resolver, interceptors=client_interceptors() or None)
+    # A restarted instance gets traffic again within seconds, not gRPC's default two minutes.
+    channels = ChannelPool(
+        resolver,
+        interceptors=client_interceptors() or None,
+        channel_options=[("grpc.max_reconnect_backoff_ms", 5000), *client_tls.channel_options()],
+        credentials=client_credentials,
+    )
     holder: dict[str, Dispatcher] = {}
 
     def add_services(server):  # type: ignore[no-untyped-def]
@@ -98,7 +112,12 @@ async def serve(settings: OrchestratorSettings) -> None:
         holder["dispatcher"] = dispatcher
         observability.bind(dispatcher)
         servicer = OrchestratorServicer(
-            database, registry, dispatcher, settings.default_saga_deadline_seconds, observability=observability
+            database,
+            registry,
+            dispatcher,
+            settings.default_saga_deadline_seconds,
+            observability=observability,
+            access=access,
         )
         pb_grpc.add_OrchestratorServiceServicer_to_server(servicer, server)
         return add_services(server)

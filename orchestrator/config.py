@@ -24,6 +24,19 @@ class OrchestratorSettings(ServiceSettings):
     commit_batch: int = Field(512, ge=1, description="most transitions recorded in one transaction")
     default_saga_deadline_seconds: int = Field(300, ge=1, le=7 * 24 * 3600)
     saga_definitions: str = Field("", description="extra definitions to load, as module:attribute,...")
+    outbox_metrics_interval_seconds: float = Field(
+        5.0, gt=0, description="how often the outbox depth gauges are refreshed (with METRICS_PORT set)"
+    )
+    # Access control (orchestrator/auth.py): bearer tokens as name:token[:role], comma-separated.
+    operator_tokens: str = Field("", description="name:token[:role],... allowed to call the API (see auth.py)")
+    operator_tokens_file: str = Field("", description="file of name:token[:role] lines, re-read when it changes")
+    read_access: str = Field("open", pattern="^(open|token)$", description="GetSaga/ListSagas/...: open or token")
+    place_order_access: str = Field("open", pattern="^(open|token)$", description="PlaceOrder/StartSaga: open or token")
+    # TLS of the orchestrator's calls to the services; on when TLS_CA_FILE or TLS_CLIENT_CERT_FILE is set.
+    tls_ca_file: str = Field("", description="CA bundle that verifies the services' certificates")
+    tls_client_cert_file: str = Field("", description="client certificate presented to services that require one")
+    tls_client_key_file: str = Field("", description="private key of TLS_CLIENT_CERT_FILE")
+    tls_server_name: str = Field("", description="name checked in the services' certificates instead of their address")
 
     def resolved_replica_id(self, port: int) -> str:
         return self.replica_id or f"{socket.gethostname()}:{port}"

@@ -288,6 +288,9 @@ class Engine:
 
     def _need_attention(self, saga: SagaState, now: float, transition: Transition) -> None:
         saga.status = Status.NEEDS_ATTENTION
+        # Like an end, it waits for an operator: a pause made while its last call was on the
+        # wire would otherwise report it as PAUSED and hide it from a NEEDS_ATTENTION listing.
+        saga.paused = False
         transition.events.append(Event("SagaNeedsAttention", now, message=saga.last_error))
 
     # -- operator calls --------------------------------------------------------------------

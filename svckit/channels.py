@@ -78,6 +78,16 @@ class ChannelPool:
         self._next_pick[service] = pick + 1
         address = addresses[pick % len(addresses)]
         pooled = self._channels.get(address)
+        if pooled is not None and pooled.channel.get_state() is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            # Its last connection attempt failed (an instance that died and that discovery has not
+            # dropped yet): skip it while another instance is not failing. gRPC keeps reconnecting
+            # such a channel in the background, so a recovered instance is picked again by itself.
+            for offset in range(1, len(addresses)):
+                other = addresses[(pick + offset) % len(addresses)]
+                candidate = self._channels.get(other)
+                if candidate is None or candidate.channel.get_state() is not grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+                    address, pooled = other, candidate
+                    break
         if pooled is None:
             pooled = self._channels[address] = _PooledChannel(self._open(address), set(), now)
             log.debug("opened channel to %s for %r", address, service)

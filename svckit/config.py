@@ -11,6 +11,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["ServiceSettings", "load_settings"]
 
+# A Go duration as Consul parses it: "10s", "500ms", "1m30s".
+_GO_DURATION = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"
+
 
 class ServiceSettings(BaseSettings):
     """Settings every gRPC process shares; each service subclasses it with its own defaults."""
@@ -31,6 +34,18 @@ class ServiceSettings(BaseSettings):
     max_message_bytes: int = Field(1024 * 1024, ge=1024)
     metrics_port: int = Field(-1, ge=-1, le=65535, description="Prometheus port; -1 turns it off")
     discovery: str = Field("static", pattern="^(static|consul)$")
+    # With DISCOVERY=consul the process registers itself; the agent comes from CONSUL_HTTP_ADDR & co.
+    consul_check_interval: str = Field(
+        "5s", pattern=_GO_DURATION, description="how often Consul runs the gRPC health check (Go duration)"
+    )
+    consul_check_timeout: str = Field("2s", pattern=_GO_DURATION, description="timeout of one health check")
+    consul_deregister_after: str = Field(
+        "1m", pattern=_GO_DURATION, description="Consul drops an instance critical for this long (min 1m)"
+    )
+    consul_tags: str = Field("", description="extra Consul tags for this instance, comma-separated")
+    consul_resync_seconds: float = Field(30.0, gt=0, description="how often the registration is checked and restored")
+    consul_request_timeout_seconds: float = Field(5.0, gt=0, description="timeout of one request to the agent")
+    consul_retry_max_seconds: float = Field(30.0, gt=0, description="longest pause between registration retries")
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_client_ca_file: str = ""

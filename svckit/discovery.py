@@ -482,9 +482,11 @@ class ConsulResolver:
 class ConsulRegistration:
     """Registers this process's service instance with the local Consul agent, with a gRPC health check."""
 
-    def __init__(self, settings: ConsulSettings) -> None:
+    def __init__(self, settings: ConsulSettings, *, timeout: float | None = 30.0) -> None:
         self._settings = settings
         self._client = settings.client()
+        # py-consul's per-request timeout (connect and read); it has no public setter after construction.
+        self._client.http.connections_timeout = timeout
 
     def register(
         self,
@@ -528,6 +530,14 @@ class ConsulRegistration:
         """PUT /v1/agent/service/deregister/<id>; False if the agent did not know that id (its 404)."""
         removed: bool = self._client.agent.service.deregister(instance_id)
         return removed
+
+    def is_registered(self, instance_id: str) -> bool:
+        """Whether the agent has `instance_id` (GET /v1/agent/services): false after an agent lost its state."""
+        services: dict[str, Any] = self._client.agent.services()
+        return instance_id in services
+
+    async def is_registered_async(self, instance_id: str) -> bool:
+        return await asyncio.to_thread(self.is_registered, instance_id)
 
     async def register_async(self, *args: Any, **kwargs: Any) -> None:
         await asyncio.to_thread(self.register, *args, **kwargs)

@@ -15,6 +15,7 @@ from svckit.config import ServiceSettings
 from svckit.db import Database
 from svckit.idempotency import IdempotencyStore
 from svckit.logs import configure_logging
+from svckit.registration import announcer_from_settings
 from svckit.server import CallContext, run_server
 
 __all__ = ["ServiceProcess"]
@@ -69,9 +70,16 @@ class ServiceProcess:
 
     async def serve(self) -> None:
         try:
+            # DISCOVERY=consul: registered once serving, deregistered on SIGTERM before draining.
+            try:
+                announcer = announcer_from_settings(self.settings, contract=self.contract)
+            except ValueError as error:
+                raise SystemExit(f"configuration error: {error}") from error
             await run_server(
                 self.settings,
                 self._add_services,
+                on_started=announcer.start if announcer else None,
+                on_stopping=announcer.stop if announcer else None,
                 background=[self._clean_idempotency_records],
             )
         finally:

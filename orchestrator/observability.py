@@ -1,0 +1,272 @@
+"""Saga traces and metrics of the orchestrator: spans that outlive its processes, and Prometheus counters.
+
+One trace per saga. PlaceOrder/StartSaga runs inside the gRPC server span (the caller's traceparent
+is its parent); under it the servicer opens the saga span `saga <SagaType>`, whose W3C traceparent
+is stored in the saga row (`SagaState.trace_context`) in the same transaction that creates the
+saga. Every step attempt is a span `step <name>` (or `compensate <name>`) whose parent is that
+stored context, so the attempt is in the saga's trace whichever replica, or whichever incarnation
+of one after a kill -9, makes the call; the gRPC client span and the service's server span hang
+below it.
+
+Why the saga span is emitted at the start and not at the end: a saga outlives processes, and an
+OpenTelemetry span can only be exported by the process that ends it. Ending the saga span when
+the start has committed (its duration is the start's handling) means it is exported at once by
+the replica that started the saga, with the identity every later step span refers to: the trace
+never has orphan step spans while a saga runs, waits for an operator for days, or is resumed
+elsewhere, and nothing depends on private SDK hooks to re-create a span with a stored id. The
+saga's whole lifetime is shown by a second span, `saga <SagaType> outcome`, child of the saga span,
+emitted by whichever replica records the end (COMPLETED, COMPENSATED, TERMINATED) or the stop at
+NEEDS_ATTENTION, with its start time set to the saga's creation and attribute saga.status. A
+replica killed with calls on the wire loses those step spans (they never ended); the service
+spans of those calls still arrive, and the resent attempt gets a new step span in the same trace.
+
+Span attributes: saga.id, saga.type, and order.id (the business key of an OrderSaga; other saga
+types carry saga.business_key); the saga span adds saga.version, the step spans saga.step,
+saga.attempt, idempotency.key and rpc.grpc.status_code (their name tells action from compensation),
+the outcome span saga.status and saga.last_error. Step spans carry no more than that on purpose:
+they are the hot path of tracing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import AbstractContextManager
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from prometheus_client import Counter, Gauge, Histogram
+
+from orchestrator import store
+from orchestrator.dispatcher import Dispatcher, DispatchObserver
+from orchestrator.engine import ACTION, Outcome, SagaState, Transition
+from orchestrator.engine import Status as SagaStatus
+from svckit.db import Database
+from svckit.metrics import LATENCY_BUCKETS
+from svckit.telemetry import Tracing
+
+__all__ = ["Observability", "SagaSpan"]
+
+log = logging.getLogger("sagasuite.observability")
+
+_COMPLETION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0)
+
+SAGAS_STARTED = Counter("sagasuite_sagas_started", "Sagas started by this replica", ["saga_type"])
+SAGAS_COMPLETED = Counter("sagasuite_sagas_completed", "Sagas this replica saw complete", ["saga_type"])
+SAGAS_COMPENSATED = Counter("sagasuite_sagas_compensated", "Sagas this replica saw end compensated", ["saga_type"])
+SAGAS_NEEDS_ATTENTION = Counter(
+    "sagasuite_sagas_needs_attention", "Sagas this replica stopped for an operator (NEEDS_ATTENTION)", ["saga_type"]
+)
+SAGAS_TERMINATED = Counter("sagasuite_sagas_terminated", "Sagas terminated by an operator", ["saga_type"])
+SAGA_START_SECONDS = Histogram(
+    "sagasuite_saga_start_seconds",
+    "Time to handle PlaceOrder/StartSaga: validate, record the saga and its first command",
+    ["method"],
+    buckets=LATENCY_BUCKETS,
+)
+SAGA_COMPLETION_SECONDS = Histogram(
+    "sagasuite_saga_completion_seconds",
+    "Time from a saga's start to its end, by final status",
+    ["saga_type", "status"],
+    buckets=_COMPLETION_BUCKETS,
+)
+STEP_SECONDS = Histogram(
+    "sagasuite_saga_step_seconds",
+    "Duration of one call of a step (one attempt), by step, direction and gRPC outcome code",
+    ["saga_type", "step", "direction", "code"],
+    buckets=LATENCY_BUCKETS,
+)
+STEP_RETRIES = Counter(
+    "sagasuite_saga_step_retries", "Retries scheduled after a failed call", ["saga_type", "step", "direction"]
+)
+OUTBOX_DUE = Gauge("sagasuite_outbox_due_commands", "Outbox commands due now, waiting to be claimed or on the wire")
+OUTBOX_OLDEST_DUE_AGE = Gauge("sagasuite_outbox_oldest_due_age_seconds", "How long the oldest due command has been due")
+IN_FLIGHT_CALLS = Gauge("sagasuite_dispatcher_in_flight_calls", "Service calls on the wire from this replica")
+
+_ENDING_EVENTS = {
+    "SagaCompleted": SagaStatus.COMPLETED,
+    "SagaCompensated": SagaStatus.COMPENSATED,
+    "SagaTerminated": SagaStatus.TERMINATED,
+    "SagaNeedsAttention": SagaStatus.NEEDS_ATTENTION,
+}
+_COUNTERS = {
+    SagaStatus.COMPLETED: SAGAS_COMPLETED,
+    SagaStatus.COMPENSATED: SAGAS_COMPENSATED,
+    SagaStatus.TERMINATED: SAGAS_TERMINATED,
+    SagaStatus.NEEDS_ATTENTION: SAGAS_NEEDS_ATTENTION,
+}
+_RETRY_EVENTS = {"StepRetryScheduled": "action", "CompensationRetryScheduled": "compensation"}
+_START_METHODS = frozenset({"PlaceOrder", "StartSaga"})
+_PROPAGATOR = TraceContextTextMapPropagator()
+
+
+def _saga_attributes(saga_type: str, business_key: str) -> dict[str, Any]:
+    key = "order.id" if saga_type == "OrderSaga" else "saga.business_key"
+    return {"saga.type": saga_type, key: business_key}
+
+
+def _ns(seconds: float) -> int:
+    return int(seconds * 1_000_000_000)
+
+
+class SagaSpan:
+    """The span of a saga being started: its traceparent goes into the saga row."""
+
+    def __init__(self, span: trace.Span) -> None:
+        self._span = span
+        carrier: dict[str, str] = {}
+        _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
+        self.trace_context = carrier.get("traceparent", "")
+
+    def finish(self, saga: SagaState, created: bool) -> None:
+        """End the span once the saga is recorded; a start that found an existing saga emits none."""
+        server_span = trace.get_current_span()
+        server_span.set_attribute("saga.id", saga.saga_id)
+        server_span.set_attribute("saga.created", created)
+        if created:
+            self._span.set_attribute("saga.id", saga.saga_id)
+            self._span.set_attribute("saga.version", saga.version)
+            self._span.end()
+
+
+class Observability(DispatchObserver):
+    """Tracing and metrics of the orchestrator; either may be off, and both cost nothing when off."""
+
+    def __init__(self, tracing: Tracing | None, *, metrics: bool) -> None:
+        self._tracer = tracing.tracer("sagasuite.orchestrator") if tracing is not None else None
+        self._metrics = metrics
+        self._step_seconds: dict[tuple[str, str, str, str], Histogram] = {}
+        self._start_seconds: dict[str, Histogram] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self._tracer is not None or self._metrics
+
+    @property
+    def tracing(self) -> bool:
+        return self._tracer is not None
+
+    # -- wiring ------------------------------------------------------------------------------
+
+    def observer(self) -> DispatchObserver | None:
+        """The dispatcher observer, or None when there is nothing to observe."""
+        return self if self.enabled else None
+
+    def wrap_call(self) -> Any:
+        """The dispatcher's wrap_call hook (a step span around each call), or None with tracing off."""
+        return self._step_span if self._tracer is not None else None
+
+    def bind(self, dispatcher: Dispatcher) -> None:
+        """Report the dispatcher's in-flight calls, read at scrape time."""
+        if self._metrics:
+            IN_FLIGHT_CALLS.set_function(lambda: dispatcher.in_flight)
+
+    async def watch_outbox(self, database: Database, interval: float) -> None:
+        """Keep the outbox gauges current (a background task of the server)."""
+        while True:
+            try:
+                due, oldest_age = await database.transaction(lambda c: store.outbox_depth(c, time.time()))
+                OUTBOX_DUE.set(due)
+                OUTBOX_OLDEST_DUE_AGE.set(oldest_age)
+            except Exception:
+                log.exception("reading the outbox depth failed; will try again")
+            await asyncio.sleep(interval)
+
+    def rpc_observer(self, method: str, code: str, elapsed_ms: float, replayed: bool) -> None:
+        """An RpcServer observer: the start latency of PlaceOrder and StartSaga."""
+        if method not in _START_METHODS:
+            return
+        histogram = self._start_seconds.get(method)
+        if histogram is None:
+            histogram = self._start_seconds[method] = SAGA_START_SECONDS.labels(method)
+        histogram.observe(elapsed_ms / 1000)
+
+    # -- spans ---------------------------------------------------------------------------------
+
+    def begin_saga(self, saga_type: str, business_key: str) -> SagaSpan | None:
+        """Open the saga span under the current (server) span, or None with tracing off."""
+        if self._tracer is None:
+            return None
+        span = self._tracer.start_span(
+            f"saga {saga_type}", kind=SpanKind.INTERNAL, attributes=_saga_attributes(saga_type, business_key)
+        )
+        return SagaSpan(span)
+
+    @staticmethod
+    def _saga_context(saga: SagaState) -> Context:
+        if not saga.trace_context:
+            # Started with tracing off: its spans are traces of their own.
+            return Context()
+        return _PROPAGATOR.extract({"traceparent": saga.trace_context}, context=Context())
+
+    def _step_span(self, saga: SagaState, step: str, direction: str, attempt: int) -> AbstractContextManager[Any]:
+        assert self._tracer is not None
+        attributes = _saga_attributes(saga.saga_type, saga.business_key)
+        attributes.update(
+            {
+                "saga.id": saga.saga_id,
+                "saga.step": step,
+                "saga.attempt": attempt,
+                "idempotency.key": f"{saga.saga_id}/{step}/{direction}",
+            }
+        )
+        name = f"step {step}" if direction == ACTION else f"compensate {step}"
+        return self._tracer.start_as_current_span(
+            name, context=self._saga_context(saga), kind=SpanKind.INTERNAL, attributes=attributes
+        )
+
+    def _outcome_span(self, saga: SagaState, status: str, now: float) -> None:
+        assert self._tracer is not None
+        attributes = _saga_attributes(saga.saga_type, saga.business_key)
+        attributes.update({"saga.id": saga.saga_id, "saga.version": saga.version, "saga.status": status})
+        if saga.last_error and status != SagaStatus.COMPLETED:
+            attributes["saga.last_error"] = saga.last_error
+        span = self._tracer.start_span(
+            f"saga {saga.saga_type} outcome",
+            context=self._saga_context(saga),
+            kind=SpanKind.INTERNAL,
+            attributes=attributes,
+            start_time=_ns(saga.created_at),
+        )
+        if status == SagaStatus.NEEDS_ATTENTION:
+            span.set_status(Status(StatusCode.ERROR, saga.last_error))
+        span.end(end_time=_ns(saga.ended_at or now))
+
+    # -- DispatchObserver --------------------------------------------------------------------
+
+    def saga_started(self, saga: SagaState) -> None:
+        if self._metrics:
+            SAGAS_STARTED.labels(saga.saga_type).inc()
+
+    def saga_changed(self, saga: SagaState, transition: Transition) -> None:
+        for event in transition.events:
+            status = _ENDING_EVENTS.get(event.type)
+            if status is not None:
+                if self._metrics:
+                    _COUNTERS[status].labels(saga.saga_type).inc()
+                    if status in (SagaStatus.COMPLETED, SagaStatus.COMPENSATED):
+                        SAGA_COMPLETION_SECONDS.labels(saga.saga_type, status).observe(
+                            max(0.0, (saga.ended_at or event.at) - saga.created_at)
+                        )
+                if self._tracer is not None:
+                    self._outcome_span(saga, status, event.at)
+            elif self._metrics and event.type in _RETRY_EVENTS:
+                STEP_RETRIES.labels(saga.saga_type, event.step, _RETRY_EVENTS[event.type]).inc()
+
+    def call_finished(self, saga: SagaState, step: str, direction: str, outcome: Outcome) -> None:
+        if self._metrics:
+            key = (saga.saga_type, step, direction, outcome.code.name)
+            histogram = self._step_seconds.get(key)
+            if histogram is None:
+                histogram = self._step_seconds[key] = STEP_SECONDS.labels(*key)
+            histogram.observe(outcome.duration_ms / 1000)
+        if self._tracer is not None:
+            # Called inside the step span (see Dispatcher._call).
+            span = trace.get_current_span()
+            span.set_attribute("rpc.grpc.status_code", outcome.code.value[0])
+            if not outcome.ok:
+                span.set_status(Status(StatusCode.ERROR, f"{outcome.code.name}: {outcome.message}"))
