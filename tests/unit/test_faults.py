@@ -7,6 +7,7 @@ import time
 import grpc
 import pytest
 
+from svckit import faults
 from svckit.errors import RetryableError
 from svckit.faults import FaultInjector, FaultRule, parse_faults
 
@@ -142,3 +143,28 @@ async def test_reply_delay_is_applied_after_the_call() -> None:
     # before() is not delayed by reply_delay_ms; a key without the marker is not delayed at all.
     await injector.before("Charge", "a-slow-key")
     await injector.after("Charge", "fast")
+
+
+async def test_reply_delay_first_delays_only_the_first_replies_per_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    (rule,) = parse_faults("Charge:reply_delay_ms=2500,reply_delay_first=1")
+    assert rule.reply_delay_first == 1
+    slept: list[float] = []
+
+    async def record_sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    monkeypatch.setattr(faults.asyncio, "sleep", record_sleep)
+    injector = FaultInjector([rule])
+    await injector.after("Charge", "saga-1/charge/action")
+    assert slept == [2.5]
+    # The retry with the same key is answered at once; another key has its own first reply delayed.
+    await injector.after("Charge", "saga-1/charge/action")
+    await injector.after("Charge", "saga-1/charge/action")
+    assert slept == [2.5]
+    await injector.after("Charge", "saga-2/charge/action")
+    assert slept == [2.5, 2.5]
+    # Without reply_delay_first every reply is delayed.
+    every = FaultInjector(parse_faults("Charge:reply_delay_ms=10"))
+    for _ in range(3):
+        await every.after("Charge", "saga-1/charge/action")
+    assert slept == [2.5, 2.5, 0.01, 0.01, 0.01]
