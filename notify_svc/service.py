@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from sqlalchemy import Connection
 
 from notify_svc import store
-from notify_svc.models import NotificationRow
+from notify_svc.store import NotificationRecord
 from svckit.validation import Line, Money, Violations
 
 __all__ = [
@@ -79,7 +79,7 @@ class NotificationPage:
     next_page_token: str
 
 
-def _view(row: NotificationRow) -> Notification:
+def _view(row: NotificationRecord) -> Notification:
     return Notification(row.notification_id, row.order_id, row.recipient, row.channel, row.body, row.sent_at)
 
 
@@ -140,7 +140,7 @@ def record_confirmation(
     connection: Connection, order_id: str, recipient: str, summary: OrderSummary, channel: str
 ) -> Recorded:
     """Record the order's confirmation, or return the one recorded earlier (see the module docstring)."""
-    row = NotificationRow(
+    row = NotificationRecord(
         notification_id="ntf_" + uuid.uuid4().hex[:20],
         order_id=order_id,
         recipient=recipient,

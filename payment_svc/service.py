@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from sqlalchemy import Connection
 
 from payment_svc import store
-from payment_svc.models import LedgerEntryRow, PaymentRow
+from payment_svc.store import LedgerEntryRecord, PaymentRecord
 from svckit.errors import FailedPrecondition, NotFound
 from svckit.validation import Money, Violations
 
@@ -108,12 +108,12 @@ class LedgerPage:
     next_page_token: str
 
 
-def _view(row: PaymentRow) -> Payment:
+def _view(row: PaymentRecord) -> Payment:
     amount = None if row.status == TOMBSTONE else Money(row.currency, row.minor_units)
     return Payment(row.payment_id, row.order_id, row.status, amount, row.created_at)
 
 
-def _entry(row: LedgerEntryRow) -> LedgerEntry:
+def _entry(row: LedgerEntryRecord) -> LedgerEntry:
     assert row.entry_id is not None  # read back from the table, so the database assigned it
     amount = Money(row.currency, row.minor_units)
     return LedgerEntry(row.entry_id, row.order_id, row.kind, amount, row.created_at)
@@ -188,7 +188,7 @@ def charge(connection: Connection, order_id: str, amount: Money, payment_token: 
         reason, message = declined
         raise FailedPrecondition(reason, f"order {order_id}: {message}", {"order_id": order_id})
     now = time.time()
-    row = PaymentRow(
+    row = PaymentRecord(
         order_id=order_id,
         payment_id=_new_payment_id(),
         status=CHARGED,
@@ -201,7 +201,7 @@ def charge(connection: Connection, order_id: str, amount: Money, payment_token: 
     store.insert_payment(connection, row)
     store.append_entry(
         connection,
-        LedgerEntryRow(
+        LedgerEntryRecord(
             order_id=order_id,
             kind=CHARGE,
             currency=amount.currency_code,
@@ -219,7 +219,7 @@ def refund(connection: Connection, order_id: str) -> tuple[Payment, bool]:
     """
     existing = store.get_payment(connection, order_id)
     if existing is None:
-        tombstone = PaymentRow(
+        tombstone = PaymentRecord(
             order_id=order_id,
             payment_id=_new_payment_id(),
             status=TOMBSTONE,
@@ -238,7 +238,7 @@ def refund(connection: Connection, order_id: str) -> tuple[Payment, bool]:
         return _view(current), False
     store.append_entry(
         connection,
-        LedgerEntryRow(
+        LedgerEntryRecord(
             order_id=order_id,
             kind=REFUND,
             currency=existing.currency,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from sqlalchemy import Connection
 
 from shipping_svc import store
-from shipping_svc.models import ShipmentRow
+from shipping_svc.store import ShipmentRecord
 from svckit.errors import FailedPrecondition, NotFound
 from svckit.validation import Line, PostalAddress, Violations, decode_lines, encode_lines
 
@@ -47,7 +47,7 @@ class Shipment:
     created_at: float
 
 
-def _view(row: ShipmentRow, status: str | None = None) -> Shipment:
+def _view(row: ShipmentRecord, status: str | None = None) -> Shipment:
     address = None
     if row.status != TOMBSTONE:
         address = PostalAddress(row.recipient_name, row.street, row.city, row.postal_code, row.country_code)
@@ -67,7 +67,9 @@ def _new_shipment_id() -> str:
 
 
 def _new_tracking_number() -> str:
-    return _TRACKING_PREFIX + "".join(secrets.choice(_TRACKING_ALPHABET) for _ in range(_TRACKING_LENGTH))
+    # One read of the system's randomness, not one per character.
+    random_bytes = secrets.token_bytes(_TRACKING_LENGTH)
+    return _TRACKING_PREFIX + "".join(_TRACKING_ALPHABET[b % len(_TRACKING_ALPHABET)] for b in random_bytes)
 
 
 def validate_create(order_id: str, address: PostalAddress | None, lines: list[Line]) -> None:
@@ -104,7 +106,7 @@ def create_shipment(connection: Connection, order_id: str, address: PostalAddres
             f"order {order_id} already has shipment {existing.shipment_id}",
             {"order_id": order_id, "shipment_id": existing.shipment_id},
         )
-    row = ShipmentRow(
+    row = ShipmentRecord(
         order_id=order_id,
         shipment_id=_new_shipment_id(),
         status=CREATED,
@@ -130,7 +132,7 @@ def cancel_shipment(connection: Connection, order_id: str) -> tuple[Shipment, bo
     """
     existing = store.get_shipment(connection, order_id)
     if existing is None:
-        tombstone = ShipmentRow(
+        tombstone = ShipmentRecord(
             order_id=order_id,
             shipment_id=_new_shipment_id(),
             status=TOMBSTONE,

@@ -26,7 +26,7 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
-from sqlalchemy.sql.base import Executable
+from sqlalchemy.sql.elements import ClauseElement
 from sqlmodel import SQLModel
 
 __all__ = ["Database", "Prepared", "is_postgres", "is_retryable_conflict", "rows_as_dicts", "savepoint"]
@@ -84,7 +84,7 @@ class Prepared:
     parameters, and values go to the driver as they are (no SQLAlchemy type processing).
     """
 
-    def __init__(self, statement: Executable) -> None:
+    def __init__(self, statement: ClauseElement) -> None:
         self._statement = statement
         self._compiled: dict[str, tuple[str, tuple[str, ...] | None]] = {}
 
@@ -93,7 +93,9 @@ class Prepared:
         found = self._compiled.get(dialect.name)
         if found is None:
             compiled = self._statement.compile(dialect=dialect)
-            positions = tuple(compiled.positiontup) if compiled.positional and compiled.positiontup else None
+            # SQLite's driver takes positional (?) parameters, psycopg named ones.
+            position_names = getattr(compiled, "positiontup", None) if getattr(compiled, "positional", False) else None
+            positions = tuple(position_names) if position_names else None
             found = (str(compiled), positions)
             self._compiled[dialect.name] = found
         return found
