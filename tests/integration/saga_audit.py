@@ -1,0 +1,313 @@
+"""Helpers for orchestrator crash tests: place orders through restarts, wait for sagas, audit every service's ledger."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+import pytest
+
+from orchestrator.stack import LocalStack
+from sagasuite.common.v1.common_pb2 import Address, LineItem, Money
+from sagasuite.inventory.v1 import inventory_service_pb2 as inventory
+from sagasuite.inventory.v1 import inventory_service_pb2_grpc as inventory_grpc
+from sagasuite.notify.v1 import notify_service_pb2 as notify
+from sagasuite.notify.v1 import notify_service_pb2_grpc as notify_grpc
+from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
+from sagasuite.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
+from sagasuite.payment.v1 import payment_service_pb2 as payment
+from sagasuite.payment.v1 import payment_service_pb2_grpc as payment_grpc
+from sagasuite.shipping.v1 import shipping_service_pb2 as shipping
+from sagasuite.shipping.v1 import shipping_service_pb2_grpc as shipping_grpc
+
+__all__ = [
+    "AMOUNT_MINOR",
+    "COMPENSATED",
+    "COMPLETED",
+    "LINES",
+    "SKUS",
+    "TOKENS",
+    "Clients",
+    "StockLevels",
+    "audit",
+    "describe",
+    "log_lines",
+    "open_channel",
+    "order_request",
+    "place_order",
+    "stock_levels",
+    "wait_ended",
+]
+
+COMPLETED: int = pb.SAGA_STATUS_COMPLETED
+COMPENSATED: int = pb.SAGA_STATUS_COMPENSATED
+# Statuses after which a saga makes no progress without an operator: waiting stops there.
+_STOPPED = {COMPLETED, COMPENSATED, pb.SAGA_STATUS_TERMINATED, pb.SAGA_STATUS_NEEDS_ATTENTION}
+# The payment token that makes an order complete, or fail at the charge and be compensated.
+TOKENS = {COMPLETED: "tok_visa", COMPENSATED: "tok_declined"}
+_MOVING = [pb.SAGA_STATUS_RUNNING, pb.SAGA_STATUS_COMPENSATING, pb.SAGA_STATUS_PAUSED]
+# Codes a client sees while an orchestrator replica is down or restarting.
+_TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+
+LINES = (LineItem(sku="BOOK-001", quantity=1), LineItem(sku="TEE-007", quantity=2))
+SKUS = tuple(sorted({line.sku for line in LINES}))
+AMOUNT_MINOR = 4250
+# Reconnect quickly once a killed process is back on its port (gRPC's default backoff starts at 1 s).
+_CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 50),
+    ("grpc.min_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 250),
+]
+
+StockLevels = dict[str, tuple[int, int]]
+# One order as the services see it: reservation status, payment ledger entries, shipment status, notifications.
+_Ledger = tuple[int | None, list[payment.LedgerEntry], int | None, int]
+T = TypeVar("T")
+
+
+def open_channel(address: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+
+
+def order_request(order_id: str, token: str = "tok_visa") -> pb.PlaceOrderRequest:
+    return pb.PlaceOrderRequest(
+        order_id=order_id,
+        customer_email="ada@example.com",
+        items=LINES,
+        amount=Money(currency_code="USD", minor_units=AMOUNT_MINOR),
+        payment_token=token,
+        shipping_address=Address(
+            recipient_name="Ada Lovelace",
+            street="12 St James's Square",
+            city="London",
+            postal_code="SW1Y 4JH",
+            country_code="GB",
+        ),
+    )
+
+
+@dataclass
+class Clients:
+    """Stubs for the orchestrator and the four services of one stack, on channels that reconnect fast."""
+
+    orchestrator: pb_grpc.OrchestratorServiceStub
+    inventory: inventory_grpc.InventoryServiceStub
+    payment: payment_grpc.PaymentServiceStub
+    shipping: shipping_grpc.ShippingServiceStub
+    notify: notify_grpc.NotifyServiceStub
+    channels: list[grpc.aio.Channel]
+
+    @classmethod
+    def of(cls, stack: LocalStack, orchestrator_address: str | None = None) -> Clients:
+        addresses = [orchestrator_address or stack.address] + [
+            stack.services[name].address for name in ("inventory", "payment", "shipping", "notify")
+        ]
+        channels = [open_channel(address) for address in addresses]
+        return cls(
+            pb_grpc.OrchestratorServiceStub(channels[0]),
+            inventory_grpc.InventoryServiceStub(channels[1]),
+            payment_grpc.PaymentServiceStub(channels[2]),
+            shipping_grpc.ShippingServiceStub(channels[3]),
+            notify_grpc.NotifyServiceStub(channels[4]),
+            channels,
+        )
+
+    async def close(self) -> None:
+        for channel in self.channels:
+            await channel.close(None)
+
+
+async def _bounded(calls: Iterable[Callable[[], Awaitable[T]]], limit: int = 32) -> list[T]:
+    """Run the calls concurrently, at most limit at a time, keeping their order."""
+    slots = asyncio.Semaphore(limit)
+
+    async def one(call: Callable[[], Awaitable[T]]) -> T:
+        async with slots:
+            return await call()
+
+    return await asyncio.gather(*(one(call) for call in calls))
+
+
+async def place_order(stub: pb_grpc.OrchestratorServiceStub, request: pb.PlaceOrderRequest, limit: float = 30.0) -> str:
+    """PlaceOrder, retried while the orchestrator is down: the order id dedups, so a retry finds the same saga."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    while True:
+        try:
+            response = await stub.PlaceOrder(request, timeout=5)
+            return str(response.saga_id)
+        except grpc.aio.AioRpcError as error:
+            if error.code() not in _TRANSIENT or loop.time() > deadline:
+                raise
+        await asyncio.sleep(0.05)
+
+
+def describe(saga: pb.Saga) -> str:
+    """A saga and its history, one event per line, for failure messages."""
+    lines = [f"saga {saga.saga_id} order {saga.business_key} {pb.SagaStatus.Name(saga.status)} {saga.last_error}"]
+    lines += [f"  {e.seq:3} {e.type} {e.step} #{e.attempt} {e.code} {e.message}" for e in saga.history]
+    return "\n".join(lines)
+
+
+async def _get_saga(stub: pb_grpc.OrchestratorServiceStub, saga_id: str) -> pb.Saga | None:
+    try:
+        return (await stub.GetSaga(pb.GetSagaRequest(saga_id=saga_id), timeout=5)).saga
+    except grpc.aio.AioRpcError as error:
+        if error.code() in _TRANSIENT:
+            return None
+        raise
+
+
+async def _moving(stub: pb_grpc.OrchestratorServiceStub) -> set[str] | None:
+    """Ids of every saga still running, compensating or paused (one cheap listing); None while unreachable."""
+    moving: set[str] = set()
+    token = ""
+    try:
+        while True:
+            page = await stub.ListSagas(
+                pb.ListSagasRequest(statuses=_MOVING, page_size=500, page_token=token), timeout=5
+            )
+            moving.update(saga.saga_id for saga in page.sagas)
+            token = page.next_page_token
+            if not token:
+                return moving
+    except grpc.aio.AioRpcError as error:
+        if error.code() in _TRANSIENT:
+            return None
+        raise
+
+
+async def wait_ended(
+    stub: pb_grpc.OrchestratorServiceStub, saga_ids: Sequence[str], limit: float = 30.0
+) -> dict[str, pb.Saga]:
+    """Wait until every saga has stopped (ended or needs attention) and return them with their histories.
+
+    Polls ListSagas rather than each saga, so waiting costs the orchestrator little; fails with the
+    histories of some stuck sagas after limit seconds.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    wanted = set(saga_ids)
+    while True:
+        moving = await _moving(stub)
+        if moving is not None and not moving & wanted:
+            found = await _bounded([lambda s=saga_id: _get_saga(stub, s) for saga_id in saga_ids])  # type: ignore[misc]
+            if all(saga is not None and saga.status in _STOPPED for saga in found):
+                return {saga.saga_id: saga for saga in found if saga is not None}
+        if loop.time() > deadline:
+            stuck = sorted(moving & wanted) if moving is not None else sorted(wanted)
+            shown = [await _get_saga(stub, saga_id) for saga_id in stuck[:3]]
+            details = "\n".join(describe(s) if s else "(orchestrator unreachable)" for s in shown)
+            pytest.fail(f"{len(stuck)} of {len(saga_ids)} sagas did not end within {limit:.0f}s, e.g.:\n{details}")
+        await asyncio.sleep(0.2)
+
+
+async def stock_levels(stub: inventory_grpc.InventoryServiceStub) -> StockLevels:
+    response = await stub.GetStock(inventory.GetStockRequest(skus=SKUS), timeout=5)
+    return {level.sku: (level.available, level.reserved) for level in response.levels}
+
+
+async def _reservation(stub: inventory_grpc.InventoryServiceStub, order_id: str) -> int | None:
+    try:
+        response = await stub.GetReservation(inventory.GetReservationRequest(order_id=order_id), timeout=5)
+    except grpc.aio.AioRpcError as error:
+        if error.code() == grpc.StatusCode.NOT_FOUND:
+            return None
+        raise
+    return int(response.reservation.status)
+
+
+async def _shipment(stub: shipping_grpc.ShippingServiceStub, order_id: str) -> int | None:
+    try:
+        response = await stub.GetShipment(shipping.GetShipmentRequest(order_id=order_id), timeout=5)
+    except grpc.aio.AioRpcError as error:
+        if error.code() == grpc.StatusCode.NOT_FOUND:
+            return None
+        raise
+    return int(response.shipment.status)
+
+
+async def _ledger(clients: Clients, order_id: str) -> _Ledger:
+    reservation, entries, shipment, notifications = await asyncio.gather(
+        _reservation(clients.inventory, order_id),
+        clients.payment.ListPayments(payment.ListPaymentsRequest(order_id=order_id, page_size=100), timeout=5),
+        _shipment(clients.shipping, order_id),
+        clients.notify.ListNotifications(notify.ListNotificationsRequest(order_id=order_id, page_size=100), timeout=5),
+    )
+    return reservation, list(entries.entries), shipment, len(notifications.notifications)
+
+
+def _problems(saga: pb.Saga, expected: int | None, ledger: _Ledger) -> list[str]:
+    reservation, entries, shipment, notifications = ledger
+    problems: list[str] = []
+    if saga.status not in (COMPLETED, COMPENSATED):
+        problems.append(f"ended {pb.SagaStatus.Name(saga.status)}")
+    elif expected is not None and saga.status != expected:
+        problems.append(f"ended {pb.SagaStatus.Name(saga.status)}, expected {pb.SagaStatus.Name(expected)}")
+    recorded = Counter((e.type, e.step) for e in saga.history if e.type in ("StepSucceeded", "CompensationSucceeded"))
+    problems += [f"{kind} recorded {n} times for {step}" for (kind, step), n in recorded.items() if n > 1]
+    charges = [e for e in entries if e.kind == payment.LEDGER_ENTRY_KIND_CHARGE]
+    refunds = [e for e in entries if e.kind == payment.LEDGER_ENTRY_KIND_REFUND]
+    if saga.status == COMPLETED:
+        if reservation != inventory.RESERVATION_STATUS_RESERVED:
+            problems.append(f"reservation is {reservation}, expected RESERVED")
+        if len(charges) != 1 or refunds or charges[0].amount.minor_units != AMOUNT_MINOR:
+            problems.append(f"ledger has {len(charges)} charges and {len(refunds)} refunds, expected one charge")
+        if shipment != shipping.SHIPMENT_STATUS_CREATED:
+            problems.append(f"shipment is {shipment}, expected CREATED")
+        if notifications != 1:
+            problems.append(f"{notifications} notifications, expected 1")
+    elif saga.status == COMPENSATED:
+        if reservation not in (None, inventory.RESERVATION_STATUS_RELEASED, inventory.RESERVATION_STATUS_TOMBSTONE):
+            problems.append(f"reservation is {reservation}, expected released")
+        net = sum(e.amount.minor_units for e in charges) - sum(e.amount.minor_units for e in refunds)
+        if len(charges) > 1 or len(refunds) != len(charges) or net != 0:
+            problems.append(f"ledger has {len(charges)} charges and {len(refunds)} refunds (net {net}), expected net 0")
+        if shipment == shipping.SHIPMENT_STATUS_CREATED:
+            problems.append("shipment still CREATED")
+        if notifications:
+            problems.append(f"{notifications} notifications, expected none")
+    return problems
+
+
+async def audit(
+    clients: Clients,
+    sagas: Mapping[str, pb.Saga],
+    stock_before: StockLevels,
+    expected: Mapping[str, int] | None = None,
+) -> None:
+    """Check every ended saga against each service's own ledger, and stock conservation.
+
+    sagas maps order id to the ended saga (with history); expected maps order id to the status it
+    must have ended in. Stock: the SKUs' available + reserved is unchanged and the reserved count grew
+    by exactly the completed orders' quantities (no other order may touch these SKUs meanwhile).
+    """
+    order_ids = list(sagas)
+    ledgers = await _bounded([lambda o=order_id: _ledger(clients, o) for order_id in order_ids])  # type: ignore[misc]
+    failures: list[str] = []
+    for order_id, ledger in zip(order_ids, ledgers, strict=True):
+        saga = sagas[order_id]
+        problems = _problems(saga, (expected or {}).get(order_id), ledger)
+        if problems:
+            failures.append(f"order {order_id}: " + "; ".join(problems) + "\n" + describe(saga))
+    assert not failures, f"{len(failures)} of {len(sagas)} orders are wrong:\n" + "\n".join(failures[:5])
+    completed = sum(1 for saga in sagas.values() if saga.status == COMPLETED)
+    stock_after = await stock_levels(clients.inventory)
+    for line in LINES:
+        available_before, reserved_before = stock_before[line.sku]
+        available_after, reserved_after = stock_after[line.sku]
+        assert available_after + reserved_after == available_before + reserved_before, f"{line.sku} stock changed"
+        assert reserved_after - reserved_before == completed * line.quantity, (
+            f"{line.sku}: reserved grew by {reserved_after - reserved_before}, "
+            f"expected {completed} completed orders x {line.quantity}"
+        )
+
+
+def log_lines(path: Path, *fragments: str) -> list[str]:
+    """Lines of a process log that contain every fragment."""
+    return [line for line in path.read_text(errors="replace").splitlines() if all(f in line for f in fragments)]
