@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from sqlalchemy import Connection
 
 from inventory_svc import store
-from inventory_svc.models import ReservationRow
+from inventory_svc.store import ReservationRecord
 from svckit.errors import FailedPrecondition, InvalidArgument, NotFound
 from svckit.validation import Line, Violations, decode_lines, encode_lines
 
@@ -37,7 +37,7 @@ class StockLevel:
     reserved: int
 
 
-def _view(row: ReservationRow) -> Reservation:
+def _view(row: ReservationRecord) -> Reservation:
     return Reservation(row.reservation_id, row.order_id, row.status, decode_lines(row.items), row.created_at)
 
 
@@ -82,7 +82,7 @@ def reserve(connection: Connection, order_id: str, lines: list[Line]) -> Reserva
                 f"SKU {line.sku} has {store.available(connection, line.sku)} free, {line.quantity} requested",
                 {"sku": line.sku, "requested": str(line.quantity)},
             )
-    row = ReservationRow(
+    row = ReservationRecord(
         order_id=order_id,
         reservation_id="res_" + uuid.uuid4().hex[:20],
         status=RESERVED,
@@ -97,7 +97,7 @@ def release(connection: Connection, order_id: str) -> tuple[Reservation, bool]:
     """Give the order's stock back; with no reservation, leave a tombstone that refuses a late one."""
     existing = store.get_reservation(connection, order_id)
     if existing is None:
-        tombstone = ReservationRow(
+        tombstone = ReservationRecord(
             order_id=order_id,
             reservation_id="res_" + uuid.uuid4().hex[:20],
             status=TOMBSTONE,

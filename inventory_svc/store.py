@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sqlalchemy import Connection, bindparam, func, insert, select, update
 
 from inventory_svc.models import ReservationRow, StockRow
-from svckit.db import Prepared
+from svckit.db import Prepared, record_columns
 
 __all__ = [
+    "ReservationRecord",
     "available",
     "get_reservation",
     "give_back",
@@ -22,8 +24,22 @@ __all__ = [
     "take",
 ]
 
+
+
+@dataclass(slots=True)
+class ReservationRecord:
+    """A row of the reservation table."""
+
+    order_id: str
+    reservation_id: str
+    status: str
+    items: str
+    created_at: float
+
+
 _STOCK = StockRow.__table__  # type: ignore[attr-defined]
 _RESERVATION = ReservationRow.__table__  # type: ignore[attr-defined]
+_RESERVATION_FIELDS = record_columns(ReservationRecord, _RESERVATION)
 
 _SKU_EXISTS = Prepared(select(_STOCK.c.sku).where(_STOCK.c.sku == bindparam("sku")))
 _TAKE = Prepared(
@@ -38,13 +54,11 @@ _GIVE_BACK = Prepared(
 )
 _AVAILABLE = Prepared(select(_STOCK.c.available).where(_STOCK.c.sku == bindparam("sku")))
 _GET_RESERVATION = Prepared(
-    select(*[_RESERVATION.c[name] for name in ReservationRow.model_fields]).where(
+    select(*[_RESERVATION.c[name] for name in _RESERVATION_FIELDS]).where(
         _RESERVATION.c.order_id == bindparam("order_id")
     )
 )
-_INSERT_RESERVATION = Prepared(
-    insert(_RESERVATION).values({name: bindparam(name) for name in ReservationRow.model_fields})
-)
+_INSERT_RESERVATION = Prepared(insert(_RESERVATION).values({name: bindparam(name) for name in _RESERVATION_FIELDS}))
 _MOVE_STATUS = Prepared(
     update(_RESERVATION)
     .where(_RESERVATION.c.order_id == bindparam("order_id"), _RESERVATION.c.status == bindparam("from_status"))
@@ -80,13 +94,13 @@ def available(connection: Connection, sku: str) -> int:
     return int(_AVAILABLE.execute(connection, {"sku": sku}).fetchone()[0])
 
 
-def get_reservation(connection: Connection, order_id: str) -> ReservationRow | None:
+def get_reservation(connection: Connection, order_id: str) -> ReservationRecord | None:
     row = _GET_RESERVATION.execute(connection, {"order_id": order_id}).fetchone()
-    return ReservationRow(**dict(zip(ReservationRow.model_fields, row, strict=True))) if row else None
+    return ReservationRecord(*row) if row else None
 
 
-def insert_reservation(connection: Connection, row: ReservationRow) -> None:
-    _INSERT_RESERVATION.execute(connection, {name: getattr(row, name) for name in ReservationRow.model_fields})
+def insert_reservation(connection: Connection, row: ReservationRecord) -> None:
+    _INSERT_RESERVATION.execute(connection, asdict(row))
 
 
 def move_reservation_status(connection: Connection, order_id: str, from_status: str, to_status: str) -> bool:

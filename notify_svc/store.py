@@ -7,7 +7,6 @@ remains the schema.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,7 +14,7 @@ from sqlalchemy import Connection, Table, bindparam, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from notify_svc.models import NotificationRow
-from svckit.db import Prepared
+from svckit.db import Prepared, record_columns
 
 __all__ = ["NotificationRecord", "get_by_order", "insert_if_absent", "newest_first"]
 
@@ -35,9 +34,7 @@ class NotificationRecord:
 
 _NOTIFICATION: Table = NotificationRow.__table__  # type: ignore[attr-defined]
 # The order statements select and insert columns in; a record is built from a row by position.
-_FIELDS = tuple(field.name for field in dataclasses.fields(NotificationRecord))
-if set(_FIELDS) != set(_NOTIFICATION.c.keys()):
-    raise RuntimeError(f"NotificationRecord fields {sorted(_FIELDS)} differ from the notification table's columns")
+_FIELDS = record_columns(NotificationRecord, _NOTIFICATION)
 _INSERTED = tuple(name for name in _FIELDS if name != "seq")
 
 

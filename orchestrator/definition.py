@@ -47,10 +47,11 @@ class StepKind(enum.Enum):
 class RetryPolicy:
     """Exponential backoff with jitter and a maximum attempt count."""
 
-    initial_interval: float = 0.05
+    # About seven seconds of retries in all: long enough to ride out a service restart.
+    initial_interval: float = 0.1
     backoff: float = 2.0
     maximum_interval: float = 2.0
-    maximum_attempts: int = 5
+    maximum_attempts: int = 8
     jitter: float = 0.2
 
     def delay(self, failed_attempt: int, rng: random.Random) -> float:

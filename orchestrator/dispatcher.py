@@ -19,6 +19,7 @@ from sqlalchemy import Connection
 from orchestrator import store
 from orchestrator.definition import DefinitionRegistry, SagaDefinition, StepKind
 from orchestrator.engine import ACTION, Command, Engine, Outcome, SagaState, Status, Transition
+from orchestrator.store import EventRecord
 from svckit.channels import ChannelPool, NoHealthyInstance
 from svckit.db import Database
 from svckit.errors import DomainError, FailedPrecondition, NotFound, RetryableError
@@ -37,6 +38,23 @@ class DispatchObserver:
     def saga_started(self, saga: SagaState) -> None: ...
     def saga_changed(self, saga: SagaState, transition: Transition) -> None: ...
     def call_finished(self, saga: SagaState, step: str, direction: str, outcome: Outcome) -> None: ...
+
+
+class SagaWatch:
+    """What WatchSaga listens to: a saga's new events as they commit in this replica."""
+
+    def __init__(self) -> None:
+        self.changed = asyncio.Event()
+        self._updates: list[tuple[SagaState, list[EventRecord]]] = []
+
+    def push(self, saga: SagaState, events: list[EventRecord]) -> None:
+        self._updates.append((saga, events))
+        self.changed.set()
+
+    def take(self) -> list[tuple[SagaState, list[EventRecord]]]:
+        self.changed.clear()
+        updates, self._updates = self._updates, []
+        return updates
 
 
 @dataclass
@@ -73,6 +91,7 @@ class _BatchOutcome:
     changed: list[tuple[SagaState, Transition]] = field(default_factory=list)
     started: list[SagaState] = field(default_factory=list)
     finished_calls: list[str] = field(default_factory=list)
+    events_by_saga: dict[str, list[EventRecord]] = field(default_factory=dict)
     wake_in: float = float("inf")
 
 
@@ -110,7 +129,7 @@ class Dispatcher:
         self._loops: list[asyncio.Task[None]] = []
         self._wake_poller = asyncio.Event()
         self._stopping = False
-        self._watchers: dict[str, set[asyncio.Event]] = {}
+        self._watchers: dict[str, set[SagaWatch]] = {}
         self._callables: dict[tuple[grpc.aio.Channel, str], grpc.aio.UnaryUnaryMultiCallable] = {}
         self.observer = observer or DispatchObserver()
         self._wrap_call = wrap_call
@@ -171,15 +190,15 @@ class Dispatcher:
         await self._queue.put(_Operate(operation, saga_id, actor, reason, reply))
         return await reply
 
-    def watch(self, saga_id: str) -> asyncio.Event:
-        event = asyncio.Event()
-        self._watchers.setdefault(saga_id, set()).add(event)
-        return event
+    def watch(self, saga_id: str) -> SagaWatch:
+        watch = SagaWatch()
+        self._watchers.setdefault(saga_id, set()).add(watch)
+        return watch
 
-    def unwatch(self, saga_id: str, event: asyncio.Event) -> None:
+    def unwatch(self, saga_id: str, watch: SagaWatch) -> None:
         watchers = self._watchers.get(saga_id)
         if watchers is not None:
-            watchers.discard(event)
+            watchers.discard(watch)
             if not watchers:
                 del self._watchers[saga_id]
 
@@ -227,7 +246,7 @@ class Dispatcher:
             for saga, transition in outcome.changed:
                 self.observer.saga_changed(saga, transition)
                 for watcher in self._watchers.get(saga.saga_id, ()):
-                    watcher.set()
+                    watcher.push(saga, outcome.events_by_saga.get(saga.saga_id, []))
             for command, saga in outcome.to_dispatch:
                 self._launch(command, saga)
 
@@ -275,6 +294,9 @@ class Dispatcher:
                 batch.replies.append((item.reply, saga))
         store.update_sagas(connection, dirty.values())
         store.insert_events(connection, event_rows)
+        if self._watchers:
+            for row in event_rows:
+                batch.events_by_saga.setdefault(row["saga_id"], []).append(EventRecord(**row))
         return batch
 
     def _apply_start(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import time
 from collections.abc import Iterable, Sequence
@@ -16,6 +17,7 @@ from orchestrator.models import SCHEMA_VERSION, OutboxRow, SagaEventRow, SagaRow
 from svckit.db import Database, Prepared
 
 __all__ = [
+    "EventRecord",
     "PendingCommand",
     "SagaFilter",
     "append_events",
@@ -243,6 +245,32 @@ def oldest_in_flight(connection: Connection) -> SagaState | None:
 # -- history -------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    """One history entry as read back (or as just written, from its insert row)."""
+
+    saga_id: str
+    seq: int
+    at: float
+    type: str
+    step: str
+    attempt: int
+    code: str
+    message: str
+    duration_ms: float
+    actor: str
+
+
+EVENT_FIELDS = tuple(field.name for field in dataclasses.fields(EventRecord))
+_LOAD_EVENTS = Prepared(
+    select(*[EVENT.c[name] for name in EVENT_FIELDS])
+    .where(EVENT.c.saga_id == bindparam("saga_id"), EVENT.c.seq > bindparam("after_seq"))
+    .order_by(EVENT.c.seq)
+)
+
+
+
+
 def append_events(saga: SagaState, events: Sequence[Event], rows: list[dict[str, Any]]) -> None:
     """Number the events after the saga's last one and add them to rows for one batched insert."""
     for event in events:
@@ -263,21 +291,16 @@ def append_events(saga: SagaState, events: Sequence[Event], rows: list[dict[str,
         )
 
 
-_INSERT_EVENT = Prepared(
-    insert(EVENT).values(
-        {name: bindparam(name) for name in ("saga_id", "seq", "at", "type", "step", "attempt", "code", "message",
-                                            "duration_ms", "actor")}
-    )
-)  # fmt: skip
+_INSERT_EVENT = Prepared(insert(EVENT).values({name: bindparam(name) for name in EVENT_FIELDS}))
 
 
 def insert_events(connection: Connection, rows: list[dict[str, Any]]) -> None:
     _INSERT_EVENT.executemany(connection, rows)
 
 
-def load_events(connection: Connection, saga_id: str, after_seq: int = 0) -> list[SagaEventRow]:
-    query = select(EVENT).where(EVENT.c.saga_id == saga_id, EVENT.c.seq > after_seq).order_by(EVENT.c.seq)
-    return [SagaEventRow(**row._mapping) for row in connection.execute(query)]
+def load_events(connection: Connection, saga_id: str, after_seq: int = 0) -> list[EventRecord]:
+    rows = _LOAD_EVENTS.execute(connection, {"saga_id": saga_id, "after_seq": after_seq}).fetchall()
+    return [EventRecord(*row) for row in rows]
 
 
 # -- outbox --------------------------------------------------------------------------------

@@ -6,8 +6,7 @@ from typing import Any
 
 from orchestrator.definition import SagaDefinition
 from orchestrator.engine import ACTION, COMPENSATION, SagaState, Status
-from orchestrator.models import SagaEventRow
-from orchestrator.store import PendingCommand
+from orchestrator.store import EventRecord, PendingCommand
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 from svckit.convert import timestamp
 
@@ -44,7 +43,7 @@ def trace_id_of(trace_context: str) -> str:
     return parts[1] if len(parts) == 4 else ""
 
 
-def event_pb(event: SagaEventRow) -> pb.HistoryEvent:
+def event_pb(event: EventRecord) -> pb.HistoryEvent:
     return pb.HistoryEvent(
         seq=event.seq,
         at=timestamp(event.at),
@@ -58,7 +57,7 @@ def event_pb(event: SagaEventRow) -> pb.HistoryEvent:
 
 
 def _steps(
-    definition: SagaDefinition, saga: SagaState, events: list[SagaEventRow], pending: PendingCommand | None
+    definition: SagaDefinition, saga: SagaState, events: list[EventRecord], pending: PendingCommand | None
 ) -> list[pb.SagaStep]:
     steps = {step.name: pb.SagaStep(name=step.name, index=i) for i, step in enumerate(definition.steps)}
     succeeded: set[str] = set()
@@ -107,7 +106,7 @@ def _steps(
 def saga_pb(
     saga: SagaState,
     definition: SagaDefinition | None,
-    events: list[SagaEventRow] | None = None,
+    events: list[EventRecord] | None = None,
     pending: PendingCommand | None = None,
     *,
     include_history: bool = False,

@@ -7,14 +7,12 @@ Rows travel as plain dataclasses, not SQLModel table objects: building one of th
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
 from sqlalchemy import Connection, Table, bindparam, insert, select, update
 
 from payment_svc.models import LedgerEntryRow, PaymentRow
-from svckit.db import Prepared
+from svckit.db import Prepared, record_columns
 
 __all__ = [
     "LedgerEntryRecord",
@@ -51,18 +49,11 @@ class LedgerEntryRecord:
     entry_id: int | None = None
 
 
-def _columns(record: Any, table: Table) -> tuple[str, ...]:
-    """The record's fields, in the order statements select them; they must be the table's columns."""
-    names = tuple(field.name for field in dataclasses.fields(record))
-    if set(names) != set(table.c.keys()):
-        raise RuntimeError(f"{record.__name__} fields {sorted(names)} differ from table {table.name} columns")
-    return names
-
 
 _PAYMENT: Table = PaymentRow.__table__  # type: ignore[attr-defined]
 _LEDGER: Table = LedgerEntryRow.__table__  # type: ignore[attr-defined]
-_PAYMENT_FIELDS = _columns(PaymentRecord, _PAYMENT)
-_LEDGER_FIELDS = _columns(LedgerEntryRecord, _LEDGER)
+_PAYMENT_FIELDS = record_columns(PaymentRecord, _PAYMENT)
+_LEDGER_FIELDS = record_columns(LedgerEntryRecord, _LEDGER)
 _LEDGER_INSERTED = tuple(name for name in _LEDGER_FIELDS if name != "entry_id")
 
 _GET_PAYMENT = Prepared(

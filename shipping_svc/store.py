@@ -7,13 +7,12 @@ remains the schema.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, Table, bindparam, insert, select, update
 
 from shipping_svc.models import ShipmentRow
-from svckit.db import Prepared
+from svckit.db import Prepared, record_columns
 
 __all__ = ["ShipmentRecord", "get_shipment", "insert_shipment", "set_status_if"]
 
@@ -37,9 +36,7 @@ class ShipmentRecord:
 
 _SHIPMENT: Table = ShipmentRow.__table__  # type: ignore[attr-defined]
 # The order statements select and insert columns in; a record is built from a row by position.
-_FIELDS = tuple(field.name for field in dataclasses.fields(ShipmentRecord))
-if set(_FIELDS) != set(_SHIPMENT.c.keys()):
-    raise RuntimeError(f"ShipmentRecord fields {sorted(_FIELDS)} differ from the shipment table's columns")
+_FIELDS = record_columns(ShipmentRecord, _SHIPMENT)
 
 _GET_SHIPMENT = Prepared(
     select(*[_SHIPMENT.c[name] for name in _FIELDS]).where(_SHIPMENT.c.order_id == bindparam("order_id"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import logging
 import sqlite3
 import threading
@@ -29,7 +30,15 @@ from sqlalchemy.pool import NullPool
 from sqlalchemy.sql.elements import ClauseElement
 from sqlmodel import SQLModel
 
-__all__ = ["Database", "Prepared", "is_postgres", "is_retryable_conflict", "rows_as_dicts", "savepoint"]
+__all__ = [
+    "Database",
+    "Prepared",
+    "is_postgres",
+    "is_retryable_conflict",
+    "record_columns",
+    "rows_as_dicts",
+    "savepoint",
+]
 
 T = TypeVar("T")
 
@@ -152,7 +161,7 @@ class _Job(Generic[T]):
 class Database:
     """An engine plus one database thread that runs every transaction of the process, in batches."""
 
-    def __init__(self, url: str, *, pool_size: int = 4) -> None:
+    def __init__(self, url: str, *, pool_size: int = 4, inline: bool | None = None) -> None:
         self.url = url
         if url.startswith("sqlite"):
             path = url.split("///", 1)[1] if "///" in url else ""
@@ -165,8 +174,15 @@ class Database:
         self._jobs: list[_Job[Any]] = []
         self._wakeup = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="db", daemon=True)
-        self._thread.start()
+        # SQLite answers in microseconds from a local file, so its batches run on the event loop
+        # itself: no thread hand-off per call. PostgreSQL waits on the network: a thread.
+        self._inline = (not is_postgres(url)) if inline is None else inline
+        self._inline_connection: Connection | None = None
+        self._flush_scheduled = False
+        self._thread: threading.Thread | None = None
+        if not self._inline:
+            self._thread = threading.Thread(target=self._run, name="db", daemon=True)
+            self._thread.start()
 
     @property
     def is_postgres(self) -> bool:
@@ -191,6 +207,15 @@ class Database:
         """Run work atomically on the database thread; returns once its transaction has committed."""
         loop = asyncio.get_running_loop()
         job: _Job[T] = _Job(work, contextvars.copy_context(), loop, loop.create_future())
+        if self._inline:
+            if self._closed:
+                raise RuntimeError("the database is closed")
+            self._jobs.append(job)
+            if not self._flush_scheduled:
+                # Everything queued until the loop gets round to the flush shares one commit.
+                self._flush_scheduled = True
+                loop.call_soon(self._flush_inline)
+            return await job.future
         with self._wakeup:
             if self._closed:
                 raise RuntimeError("the database is closed")
@@ -202,30 +227,66 @@ class Database:
         with self._wakeup:
             self._closed = True
             self._wakeup.notify()
-        self._thread.join(timeout=30)
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        if self._inline_connection is not None:
+            self._inline_connection.close()
         self.engine.dispose()
+
+    def _flush_inline(self) -> None:
+        self._flush_scheduled = False
+        batch, self._jobs = self._jobs, []
+        connection = self._inline_connection
+        if connection is None or connection.invalidated or connection.closed:
+            connection = self._inline_connection = self._connect(batch)
+        if connection is not None and not self._commit_batch(connection, batch):
+            connection.close()
+            self._inline_connection = None
+        _settle_all(batch)
 
     # -- the database thread -----------------------------------------------------------------
 
     def _run(self) -> None:
+        # The thread keeps one connection for its life instead of a pool checkout per batch.
+        connection: Connection | None = None
         while True:
             with self._wakeup:
                 while not self._jobs and not self._closed:
                     self._wakeup.wait()
                 if not self._jobs and self._closed:
-                    return
+                    break
                 batch, self._jobs = self._jobs[:_MAX_BATCH], self._jobs[_MAX_BATCH:]
-            self._commit_batch(batch)
+            if connection is None or connection.invalidated or connection.closed:
+                connection = self._connect(batch)
+            if connection is not None and not self._commit_batch(connection, batch):
+                connection.close()
+                connection = None
+            by_loop: dict[asyncio.AbstractEventLoop, list[_Job[Any]]] = {}
             for job in batch:
-                job.loop.call_soon_threadsafe(_settle, job)
+                by_loop.setdefault(job.loop, []).append(job)
+            # One wake-up of each event loop per batch, not one per job.
+            for loop, jobs in by_loop.items():
+                loop.call_soon_threadsafe(_settle_all, jobs)
+        if connection is not None:
+            connection.close()
 
-    def _commit_batch(self, batch: list[_Job[Any]]) -> None:
+    def _connect(self, batch: list[_Job[Any]]) -> Connection | None:
+        try:
+            return self.engine.connect()
+        except Exception as error:
+            log.exception("cannot connect to the database")
+            for job in batch:
+                job.error, job.result = error, None
+            return None
+
+    def _commit_batch(self, connection: Connection, batch: list[_Job[Any]]) -> bool:
+        """Run the batch in one transaction; False when the connection should be replaced."""
         for attempt in range(1, _MAX_ATTEMPTS + 1):
             try:
-                with self.engine.begin() as connection:
+                with connection.begin():
                     for job in batch:
                         self._run_job(connection, job)
-                return
+                return True
             except Exception as error:
                 # The commit itself failed (or the connection broke): nothing of the batch is
                 # durable, so every job runs again in a fresh transaction, or fails.
@@ -235,7 +296,8 @@ class Database:
                 log.exception("a transaction of %d jobs failed", len(batch))
                 for job in batch:
                     job.error, job.result = error, None
-                return
+                return False
+        return True
 
     @staticmethod
     def _run_job(connection: Connection, job: _Job[Any]) -> None:
@@ -252,13 +314,26 @@ class Database:
                 return
 
 
-def _settle(job: _Job[Any]) -> None:
-    if job.future.done():
-        return
-    if job.error is not None:
-        job.future.set_exception(job.error)
-    else:
-        job.future.set_result(job.result)
+def _settle_all(jobs: list[_Job[Any]]) -> None:
+    for job in jobs:
+        if job.future.done():
+            continue
+        if job.error is not None:
+            job.future.set_exception(job.error)
+        else:
+            job.future.set_result(job.result)
+
+
+def record_columns(record_class: Any, table: Any) -> tuple[str, ...]:
+    """A dataclass's fields, which must be exactly the table's columns: the order rows are selected in.
+
+    Stores build rows as small dataclasses from cursor tuples by position; a SQLModel table
+    object costs far more to build (about 170 us) than the statement that fetched it.
+    """
+    names = tuple(field.name for field in dataclasses.fields(record_class))
+    if set(names) != set(table.c.keys()):
+        raise RuntimeError(f"{record_class.__name__} fields {sorted(names)} differ from table {table.name} columns")
+    return names
 
 
 def rows_as_dicts(cursor: Any) -> list[dict[str, Any]]:
