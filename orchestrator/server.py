@@ -12,17 +12,18 @@ from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
 
 from orchestrator import store
+from orchestrator.auth import AccessControl, TokenSource, audit
 from orchestrator.definition import DefinitionRegistry, SagaDefinition
 from orchestrator.dispatcher import Dispatcher
 from orchestrator.engine import ENDED_STATUSES, SagaState, Status
-from orchestrator.models import SagaEventRow
 from orchestrator.observability import Observability
+from orchestrator.store import EventRecord
 from orchestrator.views import STATUS_FROM_PB, STATUS_TO_PB, api_status, event_pb, saga_pb
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
 from svckit.convert import address_from_pb, lines_from_pb, money_from_pb
 from svckit.db import Database
-from svckit.errors import DomainError, InvalidArgument, NotFound, status_from_error
+from svckit.errors import DomainError, InvalidArgument, NotFound, RetryableError, status_from_error
 from svckit.server import CallContext, rpc
 from svckit.validation import Violations
 
@@ -85,12 +86,15 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         default_deadline_seconds: int,
         *,
         observability: Observability | None = None,
+        access: AccessControl | None = None,
     ) -> None:
         self._database = database
         self._registry = registry
         self._dispatcher = dispatcher
         self._default_deadline = default_deadline_seconds
         self._observability = observability
+        # Without one, operator calls are refused (no token configured) and everything else is open.
+        self._access = access if access is not None else AccessControl(TokenSource())
 
     # -- starting ----------------------------------------------------------------------------
 
@@ -118,6 +122,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
 
     @rpc(mutating=False)
     async def PlaceOrder(self, request: pb.PlaceOrderRequest, call: CallContext) -> pb.PlaceOrderResponse:
+        self._access.authorize(call.grpc_context, "start", "PlaceOrder")
         validate_place_order(request)
         definition = self._registry.latest("OrderSaga")
         saga, created = await self._start(definition, request.order_id, request, request.deadline_seconds, call)
@@ -125,6 +130,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
 
     @rpc(mutating=False)
     async def StartSaga(self, request: pb.StartSagaRequest, call: CallContext) -> pb.StartSagaResponse:
+        self._access.authorize(call.grpc_context, "start", "StartSaga")
         violations = Violations()
         violations.text("saga_type", request.saga_type, required=True, max_length=100)
         violations.text("business_key", request.business_key, required=True, max_length=200)
@@ -153,7 +159,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
 
     # -- reading -----------------------------------------------------------------------------
 
-    async def _load_full(self, saga_id: str) -> tuple[SagaState, list[SagaEventRow], store.PendingCommand | None]:
+    async def _load_full(self, saga_id: str) -> tuple[SagaState, list[EventRecord], store.PendingCommand | None]:
         def work(connection):  # type: ignore[no-untyped-def]
             sagas = store.load_sagas(connection, [saga_id])
             if saga_id not in sagas:
@@ -174,10 +180,12 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
 
     @rpc(mutating=False)
     async def GetSaga(self, request: pb.GetSagaRequest, call: CallContext) -> pb.GetSagaResponse:
+        self._access.authorize(call.grpc_context, "read", "GetSaga", request.saga_id)
         return pb.GetSagaResponse(saga=await self._view(_saga_id(request.saga_id), include_history=True))
 
     @rpc(mutating=False)
     async def ListSagas(self, request: pb.ListSagasRequest, call: CallContext) -> pb.ListSagasResponse:
+        self._access.authorize(call.grpc_context, "read", "ListSagas")
         violations = Violations()
         if request.page_size < 0 or request.page_size > MAX_PAGE_SIZE:
             violations.add("page_size", f"must be within 0..{MAX_PAGE_SIZE}")
@@ -207,6 +215,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
 
     @rpc(mutating=False)
     async def GetSagaStats(self, request: pb.GetSagaStatsRequest, call: CallContext) -> pb.GetSagaStatsResponse:
+        self._access.authorize(call.grpc_context, "read", "GetSagaStats")
         created_after = request.created_after.ToNanoseconds() / 1e9 if request.HasField("created_after") else None
 
         def work(connection):  # type: ignore[no-untyped-def]
@@ -233,47 +242,81 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         self, request: pb.WatchSagaRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchSagaResponse]:
         try:
+            self._access.authorize(context, "read", "WatchSaga", request.saga_id)
             saga_id = _saga_id(request.saga_id)
             if request.after_seq < 0:
                 raise InvalidArgument.of("after_seq", "must not be negative")
             after = request.after_seq
-            wake = self._dispatcher.watch(saga_id)
+            watch = self._dispatcher.watch(saga_id)
         except DomainError as error:
             failure = status_from_error(error)
             await context.abort(failure.code, failure.details, failure.trailing_metadata)  # type: ignore[attr-defined]
             return
         try:
+            read_store = True
             while True:
-                wake.clear()
+                if read_store:
 
-                def work(connection, since=after):  # type: ignore[no-untyped-def]
-                    sagas = store.load_sagas(connection, [saga_id])
-                    return sagas.get(saga_id), store.load_events(connection, saga_id, since)
+                    def work(connection, since=after):  # type: ignore[no-untyped-def]
+                        saga = store.load_sagas(connection, [saga_id]).get(saga_id)
+                        # The saga row numbers its last event: read the history only when it grew.
+                        if saga is None or saga.event_seq <= since:
+                            return saga, []
+                        return saga, store.load_events(connection, saga_id, since)
 
-                saga, events = await self._database.transaction(work)
-                if saga is None:
-                    failure = status_from_error(NotFound("SAGA_NOT_FOUND", f"no saga {saga_id}", {"saga_id": saga_id}))
-                    await context.abort(failure.code, failure.details, failure.trailing_metadata)  # type: ignore[attr-defined]
-                    return
-                for event in events:
-                    yield pb.WatchSagaResponse(event=event_pb(event), status=api_status(saga))  # type: ignore[arg-type]
-                    after = event.seq
+                    watch.take()  # what the read below returns supersedes anything queued
+                    saga, events = await self._database.transaction(work)
+                    if saga is None:
+                        refusal = NotFound("SAGA_NOT_FOUND", f"no saga {saga_id}", {"saga_id": saga_id})
+                        failure = status_from_error(refusal)
+                        await context.abort(failure.code, failure.details, failure.trailing_metadata)  # type: ignore[attr-defined]
+                        return
+                    updates = [(saga, events)]
+                else:
+                    updates = watch.take()
+                read_store = False
+                for saga, events in updates:
+                    for event in events:
+                        if event.seq <= after:
+                            continue
+                        if event.seq != after + 1:
+                            # A gap: another replica wrote events in between; read them in order.
+                            read_store = True
+                            break
+                        yield pb.WatchSagaResponse(event=event_pb(event), status=api_status(saga))  # type: ignore[arg-type]
+                        after = event.seq
+                    if read_store:
+                        break
+                if read_store:
+                    continue
                 if saga.status in _WATCH_STOP and not saga.paused:
                     return
-                # Another replica may move the saga: look again after a while even without a wake-up.
+                # Commits of this replica arrive through the watch; another replica's only in
+                # the store, so look there after a while without news.
                 try:
-                    await asyncio.wait_for(wake.wait(), 0.5)
+                    await asyncio.wait_for(watch.changed.wait(), 0.5)
                 except TimeoutError:
-                    pass
+                    read_store = True
         finally:
-            self._dispatcher.unwatch(saga_id, wake)
+            self._dispatcher.unwatch(saga_id, watch)
 
     # -- operating ---------------------------------------------------------------------------
 
-    async def _operate(self, operation: str, saga_id: str, call: CallContext, reason: str = "") -> pb.Saga:
-        actor = call.notes.get("actor", "operator")
-        saga_id = _saga_id(saga_id)
-        await self._dispatcher.operate(operation, saga_id, actor, reason)
+    async def _operate(
+        self, operation: str, saga_id: str, call: CallContext, reason: str = "", *, reason_required: bool | None = None
+    ) -> pb.Saga:
+        """Authorize first (a refused caller learns nothing about the saga), then validate, act and audit."""
+        context = call.grpc_context
+        actor = self._access.authorize(context, "operate", operation, saga_id)
+        try:
+            if reason_required is not None:
+                _reason(reason, required=reason_required)
+            saga_id = _saga_id(saga_id)
+            await self._dispatcher.operate(operation, saga_id, actor, reason)
+        except (DomainError, RetryableError) as error:
+            audit(actor, operation, saga_id, "failed", peer=context.peer(), error=error)
+            raise
+        audit(actor, operation, saga_id, "ok", peer=context.peer())
         log.info("operator %s: %s saga %s %s", actor, operation, saga_id, reason)
         return await self._view(saga_id, include_history=False)
 
@@ -283,8 +326,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
 
     @rpc(mutating=False)
     async def PauseSaga(self, request: pb.PauseSagaRequest, call: CallContext) -> pb.PauseSagaResponse:
-        _reason(request.reason, required=False)
-        return pb.PauseSagaResponse(saga=await self._operate("pause", request.saga_id, call, request.reason))
+        saga = await self._operate("pause", request.saga_id, call, request.reason, reason_required=False)
+        return pb.PauseSagaResponse(saga=saga)
 
     @rpc(mutating=False)
     async def ResumeSaga(self, request: pb.ResumeSagaRequest, call: CallContext) -> pb.ResumeSagaResponse:
@@ -292,13 +335,13 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
 
     @rpc(mutating=False)
     async def CancelSaga(self, request: pb.CancelSagaRequest, call: CallContext) -> pb.CancelSagaResponse:
-        _reason(request.reason, required=False)
-        return pb.CancelSagaResponse(saga=await self._operate("cancel", request.saga_id, call, request.reason))
+        saga = await self._operate("cancel", request.saga_id, call, request.reason, reason_required=False)
+        return pb.CancelSagaResponse(saga=saga)
 
     @rpc(mutating=False)
     async def TerminateSaga(self, request: pb.TerminateSagaRequest, call: CallContext) -> pb.TerminateSagaResponse:
-        _reason(request.reason, required=True)
-        return pb.TerminateSagaResponse(saga=await self._operate("terminate", request.saga_id, call, request.reason))
+        saga = await self._operate("terminate", request.saga_id, call, request.reason, reason_required=True)
+        return pb.TerminateSagaResponse(saga=saga)
 
 
 def _reason(reason: str, *, required: bool) -> None:
