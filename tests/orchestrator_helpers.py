@@ -190,10 +190,9 @@ class BearerAuth(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClien
 @asynccontextmanager
 async def connect(stack: LocalStack, token: str = OPERATOR_TOKEN) -> AsyncIterator[Clients]:
     """One channel per process, opened in the running test's event loop; orchestrator calls carry `token`."""
+    bearer: list[Any] = [BearerAuth(token)] if token else []
     channels = {
-        name: grpc.aio.insecure_channel(
-            process.address, interceptors=[BearerAuth(token)] if name == "orchestrator" and token else None
-        )
+        name: grpc.aio.insecure_channel(process.address, interceptors=bearer if name == "orchestrator" else None)
         for name, process in stack.processes().items()
     }
     try:
