@@ -9,7 +9,26 @@ from rich.text import Text
 
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 
-__all__ = ["STATUS_STYLE", "saga_bars", "saga_header", "saga_timeline", "status_name"]
+__all__ = [
+    "IN_FLIGHT",
+    "STATUS_STYLE",
+    "StatusTracker",
+    "age",
+    "attempt_dict",
+    "event_dict",
+    "event_line",
+    "saga_bars",
+    "saga_dict",
+    "saga_header",
+    "saga_history",
+    "saga_list",
+    "saga_steps",
+    "saga_timeline",
+    "stats_dict",
+    "stats_view",
+    "status_name",
+    "took_seconds",
+]
 
 STATUS_STYLE = {
     "COMPLETED": "bold green",
@@ -102,3 +121,288 @@ def saga_bars(saga: pb.Saga, width: int = 50) -> RenderableType:
         lines.append(bar)
     lines.append(Text(f"{'':<22} 0{'':<{width - 2}}{span * 1000:.0f} ms", style="dim"))
     return Group(*lines)
+
+
+# -- steps, lists, events and stats -------------------------------------------------------------
+
+STATE_MARK = {
+    "succeeded": ("✓", "green"),
+    "failed": ("✗", "red"),
+    "compensated": ("↺", "yellow"),
+    "compensating": ("↺", "cyan"),
+    "running": ("…", "cyan"),
+    "pending": ("·", "dim"),
+    "skipped": ("-", "dim"),
+}
+
+
+def age(seconds: float) -> str:
+    """A short human duration: 850ms, 12s, 5m 3s, 2h 10m, 3d 4h."""
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 60:
+        return f"{seconds:.1f}s" if seconds < 10 else f"{seconds:.0f}s"
+    whole = int(seconds)
+    for unit, size, small, small_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
+        if whole >= size:
+            rest = (whole % size) // small_size
+            return f"{whole // size}{unit} {rest}{small}" if rest else f"{whole // size}{unit}"
+    return f"{whole}s"
+
+
+def took_seconds(saga: pb.Saga, now: float) -> float:
+    """How long the saga ran (until now while it is in flight)."""
+    end = _seconds(saga.ended_at) if saga.HasField("ended_at") else now
+    return max(0.0, end - _seconds(saga.created_at))
+
+
+def saga_steps(saga: pb.Saga) -> Table:
+    """One row per step: its state, forward tries, compensation tries, time spent and last error."""
+    table = Table(show_edge=False, pad_edge=False, header_style="bold")
+    for column in ("", "step", "state", "tries", "undo", "total ms", "last error"):
+        table.add_column(column, justify="right" if column in ("tries", "undo", "total ms") else "left")
+    for step in saga.steps:
+        mark, style = STATE_MARK.get(step.state, ("?", ""))
+        tries = sum(1 for a in step.attempts if a.direction == "action")
+        undo = sum(1 for a in step.attempts if a.direction == "compensation")
+        spent = sum(_seconds(a.ended_at) - _seconds(a.started_at) for a in step.attempts) * 1000
+        retry_style = "bold red" if tries > 1 or undo > 1 else ""
+        table.add_row(
+            Text(mark, style=style),
+            step.name,
+            Text(step.state, style=style),
+            Text(str(tries) if tries else "", style=retry_style),
+            Text(str(undo) if undo else "", style=retry_style),
+            f"{spent:.1f}" if step.attempts else "",
+            Text(step.last_error[:80], style="dim"),
+        )
+    return table
+
+
+def saga_list(sagas: list[pb.Saga], now: float) -> Table:
+    """A listing: one saga a row, as ListSagas returns them (newest first)."""
+    table = Table(show_edge=False, pad_edge=False, header_style="bold")
+    for column in ("saga id", "type", "order", "status", "step", "age", "took"):
+        table.add_column(column, justify="right" if column in ("age", "took") else "left", no_wrap=column != "step")
+    for saga in sagas:
+        status = status_name(saga.status)
+        table.add_row(
+            saga.saga_id,
+            f"{saga.saga_type} v{saga.definition_version}",
+            saga.business_key,
+            Text(status, style=STATUS_STYLE.get(status, "")),
+            saga.current_step,
+            age(max(0.0, now - _seconds(saga.created_at))),
+            age(took_seconds(saga, now)) + ("" if saga.HasField("ended_at") else "…"),
+        )
+    return table
+
+
+def event_line(event: pb.HistoryEvent, status: int | None, origin: float) -> Text:
+    """One history event on one line: offset from the saga's start, type, step, attempt, code, message,
+    and the status it led to when given."""
+    line = Text()
+    line.append(f"{(_seconds(event.at) - origin) * 1000:>9.1f} ms  ", style="dim")
+    bad = event.code not in ("", "OK") or event.type in ("SagaNeedsAttention", "SagaTerminated")
+    line.append(f"{event.type:<27}", style="red" if bad else "bold")
+    line.append(f" {event.step:<18}")
+    line.append(f" #{event.attempt}" if event.attempt else "   ")
+    if event.code:
+        line.append(f" {event.code}", style="green" if event.code == "OK" else "red")
+    if event.message:
+        line.append(f" {event.message[:120]}", style="dim")
+    if event.actor and event.actor != "orchestrator":
+        line.append(f" [{event.actor}]", style="magenta")
+    if status is not None:
+        name = status_name(status)
+        line.append(f"  → {name}", style=STATUS_STYLE.get(name, ""))
+    return line
+
+
+def saga_history(saga: pb.Saga) -> Table:
+    """The whole history, one event a row."""
+    table = Table(show_edge=False, pad_edge=False, header_style="bold")
+    for column in ("seq", "at ms", "event", "step", "try", "code", "message", "actor"):
+        table.add_column(column, justify="right" if column in ("seq", "at ms", "try") else "left")
+    origin = _seconds(saga.created_at)
+    for event in saga.history:
+        table.add_row(
+            str(event.seq),
+            f"{(_seconds(event.at) - origin) * 1000:.1f}",
+            event.type,
+            event.step,
+            str(event.attempt) if event.attempt else "",
+            Text(event.code, style="green" if event.code == "OK" else "red"),
+            event.message[:100],
+            event.actor,
+        )
+    return table
+
+
+IN_FLIGHT = ("RUNNING", "COMPENSATING", "PAUSED")
+
+_ENDING_EVENTS = {
+    "SagaCompleted": pb.SAGA_STATUS_COMPLETED,
+    "SagaCompensated": pb.SAGA_STATUS_COMPENSATED,
+    "SagaNeedsAttention": pb.SAGA_STATUS_NEEDS_ATTENTION,
+    "SagaTerminated": pb.SAGA_STATUS_TERMINATED,
+}
+
+
+class StatusTracker:
+    """The saga's status after each event, folded from the event types of its history in order.
+
+    WatchSaga reports with every event the status the saga had when the event was read, so the
+    replayed history of an ended saga says COMPLETED on its first line; folding the history gives
+    the status each event left behind. Until SagaStarted is seen (a watch that starts part-way) the
+    reported status stands.
+    """
+
+    def __init__(self) -> None:
+        self._known = False
+        self._compensating = False
+        self._paused = False
+        self._ended: int | None = None
+
+    def after(self, event: pb.HistoryEvent, reported: int) -> int:
+        kind = event.type
+        if kind == "SagaStarted":
+            self._known = True
+        elif kind == "CompensationStarted":
+            self._compensating = True
+        elif kind == "SagaPaused":
+            self._paused = True
+        elif kind in ("SagaResumed", "SagaCancelRequested"):
+            self._paused = False
+        elif kind == "SagaRetried":
+            self._ended = None
+        elif kind in _ENDING_EVENTS:
+            self._ended = _ENDING_EVENTS[kind]
+            self._paused = False
+        if not self._known:
+            return reported
+        if self._ended is not None:
+            return self._ended
+        if self._paused:
+            return pb.SAGA_STATUS_PAUSED
+        return pb.SAGA_STATUS_COMPENSATING if self._compensating else pb.SAGA_STATUS_RUNNING
+
+
+def stats_view(stats: pb.GetSagaStatsResponse, now: float) -> RenderableType:
+    counts = {status_name(c.status): c.count for c in stats.counts}
+    table = Table(show_edge=False, pad_edge=False, header_style="bold")
+    table.add_column("status")
+    table.add_column("sagas", justify="right")
+    for name in ("RUNNING", "COMPENSATING", "PAUSED", "COMPLETED", "COMPENSATED", "NEEDS_ATTENTION", "TERMINATED"):
+        if counts.get(name):
+            table.add_row(Text(name, style=STATUS_STYLE.get(name, "")), str(counts[name]))
+    table.add_row(Text("total", style="bold"), str(sum(counts.values())))
+    latency = Text("completion latency  ", style="bold")
+    if any(counts.get(name) for name in ("COMPLETED", "COMPENSATED", "TERMINATED")):
+        latency.append(
+            f"p50 {stats.completion_p50_ms:.1f} ms  p95 {stats.completion_p95_ms:.1f} ms  "
+            f"p99 {stats.completion_p99_ms:.1f} ms"
+        )
+    else:
+        latency.append("(no ended sagas)", style="dim")
+    oldest = Text("oldest in flight    ", style="bold")
+    if stats.HasField("oldest_in_flight"):
+        saga = stats.oldest_in_flight
+        status = status_name(saga.status)
+        oldest.append(f"{saga.saga_id}  order {saga.business_key}  ")
+        oldest.append(status, style=STATUS_STYLE.get(status, ""))
+        oldest.append(f"  at {saga.current_step or '-'}  age {age(max(0.0, now - _seconds(saga.created_at)))}")
+    else:
+        oldest.append("(none)", style="dim")
+    return Group(table, Text(""), latency, oldest)
+
+
+# -- JSON forms ----------------------------------------------------------------------------------
+
+
+def _stamp(message: object, name: str) -> str | None:
+    if not message.HasField(name):  # type: ignore[attr-defined]
+        return None
+    return str(getattr(message, name).ToJsonString())
+
+
+def attempt_dict(attempt: pb.StepAttempt) -> dict[str, object]:
+    return {
+        "direction": attempt.direction,
+        "attempt": attempt.attempt,
+        "started_at": _stamp(attempt, "started_at"),
+        "ended_at": _stamp(attempt, "ended_at"),
+        "duration_ms": round((_seconds(attempt.ended_at) - _seconds(attempt.started_at)) * 1000, 3),
+        "code": attempt.code,
+        "message": attempt.message,
+    }
+
+
+def event_dict(event: pb.HistoryEvent, status: int | None = None) -> dict[str, object]:
+    found: dict[str, object] = {
+        "seq": event.seq,
+        "at": _stamp(event, "at"),
+        "type": event.type,
+        "step": event.step,
+        "attempt": event.attempt,
+        "code": event.code,
+        "message": event.message,
+        "actor": event.actor,
+    }
+    if status is not None:
+        found["status"] = status_name(status)
+    return found
+
+
+def saga_dict(saga: pb.Saga, *, history: bool = True, steps: bool = True) -> dict[str, object]:
+    """The saga as plain JSON values: statuses by name, times as RFC 3339 strings (null when unset)."""
+    found: dict[str, object] = {
+        "saga_id": saga.saga_id,
+        "saga_type": saga.saga_type,
+        "definition_version": saga.definition_version,
+        "business_key": saga.business_key,
+        "status": status_name(saga.status),
+        "created_at": _stamp(saga, "created_at"),
+        "updated_at": _stamp(saga, "updated_at"),
+        "ended_at": _stamp(saga, "ended_at"),
+        "deadline_at": _stamp(saga, "deadline_at"),
+        "duration_ms": (
+            round((_seconds(saga.ended_at) - _seconds(saga.created_at)) * 1000, 3)
+            if saga.HasField("ended_at")
+            else None
+        ),
+        "current_step": saga.current_step,
+        "last_error": saga.last_error,
+        "trace_id": saga.trace_id,
+    }
+    if steps:
+        found["steps"] = [
+            {
+                "name": step.name,
+                "index": step.index,
+                "state": step.state,
+                "last_error": step.last_error,
+                "attempts": [attempt_dict(a) for a in step.attempts],
+            }
+            for step in saga.steps
+        ]
+    if history:
+        found["history"] = [event_dict(e) for e in saga.history]
+    return found
+
+
+def stats_dict(stats: pb.GetSagaStatsResponse) -> dict[str, object]:
+    counts = {status_name(c.status): c.count for c in stats.counts}
+    return {
+        "counts": counts,
+        "total": sum(counts.values()),
+        "in_flight": sum(counts.get(name, 0) for name in IN_FLIGHT),
+        "completion_ms": {
+            "p50": stats.completion_p50_ms,
+            "p95": stats.completion_p95_ms,
+            "p99": stats.completion_p99_ms,
+        },
+        "oldest_in_flight": (
+            saga_dict(stats.oldest_in_flight, history=False) if stats.HasField("oldest_in_flight") else None
+        ),
+    }

@@ -29,6 +29,8 @@ class StackConfig:
     service_env: dict[str, dict[str, str]] = field(default_factory=dict)
     orchestrator_env: dict[str, str] = field(default_factory=dict)
     common_env: dict[str, str] = field(default_factory=dict)
+    # Fixed ports by service name (e.g. {"inventory": 50051}); a service not named gets a free port.
+    service_ports: dict[str, int] = field(default_factory=dict)
 
 
 class LocalStack:
@@ -51,7 +53,9 @@ class LocalStack:
     def start(self, timeout: float = 60.0) -> LocalStack:
         log_dir = self.config.data_dir / "logs"
         for name, module in SERVICES.items():
-            process = ManagedProcess(name, module, self._env(name, self.config.service_env.get(name, {})), log_dir)
+            port = {"PORT": str(self.config.service_ports[name])} if name in self.config.service_ports else {}
+            env = self._env(name, {**port, **self.config.service_env.get(name, {})})
+            process = ManagedProcess(name, module, env, log_dir)
             self.services[name] = process
         try:
             for process in self.services.values():

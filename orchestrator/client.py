@@ -1,0 +1,248 @@
+"""A small synchronous client of the orchestrator for the CLI: address, bearer token, TLS and error classes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
+from sagasuite.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
+
+__all__ = [
+    "DEFAULT_ADDRESS",
+    "ENV_ADDRESS",
+    "ENV_CA_FILE",
+    "ENV_TOKEN",
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "EXIT_REFUSED",
+    "EXIT_UNREACHABLE",
+    "EXIT_USAGE",
+    "OPERATIONS",
+    "ClientConfig",
+    "ClientError",
+    "SagaClient",
+    "health_of",
+]
+
+DEFAULT_ADDRESS = "127.0.0.1:50050"
+ENV_ADDRESS = "SAGA_ADDRESS"
+ENV_TOKEN = "SAGA_TOKEN"
+ENV_CA_FILE = "SAGA_CA_FILE"
+
+EXIT_OK = 0
+# A saga ended in anything but COMPLETED, or some calls of a batch were refused.
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_REFUSED = 4
+
+_UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+_REFUSED = {
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.ALREADY_EXISTS,
+}
+
+# Operator call name -> (RPC name, request type, whether the request takes a reason).
+OPERATIONS: dict[str, tuple[str, Any, bool]] = {
+    "retry": ("RetrySaga", pb.RetrySagaRequest, False),
+    "pause": ("PauseSaga", pb.PauseSagaRequest, True),
+    "resume": ("ResumeSaga", pb.ResumeSagaRequest, False),
+    "cancel": ("CancelSaga", pb.CancelSagaRequest, True),
+    "terminate": ("TerminateSaga", pb.TerminateSagaRequest, True),
+}
+
+
+class ClientError(Exception):
+    """A call that did not succeed, with the exit code the CLI ends with and a one-line message."""
+
+    def __init__(self, message: str, exit_code: int, code: grpc.StatusCode | None = None, reason: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Where the orchestrator is and how to reach it."""
+
+    address: str = DEFAULT_ADDRESS
+    token: str = ""
+    ca_file: str = ""
+    timeout: float = 10.0
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _details(error: grpc.RpcError) -> tuple[str, str]:
+    """The ErrorInfo reason (or the BadRequest fields) carried by a refusal, and its message."""
+    message = _one_line(error.details() or "")  # type: ignore[attr-defined]
+    try:
+        status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    except ValueError:
+        status = None
+    for detail in status.details if status else []:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info.reason, message
+    return "", message
+
+
+def classify(error: grpc.RpcError, address: str, timeout: float | None) -> ClientError:
+    """Turn a failed call into a ClientError: unreachable (3), refused (4) or failed (1)."""
+    code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
+    reason, message = _details(error)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        within = f" within {timeout:g}s" if timeout else ""
+        return ClientError(f"orchestrator at {address} did not answer{within}", EXIT_UNREACHABLE, code)
+    if code in _UNREACHABLE:
+        return ClientError(f"orchestrator at {address} is unreachable: {message}", EXIT_UNREACHABLE, code)
+    label = f"{code.name} {reason}" if reason else code.name
+    if code in _REFUSED:
+        return ClientError(f"refused ({label}): {message}", EXIT_REFUSED, code, reason)
+    return ClientError(f"call failed ({label}): {message}", EXIT_FAILED, code, reason)
+
+
+def _credentials(ca_file: str) -> grpc.ChannelCredentials:
+    try:
+        return grpc.ssl_channel_credentials(root_certificates=Path(ca_file).read_bytes())
+    except OSError as error:
+        raise ClientError(f"cannot read CA file {ca_file}: {error.strerror}", EXIT_USAGE) from None
+
+
+def open_channel(address: str, ca_file: str = "") -> grpc.Channel:
+    if ca_file:
+        return grpc.secure_channel(address, _credentials(ca_file))
+    return grpc.insecure_channel(address)
+
+
+def health_of(channel: grpc.Channel, timeout: float = 0.5) -> str:
+    """The standard health status of a process ("SERVING", ...), or "NO ANSWER"."""
+    try:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+    except grpc.RpcError:
+        return "NO ANSWER"
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+class SagaClient:
+    """One channel to the orchestrator; every call sends the bearer token when one is set."""
+
+    def __init__(self, config: ClientConfig) -> None:
+        self.config = config
+        self.channel = open_channel(config.address, config.ca_file)
+        self.stub = pb_grpc.OrchestratorServiceStub(self.channel)
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {config.token}"),) if config.token else ()
+        )
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> SagaClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        """A unary call by RPC name; failures become ClientError."""
+        timeout = timeout or self.config.timeout
+        try:
+            return getattr(self.stub, method)(request, timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise classify(error, self.config.address, timeout) from None
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def get_saga(self, saga_id: str) -> pb.Saga:
+        return self.call("GetSaga", pb.GetSagaRequest(saga_id=saga_id)).saga
+
+    def list_sagas(self, request: pb.ListSagasRequest) -> pb.ListSagasResponse:
+        return self.call("ListSagas", request)
+
+    def list_all(self, request: pb.ListSagasRequest) -> Iterator[pb.Saga]:
+        """Every saga the filter matches, newest first, page after page."""
+        page = pb.ListSagasRequest()
+        page.CopyFrom(request)
+        while True:
+            response = self.list_sagas(page)
+            yield from response.sagas
+            if not response.next_page_token:
+                return
+            page.page_token = response.next_page_token
+
+    def stats(self, request: pb.GetSagaStatsRequest) -> pb.GetSagaStatsResponse:
+        return self.call("GetSagaStats", request)
+
+    def resolve(self, reference: str) -> pb.Saga:
+        """The saga with this id or, failing that, the only saga with this business key (order id)."""
+        try:
+            return self.get_saga(reference)
+        except ClientError as error:
+            if error.code not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+                raise
+            try:
+                found = list(self.list_sagas(pb.ListSagasRequest(business_key=reference, page_size=2)).sagas)
+            except ClientError:
+                raise error from None
+            if len(found) != 1:
+                raise error from None
+            return self.get_saga(found[0].saga_id)
+
+    def watch(self, saga_id: str, after_seq: int = 0, reconnect_seconds: float = 15.0) -> Iterator[Any]:
+        """The saga's history events as they happen, until it ends or needs attention.
+
+        A stream that breaks after it was open (an orchestrator restarting) is opened again from
+        the last event seen, for up to reconnect_seconds; the first connection is not retried.
+        """
+        opened = False
+        broken_since: float | None = None
+        while True:
+            stream = self.stub.WatchSaga(
+                pb.WatchSagaRequest(saga_id=saga_id, after_seq=after_seq), metadata=self._metadata
+            )
+            try:
+                for response in stream:
+                    opened = True
+                    broken_since = None
+                    after_seq = response.event.seq
+                    yield response
+                return
+            except grpc.RpcError as error:
+                if not opened or error.code() != grpc.StatusCode.UNAVAILABLE:  # type: ignore[attr-defined]
+                    raise classify(error, self.config.address, None) from None
+                broken_since = broken_since or time.monotonic()
+                if time.monotonic() - broken_since > reconnect_seconds:
+                    raise classify(error, self.config.address, None) from None
+                time.sleep(0.5)
+            finally:
+                stream.cancel()
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def place_order(self, request: pb.PlaceOrderRequest) -> pb.PlaceOrderResponse:
+        return self.call("PlaceOrder", request)
+
+    def operate(self, operation: str, saga_id: str, reason: str = "") -> pb.Saga:
+        """Run an operator call (retry, pause, resume, cancel, terminate); returns the saga after it."""
+        method, request_type, takes_reason = OPERATIONS[operation]
+        request = request_type(saga_id=saga_id, reason=reason) if takes_reason else request_type(saga_id=saga_id)
+        return self.call(method, request).saga
