@@ -7,6 +7,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from orchestrator.views import StatusTracker
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 
 __all__ = [
@@ -240,52 +241,6 @@ def saga_history(saga: pb.Saga) -> Table:
 
 
 IN_FLIGHT = ("RUNNING", "COMPENSATING", "PAUSED")
-
-_ENDING_EVENTS = {
-    "SagaCompleted": pb.SAGA_STATUS_COMPLETED,
-    "SagaCompensated": pb.SAGA_STATUS_COMPENSATED,
-    "SagaNeedsAttention": pb.SAGA_STATUS_NEEDS_ATTENTION,
-    "SagaTerminated": pb.SAGA_STATUS_TERMINATED,
-}
-
-
-class StatusTracker:
-    """The saga's status after each event, folded from the event types of its history in order.
-
-    WatchSaga reports with every event the status the saga had when the event was read, so the
-    replayed history of an ended saga says COMPLETED on its first line; folding the history gives
-    the status each event left behind. Until SagaStarted is seen (a watch that starts part-way) the
-    reported status stands.
-    """
-
-    def __init__(self) -> None:
-        self._known = False
-        self._compensating = False
-        self._paused = False
-        self._ended: int | None = None
-
-    def after(self, event: pb.HistoryEvent, reported: int) -> int:
-        kind = event.type
-        if kind == "SagaStarted":
-            self._known = True
-        elif kind == "CompensationStarted":
-            self._compensating = True
-        elif kind == "SagaPaused":
-            self._paused = True
-        elif kind in ("SagaResumed", "SagaCancelRequested"):
-            self._paused = False
-        elif kind == "SagaRetried":
-            self._ended = None
-        elif kind in _ENDING_EVENTS:
-            self._ended = _ENDING_EVENTS[kind]
-            self._paused = False
-        if not self._known:
-            return reported
-        if self._ended is not None:
-            return self._ended
-        if self._paused:
-            return pb.SAGA_STATUS_PAUSED
-        return pb.SAGA_STATUS_COMPENSATING if self._compensating else pb.SAGA_STATUS_RUNNING
 
 
 def stats_view(stats: pb.GetSagaStatsResponse, now: float) -> RenderableType:

@@ -18,7 +18,7 @@ from orchestrator.dispatcher import Dispatcher
 from orchestrator.engine import ENDED_STATUSES, SagaState, Status
 from orchestrator.observability import Observability
 from orchestrator.store import EventRecord
-from orchestrator.views import STATUS_FROM_PB, STATUS_TO_PB, api_status, event_pb, saga_pb
+from orchestrator.views import STATUS_FROM_PB, STATUS_TO_PB, StatusTracker, api_status, event_pb, saga_pb
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
 from svckit.convert import address_from_pb, lines_from_pb, money_from_pb
@@ -254,6 +254,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             return
         try:
             read_store = True
+            tracker = StatusTracker()
             while True:
                 if read_store:
 
@@ -283,7 +284,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
                             # A gap: another replica wrote events in between; read them in order.
                             read_store = True
                             break
-                        yield pb.WatchSagaResponse(event=event_pb(event), status=api_status(saga))  # type: ignore[arg-type]
+                        view = event_pb(event)
+                        yield pb.WatchSagaResponse(event=view, status=tracker.after(view, api_status(saga)))
                         after = event.seq
                     if read_store:
                         break

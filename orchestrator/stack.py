@@ -58,8 +58,11 @@ class LocalStack:
             process = ManagedProcess(name, module, env, log_dir)
             self.services[name] = process
         try:
+            # The services start side by side: a stack is up in the time of its slowest process.
             for process in self.services.values():
-                process.start(timeout)
+                process.launch()
+            for process in self.services.values():
+                process.wait_ready(timeout)
             orchestrator_env = self._env("orchestrator", self.config.orchestrator_env)
             orchestrator_env["PORT"] = str(self.config.orchestrator_port)
             if self.config.orchestrator_database_url:

@@ -10,7 +10,15 @@ from orchestrator.store import EventRecord, PendingCommand
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 from svckit.convert import timestamp
 
-__all__ = ["STATUS_FROM_PB", "STATUS_TO_PB", "api_status", "event_pb", "saga_pb", "trace_id_of"]
+__all__ = [
+    "STATUS_FROM_PB",
+    "STATUS_TO_PB",
+    "StatusTracker",
+    "api_status",
+    "event_pb",
+    "saga_pb",
+    "trace_id_of",
+]
 
 STATUS_TO_PB: dict[str, Any] = {
     Status.RUNNING: pb.SAGA_STATUS_RUNNING,
@@ -133,3 +141,48 @@ def saga_pb(
     if include_history and events is not None:
         view.history.extend(event_pb(event) for event in events)
     return view
+
+
+_ENDING_EVENTS = {
+    "SagaCompleted": pb.SAGA_STATUS_COMPLETED,
+    "SagaCompensated": pb.SAGA_STATUS_COMPENSATED,
+    "SagaNeedsAttention": pb.SAGA_STATUS_NEEDS_ATTENTION,
+    "SagaTerminated": pb.SAGA_STATUS_TERMINATED,
+}
+
+
+class StatusTracker:
+    """The saga's status after each event, folded from the event types of its history in order.
+
+    Folding the history gives the status each event left behind, where the saga row only knows
+    the latest. Until SagaStarted is seen (a watch that starts part-way) the current status stands.
+    """
+
+    def __init__(self) -> None:
+        self._known = False
+        self._compensating = False
+        self._paused = False
+        self._ended: int | None = None
+
+    def after(self, event: pb.HistoryEvent, reported: Any) -> Any:
+        kind = event.type
+        if kind == "SagaStarted":
+            self._known = True
+        elif kind == "CompensationStarted":
+            self._compensating = True
+        elif kind == "SagaPaused":
+            self._paused = True
+        elif kind in ("SagaResumed", "SagaCancelRequested"):
+            self._paused = False
+        elif kind == "SagaRetried":
+            self._ended = None
+        elif kind in _ENDING_EVENTS:
+            self._ended = _ENDING_EVENTS[kind]
+            self._paused = False
+        if not self._known:
+            return reported
+        if self._ended is not None:
+            return self._ended
+        if self._paused:
+            return pb.SAGA_STATUS_PAUSED
+        return pb.SAGA_STATUS_COMPENSATING if self._compensating else pb.SAGA_STATUS_RUNNING

@@ -52,6 +52,12 @@ class ManagedProcess:
         return self.popen.pid if self.popen else None
 
     def start(self, timeout: float = 30.0) -> ManagedProcess:
+        """Launch the process and wait until it reports its port."""
+        self.launch()
+        return self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Launch the process without waiting; wait_ready() then waits for it."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
         with open(self.log_path, "ab") as log_file:
@@ -64,6 +70,8 @@ class ManagedProcess:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
+
+    def wait_ready(self, timeout: float = 30.0) -> ManagedProcess:
         self.port = self._wait_ready(timeout)
         return self
 

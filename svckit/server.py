@@ -174,11 +174,14 @@ async def run_server(
         server,
     )
     address = f"{settings.host}:{settings.port}"
-    port = (
-        server.add_secure_port(address, _server_credentials(settings))
-        if settings.tls_cert_file
-        else (server.add_insecure_port(address))
-    )
+    try:
+        port = (
+            server.add_secure_port(address, _server_credentials(settings))
+            if settings.tls_cert_file
+            else server.add_insecure_port(address)
+        )
+    except RuntimeError as error:
+        raise SystemExit(f"configuration error: cannot listen on {address} (HOST, PORT): {error}") from None
     await server.start()
     for name in [*service_names, ""]:
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
