@@ -27,6 +27,7 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
+from bench.cli import bench_command, chaos_command
 from orchestrator.client import (
     DEFAULT_ADDRESS,
     ENV_ADDRESS,
@@ -1176,6 +1177,11 @@ def terminate(
         _usage("terminate needs --reason: it is recorded in the saga's history")
     config = ClientConfig(address, token, ca_file, timeout)
     _operate("terminate", saga_ref, reason, status, saga_type, order, since, older_than, every, yes, as_json, config)
+
+
+# The benchmark and the chaos harness live in bench/ with their own dependencies.
+app.command("bench")(bench_command)
+app.command("chaos")(chaos_command)
 
 
 def main() -> None:

@@ -269,8 +269,6 @@ _LOAD_EVENTS = Prepared(
 )
 
 
-
-
 def append_events(saga: SagaState, events: Sequence[Event], rows: list[dict[str, Any]]) -> None:
     """Number the events after the saga's last one and add them to rows for one batched insert."""
     for event in events:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from google.protobuf.wrappers_pb2 import Int64Value, StringValue
-from sqlalchemy import Connection, event, func, insert, select, update
+from sqlalchemy import Connection, func, insert, select, update
 from sqlmodel import Field, SQLModel
 
 from svckit.db import Database
@@ -146,7 +146,8 @@ async def test_error_writing_the_record_rolls_back_the_effect(store: Idempotency
                 "BEGIN RAISE EXCEPTION 'record write failed'; END $$ LANGUAGE plpgsql"
             )
             connection.exec_driver_sql(
-                "CREATE TRIGGER refuse BEFORE INSERT ON idempotency_record FOR EACH ROW EXECUTE FUNCTION refuse_record()"
+                "CREATE TRIGGER refuse BEFORE INSERT ON idempotency_record "
+                "FOR EACH ROW EXECUTE FUNCTION refuse_record()"
             )
         else:
             connection.exec_driver_sql(

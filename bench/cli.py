@@ -1,0 +1,254 @@
+"""Command-line entry points of the benchmark and the chaos harness: `bench_command` and `chaos_command`.
+
+The `saga` CLI registers them as `saga bench` and `saga chaos`; `python -m bench.cli bench ...`
+and `python -m bench.cli chaos ...` run them without it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+__all__ = ["app", "bench_command", "chaos_command", "comparisons", "render_bench"]
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def comparisons(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets checked against one report: per load and round, orchestrator vs floor and peers."""
+    rows: list[dict[str, Any]] = []
+    by_key: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
+    for phase in report["phases"]:
+        load = phase["load"]
+        label = f"rate={load['rate']:g}/s" if load["rate"] else f"C={load['concurrency']}"
+        by_key.setdefault((label, phase["round"]), {})[phase["target"]] = phase
+    for (label, round_number), phases in by_key.items():
+        ours = phases.get("orchestrator")
+        if ours is None:
+            continue
+        row: dict[str, Any] = {"load": label, "round": round_number, "orchestrator_per_s": ours["completed_per_s"]}
+        floor = next((p for name, p in phases.items() if name.startswith("floor")), None)
+        if floor is not None and floor["completed_per_s"]:
+            row["floor_per_s"] = floor["completed_per_s"]
+            row["share_of_floor"] = round(ours["completed_per_s"] / floor["completed_per_s"], 3)
+            ours_p50, floor_p50 = ours["completion_latency"]["p50_ms"], floor["completion_latency"]["p50_ms"]
+            if ours_p50 is not None and floor_p50 is not None:
+                row["p50_above_floor_ms"] = round(ours_p50 - floor_p50, 3)
+        for name, phase in phases.items():
+            if name.startswith(("temporal", "dbos")) and phase["completed_per_s"]:
+                row[f"x_{name}"] = round(ours["completed_per_s"] / phase["completed_per_s"], 1)
+        rows.append(row)
+    return rows
+
+
+def render_bench(report: dict[str, Any], console: Console) -> None:
+    """The report as tables: throughput and latency per phase, then CPU and memory per process, then ratios."""
+    main = Table(title="Order saga: throughput and latency", title_justify="left")
+    for column in ("target", "load", "round", "sagas/s", "start p50/p95/p99 ms", "completion p50/p95/p99 ms"):
+        main.add_column(column, justify="left" if column in ("target", "load") else "right")
+    main.add_column("CPU ms/saga", justify="right")
+    main.add_column("other outcomes")
+    main.add_column("load avg", justify="right")
+    for phase in report["phases"]:
+        load = phase["load"]
+        label = f"rate={load['rate']:g}/s" if load["rate"] else f"C={load['concurrency']}"
+        start = phase["start_latency"]
+        done = phase["completion_latency"]
+        other = {k: v for k, v in phase["outcomes"].items() if k != "COMPLETED"}
+        main.add_row(
+            phase["target"],
+            label,
+            str(phase["round"]),
+            _fmt(phase["completed_per_s"]),
+            " / ".join(_fmt(start[k], 2) for k in ("p50_ms", "p95_ms", "p99_ms")) if start else "-",
+            " / ".join(_fmt(done[k], 2) for k in ("p50_ms", "p95_ms", "p99_ms")),
+            _fmt(phase["cpu_ms_per_saga_total"], 2),
+            ", ".join(f"{k}={v}" for k, v in other.items()) or "-",
+            f"{_fmt(phase['load_average_1m']['start'], 2)}→{_fmt(phase['load_average_1m']['end'], 2)}",
+        )
+    console.print(main)
+    procs = Table(title="Per process: CPU ms per completed saga, peak RSS (MiB), RSS start→end", title_justify="left")
+    for column in ("target", "load", "round", "process", "CPU ms/saga", "CPU % of a core", "peak RSS", "RSS"):
+        procs.add_column(column, justify="left" if column in ("target", "load", "process") else "right")
+    for phase in report["phases"]:
+        load = phase["load"]
+        label = f"rate={load['rate']:g}/s" if load["rate"] else f"C={load['concurrency']}"
+        for name, figures in phase["processes"].items():
+            share = figures["cpu_share_of_one_core"]
+            procs.add_row(
+                phase["target"],
+                label,
+                str(phase["round"]),
+                name,
+                _fmt(figures["cpu_ms_per_saga"], 3),
+                _fmt(share * 100 if share is not None else None, 0),
+                _fmt(figures["peak_rss_mib"]),
+                f"{_fmt(figures['rss_start_mib'])}→{_fmt(figures['rss_end_mib'])}",
+            )
+    console.print(procs)
+    rows = comparisons(report)
+    if rows:
+        ratios = Table(title="Orchestrator against the floor and the peers (same run)", title_justify="left")
+        keys = list(dict.fromkeys(k for row in rows for k in row))
+        for key in keys:
+            ratios.add_column(key, justify="right")
+        for row in rows:
+            ratios.add_row(*(str(row.get(key, "-")) for key in keys))
+        console.print(ratios)
+    for note in report.get("notes", []):
+        console.print(f"note: {note}")
+
+
+def _wide_console() -> Console:
+    """stdout, at least 160 columns wide when it is not a terminal (so a saved table is not cut)."""
+    return Console() if sys.stdout.isatty() else Console(width=160)
+
+
+def bench_command(
+    concurrency: Annotated[
+        str, typer.Option("--concurrency", "-c", help="closed loop: sagas in flight; several as 1,32")
+    ] = "32",
+    rate: Annotated[float, typer.Option(help="open loop: sagas started per second (replaces --concurrency)")] = 0.0,
+    duration: Annotated[float, typer.Option(help="seconds measured per phase")] = 10.0,
+    warmup: Annotated[float, typer.Option(help="seconds of load before each measured window")] = 2.0,
+    rounds: Annotated[int, typer.Option(help="times every target runs, alternating, per load")] = 1,
+    db: Annotated[str, typer.Option(help="orchestrator database: empty for SQLite, or postgresql+psycopg://...")] = "",
+    floor: Annotated[bool, typer.Option(help="also measure the four calls alone")] = True,
+    peers: Annotated[str, typer.Option(help="peer engines to run beside ours: temporal,dbos (needs .[bench])")] = "",
+    data_dir: Annotated[Path | None, typer.Option(help="where the stack keeps files and logs (default: temp)")] = None,
+    log_level: Annotated[str, typer.Option(help="LOG_LEVEL of every process")] = "WARNING",
+    json_output: Annotated[bool, typer.Option("--json", help="print the report as JSON instead of tables")] = False,
+    output: Annotated[Path | None, typer.Option(help="also write the JSON report to this file")] = None,
+) -> None:
+    """Benchmark the order saga through the orchestrator against the four calls alone (and peers).
+
+    Starts the local stack (four services and the orchestrator, SQLite files unless --db), then
+    for every load runs each target for a warm-up and a measured window, round after round.
+    Example: saga bench -c 1,32 --duration 10 --peers temporal
+    """
+    from bench.loadgen import BenchConfig, Load, run_benchmark
+
+    try:
+        levels = [int(part) for part in concurrency.split(",") if part.strip()]
+    except ValueError:
+        raise typer.BadParameter("must be integers separated by commas", param_hint="--concurrency") from None
+    if not levels or min(levels) < 1:
+        raise typer.BadParameter("must be at least 1", param_hint="--concurrency")
+    config = BenchConfig(
+        concurrencies=levels,
+        rate=rate or None,
+        duration=duration,
+        warmup=warmup,
+        rounds=rounds,
+        database_url=db,
+        data_dir=data_dir,
+        floor=floor,
+        peers=[p.strip() for p in peers.split(",") if p.strip()],
+        log_level=log_level,
+    )
+    err = Console(stderr=True)
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[done]} sagas"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=False,
+    ) as progress:
+
+        def on_phase(target: str, load: Load, round_number: int):  # type: ignore[no-untyped-def]
+            task = progress.add_task(f"{target:18s} {load.label:10s} round {round_number}", total=1.0, done=0)
+
+            def update(fraction: float, done: int) -> None:
+                progress.update(task, completed=fraction, done=done)
+
+            return update
+
+        err.print(f"load average before the run: {os.getloadavg()[0]:.2f} (1 min) on {os.cpu_count()} CPUs")
+        report = run_benchmark(config, on_phase).as_dict()
+    document = json.dumps(report, indent=2, allow_nan=False, default=str)
+    if output is not None:
+        output.write_text(document + "\n")
+    if json_output:
+        sys.stdout.write(document + "\n")
+    else:
+        render_bench(report, _wide_console())
+
+
+def chaos_command(
+    sagas: Annotated[int, typer.Option(help="sagas to run")] = 300,
+    orchestrator_kills: Annotated[int, typer.Option(help="kill -9 and restart the orchestrator this many times")] = 5,
+    service_kills: Annotated[int, typer.Option(help="then kill -9 and restart each service this many times")] = 1,
+    replica_kills: Annotated[int, typer.Option(help="with --db postgresql: kills of the second replica")] = 3,
+    db: Annotated[str, typer.Option(help="orchestrator database: empty for SQLite, or postgresql+psycopg://...")] = "",
+    concurrency: Annotated[int, typer.Option(help="PlaceOrder calls in flight at once")] = 16,
+    rate: Annotated[float, typer.Option(help="sagas placed per second (0: spread over the faults)")] = 0.0,
+    seed: Annotated[int, typer.Option(help="random seed of the outcome mix and the fault timing")] = 1,
+    drain_timeout: Annotated[float, typer.Option(help="seconds to wait for every saga to end")] = 180.0,
+    orchestrator: Annotated[
+        str, typer.Option(help="point at a running stack: orchestrator address (no process is killed)")
+    ] = "",
+    services: Annotated[
+        str, typer.Option(help="with --orchestrator: inventory=ADDR,payment=ADDR,shipping=ADDR,notify=ADDR")
+    ] = "",
+    data_dir: Annotated[Path | None, typer.Option(help="where the stack keeps files and logs (default: temp)")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+) -> None:
+    """Run sagas while killing processes, then check every invariant from the services' own records.
+
+    Exits 1 when any invariant is violated. Example: saga chaos --sagas 10000 --orchestrator-kills 20
+    """
+    from orchestrator.chaos import ChaosConfig, run_chaos
+
+    external: dict[str, str] = {}
+    if orchestrator:
+        external["orchestrator"] = orchestrator
+        for part in filter(None, (p.strip() for p in services.split(","))):
+            name, _, address = part.partition("=")
+            external[name.strip()] = address.strip()
+        missing = {"inventory", "payment", "shipping", "notify"} - set(external)
+        if missing:
+            raise typer.BadParameter(f"missing {', '.join(sorted(missing))}", param_hint="--services")
+    config = ChaosConfig(
+        sagas=sagas,
+        orchestrator_kills=orchestrator_kills,
+        service_kills=service_kills,
+        replica_kills=replica_kills,
+        database_url=db,
+        concurrency=concurrency,
+        rate=rate,
+        seed=seed,
+        drain_timeout=drain_timeout,
+        external=external,
+        data_dir=data_dir,
+    )
+    err = Console(stderr=True)
+    report = run_chaos(config, log=lambda line: err.print(line, highlight=False))
+    if json_output:
+        sys.stdout.write(json.dumps(report.as_dict(), indent=2) + "\n")
+    else:
+        _wide_console().print(report.render())
+    if report.violations:
+        raise typer.Exit(1)
+
+
+app = typer.Typer(help="Benchmark and chaos harness of the saga orchestrator.", no_args_is_help=True)
+app.command("bench")(bench_command)
+app.command("chaos")(chaos_command)
+
+
+if __name__ == "__main__":
+    app()
