@@ -25,8 +25,9 @@ from typing import Any, Protocol
 import grpc
 
 from bench.stats import LatencySummary, ProcessSample, clear_peak_rss, cpu_ms_per_item, read_process, summarize
+from orchestrator.demo import DEMO_ADDRESS
 from orchestrator.stack import LocalStack, StackConfig
-from sagasuite.common.v1.common_pb2 import Address, LineItem, Money
+from sagasuite.common.v1.common_pb2 import LineItem, Money
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
 
@@ -65,13 +66,7 @@ def bench_order(order_id: str) -> pb.PlaceOrderRequest:
         items=[LineItem(sku="BOOK-001", quantity=1), LineItem(sku="MUG-042", quantity=2)],
         amount=Money(currency_code="USD", minor_units=2599),
         payment_token="tok_visa",
-        shipping_address=Address(
-            recipient_name="Ada Lovelace",
-            street="12 Analytical Row",
-            city="London",
-            postal_code="N1 7AA",
-            country_code="GB",
-        ),
+        shipping_address=DEMO_ADDRESS,
     )
 
 

@@ -25,7 +25,6 @@ __all__ = [
 ]
 
 
-
 @dataclass(slots=True)
 class ReservationRecord:
     """A row of the reservation table."""

@@ -16,10 +16,18 @@ from sagasuite.common.v1.common_pb2 import Address, LineItem, Money
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
 
-__all__ = ["demo_orders", "run_demo"]
+__all__ = ["DEMO_ADDRESS", "demo_order", "demo_orders", "run_demo"]
 
 # The payment service fails the first two charges of any order whose id contains this text.
 TRANSIENT_MARK = "transient"
+# Where every demo, test and benchmark order is shipped.
+DEMO_ADDRESS = Address(
+    recipient_name="Ada Lovelace",
+    street="12 St James's Square",
+    city="London",
+    postal_code="SW1Y 4JH",
+    country_code="GB",
+)
 DEMO_FAULTS = {"payment": {"FAULTS": f"Charge:fail_first=2,order_contains={TRANSIENT_MARK}"}}
 
 
@@ -32,13 +40,7 @@ def demo_order(
         items=[LineItem(sku=sku, quantity=quantity)],
         amount=Money(currency_code="EUR", minor_units=2999 * quantity),
         payment_token=token,
-        shipping_address=Address(
-            recipient_name="Ada Lovelace",
-            street="12 St James's Square",
-            city="London",
-            postal_code="SW1Y 4JH",
-            country_code="GB",
-        ),
+        shipping_address=DEMO_ADDRESS,
     )
 
 

@@ -49,7 +49,6 @@ class LedgerEntryRecord:
     entry_id: int | None = None
 
 
-
 _PAYMENT: Table = PaymentRow.__table__  # type: ignore[attr-defined]
 _LEDGER: Table = LedgerEntryRow.__table__  # type: ignore[attr-defined]
 _PAYMENT_FIELDS = record_columns(PaymentRecord, _PAYMENT)

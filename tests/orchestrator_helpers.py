@@ -6,7 +6,7 @@ import asyncio
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +15,9 @@ from typing import Any
 import grpc
 import pytest
 
+from orchestrator.demo import DEMO_ADDRESS
 from orchestrator.stack import LocalStack, StackConfig
-from sagasuite.common.v1.common_pb2 import Address, LineItem, Money
+from sagasuite.common.v1.common_pb2 import LineItem, Money
 from sagasuite.inventory.v1 import inventory_service_pb2 as inventory_pb
 from sagasuite.inventory.v1 import inventory_service_pb2_grpc as inventory_grpc
 from sagasuite.notify.v1 import notify_service_pb2 as notify_pb
@@ -75,13 +76,7 @@ def order_request(
         items=[LineItem(sku=sku, quantity=quantity) for sku, quantity in items],
         amount=Money(currency_code=currency, minor_units=minor_units),
         payment_token=token,
-        shipping_address=Address(
-            recipient_name="Ada Lovelace",
-            street="12 Analytical Row",
-            city="London",
-            postal_code="N1 7AA",
-            country_code="GB",
-        ),
+        shipping_address=DEMO_ADDRESS,
         deadline_seconds=deadline_seconds,
     )
 
@@ -188,11 +183,16 @@ class BearerAuth(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClien
 
 
 @asynccontextmanager
-async def connect(stack: LocalStack, token: str = OPERATOR_TOKEN) -> AsyncIterator[Clients]:
-    """One channel per process, opened in the running test's event loop; orchestrator calls carry `token`."""
-    bearer: list[Any] = [BearerAuth(token)] if token else []
+async def connect(
+    stack: LocalStack, token: str = OPERATOR_TOKEN, interceptors: Sequence[Any] = ()
+) -> AsyncIterator[Clients]:
+    """One channel per process, opened in the running test's event loop; orchestrator calls carry
+    `token` and go through `interceptors` (a tracing client's, say)."""
+    orchestrator_interceptors: list[Any] = [*interceptors, *([BearerAuth(token)] if token else [])]
     channels = {
-        name: grpc.aio.insecure_channel(process.address, interceptors=bearer if name == "orchestrator" else None)
+        name: grpc.aio.insecure_channel(
+            process.address, interceptors=orchestrator_interceptors if name == "orchestrator" else None
+        )
         for name, process in stack.processes().items()
     }
     try:

@@ -12,8 +12,9 @@ from typing import TypeVar
 import grpc
 import pytest
 
+from orchestrator.demo import DEMO_ADDRESS
 from orchestrator.stack import LocalStack
-from sagasuite.common.v1.common_pb2 import Address, LineItem, Money
+from sagasuite.common.v1.common_pb2 import LineItem, Money
 from sagasuite.inventory.v1 import inventory_service_pb2 as inventory
 from sagasuite.inventory.v1 import inventory_service_pb2_grpc as inventory_grpc
 from sagasuite.notify.v1 import notify_service_pb2 as notify
@@ -81,13 +82,7 @@ def order_request(order_id: str, token: str = "tok_visa") -> pb.PlaceOrderReques
         items=LINES,
         amount=Money(currency_code="USD", minor_units=AMOUNT_MINOR),
         payment_token=token,
-        shipping_address=Address(
-            recipient_name="Ada Lovelace",
-            street="12 St James's Square",
-            city="London",
-            postal_code="SW1Y 4JH",
-            country_code="GB",
-        ),
+        shipping_address=DEMO_ADDRESS,
     )
 
 

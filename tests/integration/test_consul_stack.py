@@ -26,8 +26,8 @@ import grpc
 import pytest
 import requests
 
+from orchestrator.demo import demo_order
 from orchestrator.stack import SERVICES
-from sagasuite.common.v1.common_pb2 import Address, LineItem, Money
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as orch_pb
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2_grpc as orch_grpc
 from sagasuite.payment.v1 import payment_service_pb2 as pay_pb
@@ -274,20 +274,7 @@ class ConsulStack:
 
 
 def _order(order_id: str) -> orch_pb.PlaceOrderRequest:
-    return orch_pb.PlaceOrderRequest(
-        order_id=order_id,
-        customer_email="ada@example.com",
-        items=[LineItem(sku="BOOK-001", quantity=1)],
-        amount=Money(currency_code="EUR", minor_units=2999),
-        payment_token="tok_visa",
-        shipping_address=Address(
-            recipient_name="Ada Lovelace",
-            street="12 St James's Square",
-            city="London",
-            postal_code="SW1Y 4JH",
-            country_code="GB",
-        ),
-    )
+    return demo_order(order_id)
 
 
 def _describe(saga: orch_pb.Saga) -> str:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 
 import grpc
 import pytest
@@ -15,16 +15,21 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from orchestrator.stack import LocalStack, StackConfig
-from sagasuite.inventory.v1 import inventory_service_pb2_grpc as inventory_grpc
 from sagasuite.notify.v1 import notify_service_pb2 as notify_pb
 from sagasuite.notify.v1 import notify_service_pb2_grpc as notify_grpc
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
-from sagasuite.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
-from sagasuite.payment.v1 import payment_service_pb2_grpc as payment_grpc
 from sagasuite.shipping.v1 import shipping_service_pb2 as shipping_pb
-from sagasuite.shipping.v1 import shipping_service_pb2_grpc as shipping_grpc
 from svckit.launcher import ManagedProcess
-from tests.orchestrator_helpers import Clients, events, new_order_id, order_request, render, wait_for, wait_until
+from tests.orchestrator_helpers import (
+    Clients,
+    connect,
+    events,
+    new_order_id,
+    order_request,
+    render,
+    wait_for,
+    wait_until,
+)
 from tests.otlp_receiver import KIND_CLIENT, KIND_INTERNAL, KIND_SERVER, STATUS_ERROR, OtlpReceiver, ReceivedSpan
 
 CLIENT_SERVICE = "test-client"
@@ -68,26 +73,9 @@ def client_tracing(receiver: OtlpReceiver) -> Iterator[TracerProvider]:
     provider.shutdown()
 
 
-@asynccontextmanager
-async def traced_clients(stack: LocalStack, provider: TracerProvider) -> AsyncIterator[Clients]:
+def traced_clients(stack: LocalStack, provider: TracerProvider) -> AbstractAsyncContextManager[Clients]:
     """Stubs whose orchestrator channel traces its calls and sends the W3C traceparent."""
-    interceptors = aio_client_interceptors(tracer_provider=provider)
-    channels = {
-        name: grpc.aio.insecure_channel(process.address, interceptors=interceptors if name == "orchestrator" else None)
-        for name, process in stack.processes().items()
-    }
-    try:
-        yield Clients(
-            stack,
-            pb_grpc.OrchestratorServiceStub(channels["orchestrator"]),
-            inventory_grpc.InventoryServiceStub(channels["inventory"]),
-            payment_grpc.PaymentServiceStub(channels["payment"]),
-            shipping_grpc.ShippingServiceStub(channels["shipping"]),
-            notify_grpc.NotifyServiceStub(channels["notify"]),
-        )
-    finally:
-        for channel in channels.values():
-            await channel.close(None)
+    return connect(stack, token="", interceptors=aio_client_interceptors(tracer_provider=provider))
 
 
 class Tree:
