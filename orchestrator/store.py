@@ -229,7 +229,8 @@ def count_by_status(connection: Connection, created_after: float | None) -> dict
     return counts
 
 
-def completion_latencies(connection: Connection, created_after: float | None, limit: int = 100_000) -> list[float]:
+def completion_latencies(connection: Connection, created_after: float | None, limit: int = 10_000) -> list[float]:
+    """Completion times of the most recently ended sagas: percentiles over a recent window stay cheap."""
     conditions = [SAGA.c.ended_at.is_not(None)]
     if created_after is not None:
         conditions.append(SAGA.c.created_at >= created_after)
