@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -120,11 +121,23 @@ def classify(error: grpc.RpcError, address: str, timeout: float | None) -> Clien
     return ClientError(f"call failed ({label}): {message}", EXIT_FAILED, code, reason)
 
 
-def _credentials(ca_file: str) -> grpc.ChannelCredentials:
+def _read(path: str, what: str) -> bytes:
     try:
-        return grpc.ssl_channel_credentials(root_certificates=Path(ca_file).read_bytes())
+        return Path(path).read_bytes()
     except OSError as error:
-        raise ClientError(f"cannot read CA file {ca_file}: {error.strerror}", EXIT_USAGE) from None
+        raise ClientError(f"cannot read {what} {path}: {error.strerror}", EXIT_USAGE) from None
+
+
+def _credentials(ca_file: str) -> grpc.ChannelCredentials:
+    # An orchestrator that requires client certificates (mTLS) gets SAGA_CERT_FILE and SAGA_KEY_FILE.
+    cert_file, key_file = os.environ.get("SAGA_CERT_FILE", ""), os.environ.get("SAGA_KEY_FILE", "")
+    if bool(cert_file) != bool(key_file):
+        raise ClientError("SAGA_CERT_FILE and SAGA_KEY_FILE go together: set both or neither", EXIT_USAGE)
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(ca_file, "CA file"),
+        private_key=_read(key_file, "key file") if key_file else None,
+        certificate_chain=_read(cert_file, "certificate file") if cert_file else None,
+    )
 
 
 def open_channel(address: str, ca_file: str = "") -> grpc.Channel:

@@ -489,3 +489,29 @@ def test_up_runs_the_stack_until_ctrl_c_then_stops_every_process(
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_client_certificate_reaches_an_orchestrator_that_requires_one(start_process: Any, tmp_path: Path) -> None:
+    from svckit.devcerts import issue, make_ca
+
+    ca = make_ca("saga cli mtls CA")
+    ca_file = ca.write(tmp_path, "ca")[0]
+    cert_file, key_file = issue(ca, "orchestrator", ("localhost", "127.0.0.1")).write(tmp_path, "orchestrator")
+    client_cert, client_key = issue(ca, "operator", ("operator",)).write(tmp_path, "operator")
+    unused = {f"{name}_ADDR": "127.0.0.1:9" for name in ("INVENTORY", "PAYMENT", "SHIPPING", "NOTIFY")}
+    process = start_process(
+        "orchestrator",
+        TLS_CERT_FILE=str(cert_file),
+        TLS_KEY_FILE=str(key_file),
+        TLS_CLIENT_CA_FILE=str(ca_file),
+        DATA_DIR=str(tmp_path),
+        **unused,
+    )
+    base = {"SAGA_ADDRESS": process.address, "SAGA_CA_FILE": str(ca_file), "SAGA_TOKEN": None, "COLUMNS": "200"}
+    without = CliRunner().invoke(app, ["stats", "--json"], env={**base, "SAGA_CERT_FILE": None, "SAGA_KEY_FILE": None})
+    assert without.exit_code == 3, without.stderr
+    mutual = {**base, "SAGA_CERT_FILE": str(client_cert), "SAGA_KEY_FILE": str(client_key)}
+    stats = as_json(ok(CliRunner().invoke(app, ["stats", "--json"], env=mutual)))
+    assert stats["total"] == 0
+    half = CliRunner().invoke(app, ["stats"], env={**base, "SAGA_CERT_FILE": str(client_cert), "SAGA_KEY_FILE": None})
+    assert half.exit_code == 2 and "go together" in half.stderr
