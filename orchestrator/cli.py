@@ -1047,7 +1047,7 @@ All_ = Annotated[
     bool, typer.Option("--all", help="a batch of every saga the operation applies to", rich_help_panel=FILTERS)
 ]
 Yes_ = Annotated[bool, typer.Option("--yes", "-y", help="do not ask before a batch")]
-Reason_ = Annotated[str, typer.Option(help="why, recorded in the saga's history")]
+Reason_ = Annotated[str, typer.Option(help="why, recorded in the saga's history (terminate requires it)")]
 
 
 def _operation_epilog(operation: str, reason: str = "") -> str:
@@ -1064,119 +1064,77 @@ def _operation_epilog(operation: str, reason: str = "") -> str:
     )
 
 
-@app.command(epilog=_operation_epilog("retry"))
-@_reports_errors
-def retry(
-    saga_ref: SagaRef_ = None,
-    status: Statuses_ = None,
-    saga_type: Type_ = "",
-    order: Order_ = "",
-    since: Since_ = "",
-    older_than: OlderThan_ = "",
-    every: All_ = False,
-    yes: Yes_ = False,
-    as_json: Json_ = False,
-    address: Address_ = DEFAULT_ADDRESS,
-    token: Token_ = "",
-    ca_file: CaFile_ = "",
-    timeout: Timeout_ = 10.0,
+def _operation_command(
+    operation: str, summary: str, *, reason_example: str = "", reason_required: bool = False
 ) -> None:
-    """Run a saga that needs attention again from the step that failed."""
-    config = ClientConfig(address, token, ca_file, timeout)
-    _operate("retry", saga_ref, "", status, saga_type, order, since, older_than, every, yes, as_json, config)
+    """Register `saga <operation>`: one saga by ID, or a filtered batch; a reason where the call takes one."""
+    if reason_example:
+
+        def command(
+            saga_ref: SagaRef_ = None,
+            reason: Reason_ = "",
+            status: Statuses_ = None,
+            saga_type: Type_ = "",
+            order: Order_ = "",
+            since: Since_ = "",
+            older_than: OlderThan_ = "",
+            every: All_ = False,
+            yes: Yes_ = False,
+            as_json: Json_ = False,
+            address: Address_ = DEFAULT_ADDRESS,
+            token: Token_ = "",
+            ca_file: CaFile_ = "",
+            timeout: Timeout_ = 10.0,
+        ) -> None:
+            if reason_required and not reason.strip():
+                _usage(f"{operation} needs --reason: it is recorded in the saga's history")
+            config = ClientConfig(address, token, ca_file, timeout)
+            _operate(
+                operation, saga_ref, reason, status, saga_type, order, since, older_than, every, yes, as_json, config
+            )
+
+    else:
+
+        def command(  # type: ignore[misc]
+            saga_ref: SagaRef_ = None,
+            status: Statuses_ = None,
+            saga_type: Type_ = "",
+            order: Order_ = "",
+            since: Since_ = "",
+            older_than: OlderThan_ = "",
+            every: All_ = False,
+            yes: Yes_ = False,
+            as_json: Json_ = False,
+            address: Address_ = DEFAULT_ADDRESS,
+            token: Token_ = "",
+            ca_file: CaFile_ = "",
+            timeout: Timeout_ = 10.0,
+        ) -> None:
+            config = ClientConfig(address, token, ca_file, timeout)
+            _operate(operation, saga_ref, "", status, saga_type, order, since, older_than, every, yes, as_json, config)
+
+    command.__doc__ = summary
+    app.command(operation, epilog=_operation_epilog(operation, reason_example))(_reports_errors(command))
 
 
-@app.command(epilog=_operation_epilog("pause", " --reason 'payment provider incident'"))
-@_reports_errors
-def pause(
-    saga_ref: SagaRef_ = None,
-    reason: Reason_ = "",
-    status: Statuses_ = None,
-    saga_type: Type_ = "",
-    order: Order_ = "",
-    since: Since_ = "",
-    older_than: OlderThan_ = "",
-    every: All_ = False,
-    yes: Yes_ = False,
-    as_json: Json_ = False,
-    address: Address_ = DEFAULT_ADDRESS,
-    token: Token_ = "",
-    ca_file: CaFile_ = "",
-    timeout: Timeout_ = 10.0,
-) -> None:
-    """Hold a running (or compensating) saga after its current call, until it is resumed."""
-    config = ClientConfig(address, token, ca_file, timeout)
-    _operate("pause", saga_ref, reason, status, saga_type, order, since, older_than, every, yes, as_json, config)
-
-
-@app.command(epilog=_operation_epilog("resume"))
-@_reports_errors
-def resume(
-    saga_ref: SagaRef_ = None,
-    status: Statuses_ = None,
-    saga_type: Type_ = "",
-    order: Order_ = "",
-    since: Since_ = "",
-    older_than: OlderThan_ = "",
-    every: All_ = False,
-    yes: Yes_ = False,
-    as_json: Json_ = False,
-    address: Address_ = DEFAULT_ADDRESS,
-    token: Token_ = "",
-    ca_file: CaFile_ = "",
-    timeout: Timeout_ = 10.0,
-) -> None:
-    """Let a paused saga go on."""
-    config = ClientConfig(address, token, ca_file, timeout)
-    _operate("resume", saga_ref, "", status, saga_type, order, since, older_than, every, yes, as_json, config)
-
-
-@app.command(epilog=_operation_epilog("cancel", " --reason 'customer changed their mind'"))
-@_reports_errors
-def cancel(
-    saga_ref: SagaRef_ = None,
-    reason: Reason_ = "",
-    status: Statuses_ = None,
-    saga_type: Type_ = "",
-    order: Order_ = "",
-    since: Since_ = "",
-    older_than: OlderThan_ = "",
-    every: All_ = False,
-    yes: Yes_ = False,
-    as_json: Json_ = False,
-    address: Address_ = DEFAULT_ADDRESS,
-    token: Token_ = "",
-    ca_file: CaFile_ = "",
-    timeout: Timeout_ = 10.0,
-) -> None:
-    """Compensate a running saga now (only before its pivot step, the shipment, has succeeded)."""
-    config = ClientConfig(address, token, ca_file, timeout)
-    _operate("cancel", saga_ref, reason, status, saga_type, order, since, older_than, every, yes, as_json, config)
-
-
-@app.command(epilog=_operation_epilog("terminate", " --reason 'fixed by hand'"))
-@_reports_errors
-def terminate(
-    saga_ref: SagaRef_ = None,
-    reason: Annotated[str, typer.Option(help="why; required, recorded in the saga's history")] = "",
-    status: Statuses_ = None,
-    saga_type: Type_ = "",
-    order: Order_ = "",
-    since: Since_ = "",
-    older_than: OlderThan_ = "",
-    every: All_ = False,
-    yes: Yes_ = False,
-    as_json: Json_ = False,
-    address: Address_ = DEFAULT_ADDRESS,
-    token: Token_ = "",
-    ca_file: CaFile_ = "",
-    timeout: Timeout_ = 10.0,
-) -> None:
-    """Stop a saga where it stands, without compensating; the reason is recorded."""
-    if not reason.strip():
-        _usage("terminate needs --reason: it is recorded in the saga's history")
-    config = ClientConfig(address, token, ca_file, timeout)
-    _operate("terminate", saga_ref, reason, status, saga_type, order, since, older_than, every, yes, as_json, config)
+_operation_command("retry", "Run a saga that needs attention again from the step that failed.")
+_operation_command(
+    "pause",
+    "Hold a running (or compensating) saga after its current call, until it is resumed.",
+    reason_example=" --reason 'payment provider incident'",
+)
+_operation_command("resume", "Let a paused saga go on.")
+_operation_command(
+    "cancel",
+    "Compensate a running saga now (only before its pivot step, the shipment, has succeeded).",
+    reason_example=" --reason 'customer changed their mind'",
+)
+_operation_command(
+    "terminate",
+    "Stop a saga where it stands, without compensating; the reason is recorded.",
+    reason_example=" --reason 'fixed by hand'",
+    reason_required=True,
+)
 
 
 # The benchmark and the chaos harness live in bench/ with their own dependencies.
