@@ -37,7 +37,6 @@ __all__ = [
     "is_postgres",
     "is_retryable_conflict",
     "record_columns",
-    "rows_as_dicts",
     "savepoint",
 ]
 
@@ -353,9 +352,3 @@ def record_columns(record_class: Any, table: Any) -> tuple[str, ...]:
     if set(names) != set(table.c.keys()):
         raise RuntimeError(f"{record_class.__name__} fields {sorted(names)} differ from table {table.name} columns")
     return names
-
-
-def rows_as_dicts(cursor: Any) -> list[dict[str, Any]]:
-    """Rows of a DBAPI cursor as dicts keyed by column name."""
-    names = [column[0] for column in cursor.description]
-    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
