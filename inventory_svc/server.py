@@ -69,10 +69,9 @@ class InventoryServicer(pb_grpc.InventoryServiceServicer):
     @rpc(mutating=False)
     async def GetStock(self, request: pb.GetStockRequest, call: CallContext) -> pb.GetStockResponse:
         violations = Violations()
-        if len(request.skus) > MAX_LINES:
-            violations.add("skus", f"must hold at most {MAX_LINES} SKUs")
-        for index, sku in enumerate(request.skus):
-            violations.identifier(f"skus[{index}]", sku)
+        if violations.count("skus", request.skus, MAX_LINES):
+            for index, sku in enumerate(request.skus):
+                violations.identifier(f"skus[{index}]", sku)
         violations.raise_if_any()
         levels = await self._process.database.transaction(lambda c: service.stock_levels(c, list(request.skus)))
         return pb.GetStockResponse(

@@ -14,6 +14,7 @@ from orchestrator.dispatcher import Dispatcher
 from orchestrator.observability import Observability
 from orchestrator.order_saga import ORDER_SAGA
 from orchestrator.server import OrchestratorServicer
+from orchestrator.watch import WatchHub
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
 from svckit.channels import ChannelPool
@@ -111,6 +112,11 @@ async def serve(settings: OrchestratorSettings) -> None:
         )
         holder["dispatcher"] = dispatcher
         observability.bind(dispatcher)
+        # WatchSaga's streams: fed by this dispatcher's commits, and by one reader for other replicas'.
+        watches = WatchHub(
+            database, max_watchers=settings.max_watchers, read_interval=settings.watch_read_interval_seconds
+        )
+        dispatcher.feed_watches(watches)
         servicer = OrchestratorServicer(
             database,
             registry,
@@ -118,6 +124,7 @@ async def serve(settings: OrchestratorSettings) -> None:
             settings.default_saga_deadline_seconds,
             observability=observability,
             access=access,
+            watches=watches,
         )
         pb_grpc.add_OrchestratorServiceServicer_to_server(servicer, server)
         return add_services(server)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import os
 import re
@@ -169,10 +170,18 @@ class TokenSource:
         return found
 
 
-def _printable(value: str, limit: int = 100) -> str:
-    """A request value fit for one log line: safe characters kept, anything else replaced, length capped."""
-    text = "".join(c if c in _SAFE_ID else "?" for c in value[:limit])
-    return text or "-"
+def _quoted(value: str, limit: int = 100) -> str:
+    """A request value fit for one audit line, never mistaken for another field or line.
+
+    An id of safe characters is written as it is; anything else (empty, a space, "=", a newline...)
+    as a JSON string, every character past printable ASCII escaped, and cut to limit characters
+    with an ellipsis outside the quotes.
+    """
+    if value and len(value) <= limit and all(c in _SAFE_ID for c in value):
+        return value
+    return json.dumps(value[:limit], ensure_ascii=True).replace("\x7f", "\\u007f") + (
+        "\u2026" if len(value) > limit else ""
+    )
 
 
 def audit(
@@ -193,10 +202,10 @@ def audit(
         "audit actor=%s action=%s saga=%s outcome=%s%s peer=%s",
         actor or "-",
         action,
-        _printable(saga_id),
+        _quoted(saga_id),
         outcome,
         detail,
-        _printable(peer, 80),
+        _quoted(peer, 80),
     )
 
 

@@ -27,6 +27,11 @@ class OrchestratorSettings(ServiceSettings):
     outbox_metrics_interval_seconds: float = Field(
         5.0, gt=0, description="how often the outbox depth gauges are refreshed (with METRICS_PORT set)"
     )
+    # WatchSaga (orchestrator/watch.py): streams per process; how often other replicas' commits are looked for.
+    max_watchers: int = Field(1000, ge=1, description="WatchSaga streams open at once; more: RESOURCE_EXHAUSTED")
+    watch_read_interval_seconds: float = Field(
+        0.5, gt=0, description="how often one shared query looks for other replicas' events of watched sagas"
+    )
     # Access control (orchestrator/auth.py): bearer tokens as name:token[:role], comma-separated.
     operator_tokens: str = Field("", description="name:token[:role],... allowed to call the API (see auth.py)")
     operator_tokens_file: str = Field("", description="file of name:token[:role] lines, re-read when it changes")

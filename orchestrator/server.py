@@ -2,57 +2,91 @@
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
+import json
 import logging
 import math
+import re
 from collections.abc import AsyncIterator
 
 import grpc
 from google.protobuf import any_pb2
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from orchestrator import store
 from orchestrator.auth import AccessControl, TokenSource, audit
 from orchestrator.definition import DefinitionRegistry, SagaDefinition
 from orchestrator.dispatcher import Dispatcher
-from orchestrator.engine import ENDED_STATUSES, SagaState, Status
+from orchestrator.engine import SagaState
 from orchestrator.observability import Observability
 from orchestrator.store import EventRecord
 from orchestrator.views import STATUS_FROM_PB, STATUS_TO_PB, StatusTracker, api_status, event_pb, saga_pb
+from orchestrator.watch import WatchHub
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
 from svckit.convert import address_from_pb, lines_from_pb, money_from_pb
 from svckit.db import Database
 from svckit.errors import DomainError, InvalidArgument, NotFound, RetryableError, status_from_error
 from svckit.server import CallContext, rpc
-from svckit.validation import Violations
+from svckit.validation import Violations, quote
 
 __all__ = ["OrchestratorServicer", "validate_place_order"]
 
 log = logging.getLogger("sagasuite.orchestrator")
 
+# The orchestrator's own limits; docs/limits.md lists them with the shared ones of svckit.validation.
 MAX_DEADLINE_SECONDS = 7 * 24 * 3600
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
-# Statuses after which a watched saga makes no progress without an operator.
-_WATCH_STOP = ENDED_STATUSES | {Status.NEEDS_ATTENTION}
+MAX_SAGA_TYPE_LENGTH = 100
+MAX_BUSINESS_KEY_LENGTH = 200
+MAX_OPERATOR_REASON_LENGTH = 500
+MAX_STATUS_FILTERS = 16
+MAX_PAGE_TOKEN_LENGTH = 100
+MAX_TYPE_URL_LENGTH = 256
+# A saga's input is stored with it and read for every step: PlaceOrder's request, or StartSaga's
+# packed input, serialized. A valid order is far smaller (about 12 KiB with every field at its limit).
+MAX_SAGA_INPUT_BYTES = 64 * 1024
+# "<created_at as repr(float)>_<saga_id>", as ListSagas writes next_page_token.
+_PAGE_TOKEN = re.compile(r"([0-9]+(?:\.[0-9]+)?(?:e[-+]?[0-9]+)?)_([A-Za-z0-9][A-Za-z0-9._:\-]{0,63})")
 
 
 def validate_place_order(request: pb.PlaceOrderRequest) -> None:
+    """Refuse an order that any participant would refuse: the services' own rules from svckit.validation,
+    on every field the saga forwards, so a participant never meets input it cannot take."""
     violations = Violations()
     violations.identifier("order_id", request.order_id)
     violations.email("customer_email", request.customer_email)
     violations.lines("items", lines_from_pb(request.items))
     violations.money("amount", money_from_pb(request, "amount"))
-    violations.text("payment_token", request.payment_token, required=True, max_length=128)
+    violations.payment_token("payment_token", request.payment_token)
     violations.address("shipping_address", address_from_pb(request, "shipping_address"))
     _deadline(violations, request.deadline_seconds)
     violations.raise_if_any()
+    # Each field is bounded above, so this holds for any valid order (its unknown fields are
+    # dropped on arrival, svckit.server.RequestGuard); it bounds what is stored should either change.
+    _input_size("request", request.ByteSize())
+
+
+def _input_size(field_name: str, size: int) -> None:
+    if size > MAX_SAGA_INPUT_BYTES:
+        raise InvalidArgument.of(field_name, f"must be at most {MAX_SAGA_INPUT_BYTES} bytes serialized, got {size}")
 
 
 def _deadline(violations: Violations, seconds: int) -> None:
     if seconds < 0 or seconds > MAX_DEADLINE_SECONDS:
         violations.add("deadline_seconds", f"must be within 0..{MAX_DEADLINE_SECONDS} (0 means the default)")
+
+
+def _created_bound(violations: Violations, owner: Message, field_name: str) -> float | None:
+    """A Timestamp filter as seconds since the epoch, None when unset; out of range is a violation."""
+    if not owner.HasField(field_name):
+        return None
+    stamp = getattr(owner, field_name)
+    violations.timestamp(field_name, stamp)
+    if violations.failed(f"{field_name}.seconds") or violations.failed(f"{field_name}.nanos"):
+        return None
+    return stamp.seconds + stamp.nanos / 1e9
 
 
 def _saga_id(value: str) -> str:
@@ -65,14 +99,12 @@ def _saga_id(value: str) -> str:
 def _page_token(token: str) -> tuple[float, str] | None:
     if not token:
         return None
-    created_at, _, saga_id = token.partition("_")
-    try:
-        value = float(created_at)
-    except ValueError:
-        value = math.nan
-    if not saga_id or math.isnan(value):
+    # Length and shape first: the saga id part goes into a query, and PostgreSQL refuses a NUL there.
+    found = _PAGE_TOKEN.fullmatch(token) if len(token) <= MAX_PAGE_TOKEN_LENGTH else None
+    value = float(found.group(1)) if found is not None else math.nan
+    if found is None or not math.isfinite(value):
         raise InvalidArgument.of("page_token", "is not a token returned by a previous page")
-    return value, saga_id
+    return value, found.group(2)
 
 
 class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
@@ -87,6 +119,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         *,
         observability: Observability | None = None,
         access: AccessControl | None = None,
+        watches: WatchHub | None = None,
     ) -> None:
         self._database = database
         self._registry = registry
@@ -95,6 +128,10 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         self._observability = observability
         # Without one, operator calls are refused (no token configured) and everything else is open.
         self._access = access if access is not None else AccessControl(TokenSource())
+        if watches is None:
+            watches = WatchHub(database)
+            dispatcher.feed_watches(watches)
+        self._watches = watches
 
     # -- starting ----------------------------------------------------------------------------
 
@@ -125,30 +162,46 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         self._access.authorize(call.grpc_context, "start", "PlaceOrder")
         validate_place_order(request)
         definition = self._registry.latest("OrderSaga")
-        saga, created = await self._start(definition, request.order_id, request, request.deadline_seconds, call)
+        business_key = definition.business_key_of(request)
+        saga, created = await self._start(definition, business_key, request, request.deadline_seconds, call)
         return pb.PlaceOrderResponse(saga_id=saga.saga_id, status=api_status(saga), created=created)  # type: ignore[arg-type]
 
     @rpc(mutating=False)
     async def StartSaga(self, request: pb.StartSagaRequest, call: CallContext) -> pb.StartSagaResponse:
         self._access.authorize(call.grpc_context, "start", "StartSaga")
         violations = Violations()
-        violations.text("saga_type", request.saga_type, required=True, max_length=100)
-        violations.text("business_key", request.business_key, required=True, max_length=200)
+        violations.text("saga_type", request.saga_type, required=True, max_length=MAX_SAGA_TYPE_LENGTH)
+        violations.text("business_key", request.business_key, required=True, max_length=MAX_BUSINESS_KEY_LENGTH)
         _deadline(violations, request.deadline_seconds)
         if not request.HasField("input"):
             violations.add("input", "is required")
+        elif len(request.input.type_url) > MAX_TYPE_URL_LENGTH:
+            violations.add("input", f"type_url must be at most {MAX_TYPE_URL_LENGTH} characters")
+        elif len(request.input.value) > MAX_SAGA_INPUT_BYTES:
+            violations.add(
+                "input", f"must be at most {MAX_SAGA_INPUT_BYTES} bytes serialized, got {len(request.input.value)}"
+            )
         violations.raise_if_any()
         try:
             definition = self._registry.latest(request.saga_type)
         except LookupError:
             known = ", ".join(self._registry.names())
-            raise InvalidArgument.of("saga_type", f"unknown saga type {request.saga_type!r}; known: {known}") from None
+            raise InvalidArgument.of(
+                "saga_type", f"unknown saga type {quote(request.saga_type)}; known: {known}"
+            ) from None
         message = definition.input_type()
         if not _unpack(request.input, message):
             expected = definition.input_type.DESCRIPTOR.full_name
-            raise InvalidArgument.of("input", f"must be a packed {expected}, got {request.input.type_url!r}")
+            raise InvalidArgument.of("input", f"must be a packed {expected}, got {quote(request.input.TypeName(), 96)}")
         if isinstance(message, pb.PlaceOrderRequest):
             validate_place_order(message)
+        else:
+            # A definition's own input type: no rules known here beyond what every field must satisfy.
+            contents = Violations()
+            contents.contents("", message)
+            contents.raise_if_any()
+        # One input entity, one saga: a key other than the one the input derives is refused.
+        definition.check_business_key(request.business_key, message)
         saga, created = await self._start(definition, request.business_key, message, request.deadline_seconds, call)
         return pb.StartSagaResponse(
             saga_id=saga.saga_id,
@@ -189,9 +242,14 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         violations = Violations()
         if request.page_size < 0 or request.page_size > MAX_PAGE_SIZE:
             violations.add("page_size", f"must be within 0..{MAX_PAGE_SIZE}")
-        for index, status in enumerate(request.statuses):
-            if status not in STATUS_FROM_PB:
-                violations.add(f"statuses[{index}]", f"unknown status {status}")
+        if violations.count("statuses", request.statuses, MAX_STATUS_FILTERS):
+            for index, status in enumerate(request.statuses):
+                if status not in STATUS_FROM_PB:
+                    violations.add(f"statuses[{index}]", f"unknown status {status}")
+        violations.text("saga_type", request.saga_type, required=False, max_length=MAX_SAGA_TYPE_LENGTH)
+        violations.text("business_key", request.business_key, required=False, max_length=MAX_BUSINESS_KEY_LENGTH)
+        created_after = _created_bound(violations, request, "created_after")
+        created_before = _created_bound(violations, request, "created_before")
         violations.raise_if_any()
         after = _page_token(request.page_token)
         names = {STATUS_FROM_PB[s] for s in request.statuses}
@@ -200,8 +258,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             include_paused="PAUSED" in names,
             saga_type=request.saga_type,
             business_key=request.business_key,
-            created_after=request.created_after.ToNanoseconds() / 1e9 if request.HasField("created_after") else None,
-            created_before=request.created_before.ToNanoseconds() / 1e9 if request.HasField("created_before") else None,
+            created_after=created_after,
+            created_before=created_before,
         )
         if names and not saga_filter.statuses and not saga_filter.include_paused:
             return pb.ListSagasResponse()
@@ -216,7 +274,9 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
     @rpc(mutating=False)
     async def GetSagaStats(self, request: pb.GetSagaStatsRequest, call: CallContext) -> pb.GetSagaStatsResponse:
         self._access.authorize(call.grpc_context, "read", "GetSagaStats")
-        created_after = request.created_after.ToNanoseconds() / 1e9 if request.HasField("created_after") else None
+        violations = Violations()
+        created_after = _created_bound(violations, request, "created_after")
+        violations.raise_if_any()
 
         def work(connection):  # type: ignore[no-untyped-def]
             return (
@@ -246,61 +306,24 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             saga_id = _saga_id(request.saga_id)
             if request.after_seq < 0:
                 raise InvalidArgument.of("after_seq", "must not be negative")
-            after = request.after_seq
-            watch = self._dispatcher.watch(saga_id)
+            # Valid requests only take a slot; past MAX_WATCHERS this raises WatchersExhausted.
+            subscription = self._watches.subscribe(saga_id)
         except DomainError as error:
             failure = status_from_error(error)
             await context.abort(failure.code, failure.details, failure.trailing_metadata)  # type: ignore[attr-defined]
             return
         try:
-            read_store = True
             tracker = StatusTracker()
-            while True:
-                if read_store:
-
-                    def work(connection, since=after):  # type: ignore[no-untyped-def]
-                        saga = store.load_sagas(connection, [saga_id]).get(saga_id)
-                        # The saga row numbers its last event: read the history only when it grew.
-                        if saga is None or saga.event_seq <= since:
-                            return saga, []
-                        return saga, store.load_events(connection, saga_id, since)
-
-                    watch.take()  # what the read below returns supersedes anything queued
-                    saga, events = await self._database.transaction(work)
-                    if saga is None:
-                        refusal = NotFound("SAGA_NOT_FOUND", f"no saga {saga_id}", {"saga_id": saga_id})
-                        failure = status_from_error(refusal)
-                        await context.abort(failure.code, failure.details, failure.trailing_metadata)  # type: ignore[attr-defined]
-                        return
-                    updates = [(saga, events)]
-                else:
-                    updates = watch.take()
-                read_store = False
-                for saga, events in updates:
-                    for event in events:
-                        if event.seq <= after:
-                            continue
-                        if event.seq != after + 1:
-                            # A gap: another replica wrote events in between; read them in order.
-                            read_store = True
-                            break
-                        view = event_pb(event)
-                        yield pb.WatchSagaResponse(event=view, status=tracker.after(view, api_status(saga)))
-                        after = event.seq
-                    if read_store:
-                        break
-                if read_store:
-                    continue
-                if saga.status in _WATCH_STOP and not saga.paused:
-                    return
-                # Commits of this replica arrive through the watch; another replica's only in
-                # the store, so look there after a while without news.
-                try:
-                    await asyncio.wait_for(watch.changed.wait(), 0.5)
-                except TimeoutError:
-                    read_store = True
+            async with contextlib.aclosing(subscription.events(request.after_seq)) as updates:
+                async for saga, event in updates:
+                    view = event_pb(event)
+                    yield pb.WatchSagaResponse(event=view, status=tracker.after(view, api_status(saga)))
+        except (DomainError, RetryableError) as error:
+            failure = status_from_error(error)
+            await context.abort(failure.code, failure.details, failure.trailing_metadata)  # type: ignore[attr-defined]
         finally:
-            self._dispatcher.unwatch(saga_id, watch)
+            # Ended, refused or cancelled by the client: the slot is free again.
+            subscription.close()
 
     # -- operating ---------------------------------------------------------------------------
 
@@ -319,7 +342,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             audit(actor, operation, saga_id, "failed", peer=context.peer(), error=error)
             raise
         audit(actor, operation, saga_id, "ok", peer=context.peer())
-        log.info("operator %s: %s saga %s %s", actor, operation, saga_id, reason)
+        log.info("operator %s: %s saga %s reason=%s", actor, operation, saga_id, json.dumps(reason[:200]))
         return await self._view(saga_id, include_history=False)
 
     @rpc(mutating=False)
@@ -343,12 +366,12 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
     @rpc(mutating=False)
     async def TerminateSaga(self, request: pb.TerminateSagaRequest, call: CallContext) -> pb.TerminateSagaResponse:
         saga = await self._operate("terminate", request.saga_id, call, request.reason, reason_required=True)
-        return pb.TerminateSagaResponse(saga=saga)
+        return pb.TerminateSagaResponse(saga=saga, steps_maybe_applied=saga.steps_maybe_applied)
 
 
 def _reason(reason: str, *, required: bool) -> None:
     violations = Violations()
-    violations.text("reason", reason, required=required, max_length=500)
+    violations.text("reason", reason, required=required, max_length=MAX_OPERATOR_REASON_LENGTH)
     violations.raise_if_any()
 
 

@@ -26,7 +26,7 @@ from sqlalchemy import Connection
 from payment_svc import store
 from payment_svc.store import LedgerEntryRecord, PaymentRecord
 from svckit.errors import FailedPrecondition, NotFound
-from svckit.validation import Money, Violations
+from svckit.validation import MAX_PAYMENT_TOKEN_LENGTH, PAYMENT_TOKEN_PREFIX, Money, Violations
 
 __all__ = [
     "CHARGE",
@@ -55,8 +55,8 @@ __all__ = [
 CHARGED, REFUNDED, TOMBSTONE = "CHARGED", "REFUNDED", "TOMBSTONE"
 CHARGE, REFUND = "CHARGE", "REFUND"
 
-TOKEN_PREFIX = "tok_"
-MAX_TOKEN_LENGTH = 128
+TOKEN_PREFIX = PAYMENT_TOKEN_PREFIX
+MAX_TOKEN_LENGTH = MAX_PAYMENT_TOKEN_LENGTH
 # Test tokens that decline, with the refusal reason and message each one produces.
 DECLINING_TOKENS: dict[str, tuple[str, str]] = {
     "tok_declined": ("CARD_DECLINED", "the card was declined"),
@@ -127,12 +127,8 @@ def validate_charge(order_id: str, amount: Money | None, payment_token: str) -> 
     violations = Violations()
     violations.identifier("order_id", order_id)
     violations.money("amount", amount)
-    if not payment_token:
-        violations.add("payment_token", "is required")
-    elif len(payment_token) > MAX_TOKEN_LENGTH:
-        violations.add("payment_token", f"must be at most {MAX_TOKEN_LENGTH} characters")
-    elif not payment_token.startswith(TOKEN_PREFIX):
-        violations.add("payment_token", f"must be a payment token starting with {TOKEN_PREFIX!r}")
+    # The rule lives in svckit, so the orchestrator refuses what this service would refuse.
+    violations.payment_token("payment_token", payment_token)
     violations.raise_if_any()
 
 

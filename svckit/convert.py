@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from sagasuite.common.v1 import common_pb2
-from svckit.validation import Line, Money, PostalAddress
+from svckit.validation import MAX_LINES, Line, Money, PostalAddress
 
 __all__ = [
     "address_from_pb",
@@ -21,8 +21,10 @@ __all__ = [
 ]
 
 
-def lines_from_pb(items: Iterable[common_pb2.LineItem]) -> list[Line]:
-    return [Line(item.sku, item.quantity) for item in items]
+def lines_from_pb(items: Sequence[common_pb2.LineItem]) -> list[Line]:
+    """The lines, but no more than MAX_LINES + 1 of them: validation refuses a longer list by its length
+    either way, and a request of half a million empty lines then costs no half a million objects."""
+    return [Line(item.sku, item.quantity) for item in items[: MAX_LINES + 1]]
 
 
 def lines_to_pb(lines: Sequence[Line]) -> list[common_pb2.LineItem]:

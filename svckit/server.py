@@ -3,28 +3,33 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import inspect
 import logging
 import signal
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import any_pb2, descriptor_pool, message_factory
+from google.protobuf.descriptor import Descriptor
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 
 from svckit.config import ServiceSettings
-from svckit.errors import DomainError, InvalidArgument, RetryableError, status_from_error
+from svckit.errors import DomainError, InvalidArgument, MalformedRequest, RetryableError, status_from_error
 from svckit.faults import FaultInjector, parse_faults
 from svckit.metrics import RpcMetrics, serve_metrics
 from svckit.telemetry import configure_tracing, server_interceptors, shutdown_tracing
 
-__all__ = ["IDEMPOTENCY_HEADER", "CallContext", "RpcServer", "rpc", "run_server"]
+__all__ = ["IDEMPOTENCY_HEADER", "CallContext", "RequestGuard", "RpcServer", "rpc", "run_server"]
 
 IDEMPOTENCY_HEADER = "idempotency-key"
 _MAX_KEY_LENGTH = 200
@@ -143,6 +148,220 @@ def rpc(*, mutating: bool) -> Callable[[Callable[..., Awaitable[Any]]], Callable
     return decorate
 
 
+class _Malformed:
+    """What a guarded deserializer returns for bytes that are not a valid request message."""
+
+
+_MALFORMED = _Malformed()
+
+
+class RequestGuard(grpc.aio.ServerInterceptor):
+    """Refuses request bytes that are not a valid message, and drops unknown fields from those that are.
+
+    grpc decodes a request with the handler's deserializer before any servicer code runs, so a
+    decoding failure (not protobuf at all, a truncated field, invalid UTF-8 in a string, groups
+    nested past the parser's limit) would otherwise come back as UNKNOWN with an ERROR traceback
+    from grpc itself. Here the deserializer of every method, health and reflection included,
+    returns a marker instead, and the method answers it with INVALID_ARGUMENT (MalformedRequest).
+    A decoded request loses its unknown fields, those of messages packed in its Any fields too, so
+    nothing a client adds beyond the contract is ever stored, hashed or forwarded. Async handlers
+    of all four kinds are guarded; a streaming request is checked message by message as the
+    handler iterates it (a handler calling context.read() itself would see the marker).
+    """
+
+    def __init__(self) -> None:
+        # method path -> (the handler found, its guarded copy): a method's handler is built once.
+        self._guarded: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler  # no such method: grpc answers UNIMPLEMENTED
+        method = handler_call_details.method
+        method = method.decode() if isinstance(method, bytes) else method
+        known = self._guarded.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        guarded = _guard(handler, method)
+        self._guarded[method] = (handler, guarded)
+        return guarded
+
+
+def _guard(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """handler with a deserializer that never raises and a behaviour that refuses what it could not decode."""
+    behavior, factory = _behavior_and_factory(handler)
+    deserializer = handler.request_deserializer
+    if deserializer is None or not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
+        # Raw bytes cannot be malformed; a synchronous handler runs in grpc's thread pool, and none is served here.
+        return handler
+    assert behavior is not None  # checked just above
+    handle: Callable[..., Any] = behavior
+    message_name = _request_message_name(deserializer, method)
+    decode = _tolerant(deserializer)
+
+    async def refuse(context: grpc.aio.ServicerContext) -> None:
+        await _refuse_malformed(context, method, message_name)
+
+    guarded: Callable[..., Any]
+    if handler.request_streaming:
+
+        async def checked(requests: AsyncIterable[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async for request in requests:
+                if request is _MALFORMED:
+                    await refuse(context)
+                yield request
+
+        if inspect.isasyncgenfunction(behavior):
+
+            async def guarded(requests: AsyncIterable[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                async with contextlib.aclosing(handle(checked(requests, context), context)) as responses:
+                    async for response in responses:
+                        yield response
+
+        else:
+
+            async def guarded(requests: AsyncIterable[Any], context: grpc.aio.ServicerContext) -> Any:
+                return await handle(checked(requests, context), context)
+
+    elif inspect.isasyncgenfunction(behavior):
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if request is _MALFORMED:
+                await refuse(context)
+                return
+            # aclosing: a cancelled or abandoned call closes the handler's generator at once.
+            async with contextlib.aclosing(handle(request, context)) as responses:
+                async for response in responses:
+                    yield response
+
+    else:
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if request is _MALFORMED:
+                await refuse(context)
+            return await handle(request, context)
+
+    return factory(guarded, request_deserializer=decode, response_serializer=handler.response_serializer)
+
+
+def _behavior_and_factory(handler: grpc.RpcMethodHandler) -> tuple[Callable[..., Any] | None, Callable[..., Any]]:
+    if handler.request_streaming and handler.response_streaming:
+        return handler.stream_stream, grpc.stream_stream_rpc_method_handler
+    if handler.request_streaming:
+        return handler.stream_unary, grpc.stream_unary_rpc_method_handler
+    if handler.response_streaming:
+        return handler.unary_stream, grpc.unary_stream_rpc_method_handler
+    return handler.unary_unary, grpc.unary_unary_rpc_method_handler
+
+
+def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """deserializer returning _MALFORMED where it would raise, and messages without unknown fields."""
+
+    def decode(raw: bytes) -> Any:
+        try:
+            request = deserializer(raw)
+        except (DecodeError, ValueError, RecursionError):
+            # upb raises DecodeError for every kind; the pure-Python parser also these two.
+            return _MALFORMED
+        if isinstance(request, Message):
+            _discard_unknown_fields(request)
+        return request
+
+    return decode
+
+
+def _discard_unknown_fields(message: Message, depth: int = 0) -> None:
+    """Drop message's unknown fields, nested ones included, and those of every message packed in an Any in it.
+
+    DiscardUnknownFields() stops at an Any (its value is bytes), so a packed message known to this
+    process is decoded, cleaned and packed again; one that does not decode is left for its handler
+    to refuse when it unpacks it.
+    """
+    message.DiscardUnknownFields()
+    if depth >= _MAX_ANY_DEPTH or not _holds_any(message.DESCRIPTOR):
+        return
+    for packed in _packed_messages(message):
+        try:
+            descriptor = descriptor_pool.Default().FindMessageTypeByName(packed.TypeName())
+            inner = message_factory.GetMessageClass(descriptor)()
+            inner.ParseFromString(packed.value)
+        except (KeyError, DecodeError, ValueError, RecursionError):
+            continue
+        _discard_unknown_fields(inner, depth + 1)
+        if inner.ByteSize() != len(packed.value):
+            packed.value = inner.SerializeToString(deterministic=True)
+
+
+# An Any in a message packed in an Any... cleaned this many levels down; the parser's own nesting
+# limit bounds what can arrive anyway.
+_MAX_ANY_DEPTH = 8
+
+
+@functools.cache
+def _holds_any(descriptor: Descriptor) -> bool:
+    """Whether a message of this type can hold a google.protobuf.Any, at any depth (worked out once per type)."""
+    seen: set[str] = set()
+    pending = [descriptor]
+    while pending:
+        current = pending.pop()
+        if current.full_name == any_pb2.Any.DESCRIPTOR.full_name:
+            return True
+        if current.full_name not in seen:
+            seen.add(current.full_name)
+            pending.extend(f.message_type for f in current.fields if f.message_type is not None)
+    return False
+
+
+def _packed_messages(message: Message) -> Iterator[any_pb2.Any]:
+    """Every Any set in message, at any depth, map values included."""
+    for field_descriptor, value in message.ListFields():
+        field_type = field_descriptor.message_type
+        if field_type is None or not _holds_any(field_type):
+            continue
+        if field_type.GetOptions().map_entry:
+            if field_type.fields_by_name["value"].message_type is None:
+                continue
+            values = list(value.values())
+        else:
+            values = list(value) if field_descriptor.is_repeated else [value]
+        for nested in values:
+            if isinstance(nested, any_pb2.Any):
+                yield nested
+            else:
+                yield from _packed_messages(nested)
+
+
+def _request_message_name(deserializer: Callable[[bytes], Any], method: str) -> str:
+    """The full name of the message deserializer decodes (generated ones are Message.FromString)."""
+    descriptor = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    if descriptor is not None and hasattr(descriptor, "full_name"):
+        return str(descriptor.full_name)
+    service_name, _, method_name = method.lstrip("/").partition("/")
+    try:
+        service = descriptor_pool.Default().FindServiceByName(service_name)
+        return str(service.methods_by_name[method_name].input_type.full_name)
+    except KeyError:
+        return "request message"
+
+
+async def _refuse_malformed(context: grpc.aio.ServicerContext, method: str, message_name: str) -> None:
+    """Abort the call with INVALID_ARGUMENT; logged like any other refusal, at INFO, with no traceback."""
+    short_name = method.rsplit("/", 1)[-1]
+    log.info("method=%s key=- code=INVALID_ARGUMENT ms=0.0 request is not a valid %s", short_name, message_name)
+    for observer in RpcServer.observers:
+        observer(short_name, grpc.StatusCode.INVALID_ARGUMENT.name, 0.0, False)
+    failure = status_from_error(MalformedRequest(message_name))
+    await context.abort(
+        failure.code,
+        failure.details,
+        trailing_metadata=failure.trailing_metadata,
+    )
+
+
 async def run_server(
     settings: ServiceSettings,
     add_services: Callable[[grpc.aio.Server], Sequence[str]],
@@ -165,7 +384,8 @@ async def run_server(
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(options=options, interceptors=server_interceptors() or None)
+    # The tracing interceptor goes first, so a refused malformed request still has its server span.
+    server = grpc.aio.server(options=options, interceptors=[*server_interceptors(), RequestGuard()])
     service_names = list(add_services(server))
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
