@@ -193,11 +193,24 @@ def chaos_command(
     orchestrator_kills: Annotated[int, typer.Option(help="kill -9 and restart the orchestrator this many times")] = 5,
     service_kills: Annotated[int, typer.Option(help="then kill -9 and restart each service this many times")] = 1,
     replica_kills: Annotated[int, typer.Option(help="with --db postgresql: kills of the second replica")] = 3,
+    after_commit_kills: Annotated[
+        int, typer.Option(help="kill -9 each service this many times right after a commit whose reply it holds")
+    ] = 1,
+    two_instances: Annotated[
+        str, typer.Option(help="with --db postgresql: services run twice on one database (comma-separated)")
+    ] = "inventory,payment",
+    instance_kills: Annotated[int, typer.Option(help="with --db postgresql: kills of each second instance")] = 1,
+    lost_commits: Annotated[
+        int, typer.Option(help="with --db postgresql: COMMITs of inventory and payment whose reply is lost")
+    ] = 2,
     db: Annotated[str, typer.Option(help="orchestrator database: empty for SQLite, or postgresql+psycopg://...")] = "",
     concurrency: Annotated[int, typer.Option(help="PlaceOrder calls in flight at once")] = 16,
     rate: Annotated[float, typer.Option(help="sagas placed per second (0: spread over the faults)")] = 0.0,
     seed: Annotated[int, typer.Option(help="random seed of the outcome mix and the fault timing")] = 1,
     drain_timeout: Annotated[float, typer.Option(help="seconds to wait for every saga to end")] = 180.0,
+    delivery_timeout: Annotated[
+        float, typer.Option(help="then seconds to wait for every confirmation to be delivered")
+    ] = 60.0,
     orchestrator: Annotated[
         str, typer.Option(help="point at a running stack: orchestrator address (no process is killed)")
     ] = "",
@@ -209,7 +222,8 @@ def chaos_command(
 ) -> None:
     """Run sagas while killing processes, then check every invariant from the services' own records.
 
-    Exits 1 when any invariant is violated. Example: saga chaos --sagas 10000 --orchestrator-kills 20
+    Exits 1 when any invariant is violated. Example: saga chaos --sagas 10000 --orchestrator-kills 20.
+    docs/chaos.md describes the faults and the invariants.
     """
     from orchestrator.chaos import ChaosConfig, run_chaos
 
@@ -222,16 +236,25 @@ def chaos_command(
         missing = {"inventory", "payment", "shipping", "notify"} - set(external)
         if missing:
             raise typer.BadParameter(f"missing {', '.join(sorted(missing))}", param_hint="--services")
+    second_instances = tuple(name.strip() for name in two_instances.split(",") if name.strip())
+    unknown = sorted(set(second_instances) - {"inventory", "payment", "shipping", "notify"})
+    if unknown:
+        raise typer.BadParameter(f"unknown service {', '.join(unknown)}", param_hint="--two-instances")
     config = ChaosConfig(
         sagas=sagas,
         orchestrator_kills=orchestrator_kills,
         service_kills=service_kills,
         replica_kills=replica_kills,
+        after_commit_kills=after_commit_kills,
+        second_instances=second_instances,
+        instance_kills=instance_kills,
+        lost_commits=lost_commits,
         database_url=db,
         concurrency=concurrency,
         rate=rate,
         seed=seed,
         drain_timeout=drain_timeout,
+        delivery_timeout=delivery_timeout,
         external=external,
         data_dir=data_dir,
     )

@@ -10,10 +10,10 @@ from sqlalchemy import Connection
 
 from inventory_svc import store
 from inventory_svc.store import ReservationRecord
-from svckit.errors import FailedPrecondition, InvalidArgument, NotFound
-from svckit.validation import Line, Violations, decode_lines, encode_lines
+from svckit.errors import FailedPrecondition, NotFound
+from svckit.validation import Line, Violations, decode_lines, encode_lines, quote
 
-__all__ = ["RELEASED", "RESERVED", "TOMBSTONE", "Reservation", "StockLevel", "release", "reserve"]
+__all__ = ["RELEASED", "RESERVED", "TOMBSTONE", "Reservation", "StockLevel", "UnknownSku", "release", "reserve"]
 
 RESERVED, RELEASED, TOMBSTONE = "RESERVED", "RELEASED", "TOMBSTONE"
 
@@ -35,6 +35,14 @@ class StockLevel:
     name: str
     available: int
     reserved: int
+
+
+class UnknownSku(NotFound):
+    """The catalogue has no such SKU: a fact of the store, so it is recorded under the key like any refusal."""
+
+    def __init__(self, sku: str) -> None:
+        super().__init__("UNKNOWN_SKU", f"unknown SKU {quote(sku)}", {"sku": sku[:64]})
+        self.sku = sku
 
 
 def _view(row: ReservationRecord) -> Reservation:
@@ -72,9 +80,10 @@ def reserve(connection: Connection, order_id: str, lines: list[Line]) -> Reserva
         )
     unknown = sorted({line.sku for line in lines} - store.known_skus(connection, [line.sku for line in lines]))
     if unknown:
-        index = next(i for i, line in enumerate(lines) if line.sku == unknown[0])
-        raise InvalidArgument.of(f"items[{index}].sku", f"unknown SKU {unknown[0]!r}")
-    for line in lines:
+        raise UnknownSku(unknown[0])
+    store.lock_stock(connection, [line.sku for line in lines])
+    # In SKU order, the order every transaction takes stock rows in (see store.lock_stock).
+    for line in sorted(lines, key=lambda line: line.sku):
         if not store.take(connection, line.sku, line.quantity):
             # The caller's savepoint rolls back the lines already taken: all or nothing.
             raise FailedPrecondition(
@@ -111,7 +120,9 @@ def release(connection: Connection, order_id: str) -> tuple[Reservation, bool]:
     # Only the call that moves RESERVED to RELEASED gives the stock back, however many race.
     released_here = store.move_reservation_status(connection, order_id, RESERVED, RELEASED)
     if released_here:
-        for line in decode_lines(existing.items):
+        held = decode_lines(existing.items)
+        store.lock_stock(connection, [line.sku for line in held])
+        for line in sorted(held, key=lambda line: line.sku):
             store.give_back(connection, line.sku, line.quantity)
     existing.status = RELEASED
     return _view(existing), released_here
@@ -128,5 +139,5 @@ def stock_levels(connection: Connection, skus: list[str]) -> list[StockLevel]:
     rows = store.stock_levels(connection, skus)
     missing = sorted(set(skus) - {row.sku for row in rows})
     if missing:
-        raise InvalidArgument.of("skus", f"unknown SKU {missing[0]!r}")
+        raise UnknownSku(missing[0])
     return [StockLevel(r.sku, r.name, r.available, r.reserved) for r in rows]

@@ -9,7 +9,7 @@ from pathlib import Path
 from sqlalchemy import Connection, bindparam, func, insert, select, update
 
 from inventory_svc.models import ReservationRow, StockRow
-from svckit.db import Prepared, record_columns
+from svckit.db import Prepared, declare_row_locks, record_columns
 
 __all__ = [
     "ReservationRecord",
@@ -18,6 +18,7 @@ __all__ = [
     "give_back",
     "insert_reservation",
     "known_skus",
+    "lock_stock",
     "move_reservation_status",
     "seed_if_empty",
     "stock_levels",
@@ -78,6 +79,16 @@ def seed_if_empty(connection: Connection, catalogue_file: Path) -> int:
 
 def known_skus(connection: Connection, skus: list[str]) -> set[str]:
     return {sku for sku in skus if _SKU_EXISTS.execute(connection, {"sku": sku}).fetchone() is not None}
+
+
+def lock_stock(connection: Connection, skus: list[str]) -> None:
+    """Name the stock rows about to be written, which the caller then writes in SKU order.
+
+    Stock rows are shared by every order, so two transactions (of two processes on one database)
+    that wrote them in different orders could each wait for the other's rows: a deadlock. Written
+    in SKU order, in every transaction and across the units of a batch, they cannot.
+    """
+    declare_row_locks(connection, ["stock/" + sku for sku in skus])
 
 
 def take(connection: Connection, sku: str, quantity: int) -> bool:

@@ -1,10 +1,16 @@
-"""Delivery channels for notifications: a small protocol, a log channel and a JSON-lines file channel."""
+"""Delivery channels for notifications: a small protocol, a log channel and a JSON-lines file channel.
+
+Every delivery carries the notification id, so a receiver can drop the rare second delivery of
+one notification (delivery is at least once: see notify_svc.delivery).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
+from collections.abc import Collection
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
@@ -17,14 +23,25 @@ NOTIFICATIONS_FILE_NAME = "notifications.jsonl"
 
 
 class Channel(Protocol):
-    """Where a recorded notification goes; deliver() is called once per notification."""
+    """Where a recorded notification goes; deliver() is called at least once per notification."""
 
     @property
     def name(self) -> str:
         """The short name stored with each notification, e.g. "log"."""
         ...
 
-    async def deliver(self, notification: Notification) -> None: ...
+    async def deliver(self, notification: Notification) -> None:
+        """Hand the notification over; raising means it was not delivered (it is retried)."""
+        ...
+
+    def delivered_among(self, notification_ids: Collection[str]) -> set[str]:
+        """Those of the ids the channel can show were delivered already; blocking, run in a thread.
+
+        Asked only before retrying an attempt whose outcome is unknown (its process died or it
+        timed out), so that a channel able to tell is not given a notification twice. A channel
+        that cannot tell returns an empty set, and that notification is delivered again.
+        """
+        ...
 
 
 class LogChannel:
@@ -45,6 +62,13 @@ class LogChannel:
             notification.recipient,
             notification.body,
         )
+
+    def delivered_among(self, notification_ids: Collection[str]) -> set[str]:
+        return set()  # a log line cannot be read back
+
+
+# The line's first key, written by FileChannel.deliver; found without parsing every line as JSON.
+_LINE_ID = re.compile(rb'^\{"notification_id":"([^"]+)"')
 
 
 class FileChannel:
@@ -78,6 +102,19 @@ class FileChannel:
             os.write(descriptor, (line + "\n").encode())
         finally:
             os.close(descriptor)
+
+    def delivered_among(self, notification_ids: Collection[str]) -> set[str]:
+        wanted = {notification_id.encode() for notification_id in notification_ids}
+        found: set[str] = set()
+        try:
+            with open(self.path, "rb") as lines:
+                for line in lines:
+                    match = _LINE_ID.match(line)
+                    if match and match.group(1) in wanted:
+                        found.add(match.group(1).decode())
+        except FileNotFoundError:
+            pass
+        return found
 
 
 def make_channel(kind: str, data_dir: Path) -> Channel:

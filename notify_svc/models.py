@@ -1,11 +1,11 @@
-"""Tables of the notification database."""
+"""Tables of the notification database: the notifications and their delivery outbox."""
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, Integer
+from sqlalchemy import BigInteger, Column, Index, Integer
 from sqlmodel import Field, SQLModel
 
-__all__ = ["NotificationRow"]
+__all__ = ["DeliveryRow", "NotificationRow"]
 
 
 class NotificationRow(SQLModel, table=True):
@@ -26,3 +26,28 @@ class NotificationRow(SQLModel, table=True):
     channel: str = Field(max_length=16)
     body: str
     sent_at: float
+
+
+class DeliveryRow(SQLModel, table=True):
+    """The delivery outbox: one row per notification, inserted in the transaction that records it.
+
+    due_at is when a deliverer may next claim the row: its next attempt, or while an attempt is
+    under way the expiry of that attempt's lease, so a crashed deliverer's rows come due again
+    by themselves. It is NULL once the row is DELIVERED or FAILED, which keeps finished rows out
+    of the claim index's range.
+    """
+
+    __tablename__ = "notification_delivery"
+    __table_args__ = (Index("ix_notification_delivery_due", "due_at"),)
+
+    notification_id: str = Field(primary_key=True, max_length=40, foreign_key="notification.notification_id")
+    state: str = Field(max_length=12)
+    attempts: int = 0
+    due_at: float | None = None
+    # The claim (deliverer and claim number) of the attempt under way; NULL between attempts.
+    lease_owner: str | None = Field(default=None, max_length=100)
+    # True when an earlier attempt may have delivered without recording it (its deliverer died or
+    # it timed out): the next attempt first asks the channel whether the notification arrived.
+    uncertain: bool = False
+    last_error: str = Field(default="", max_length=500)
+    delivered_at: float | None = None

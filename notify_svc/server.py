@@ -1,25 +1,47 @@
-"""gRPC transport of the notification service: contract messages in, domain calls, delivery, messages out."""
+"""gRPC transport of the notification service: contract messages in, domain calls, messages out; and its deliverer."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 
 from sqlalchemy import Connection
 
 from notify_svc import service
 from notify_svc.channels import Channel, FileChannel, make_channel
 from notify_svc.config import NotifySettings
+from notify_svc.delivery import DELIVER_FAULT, Deliverer, DeliveryPolicy
 from sagasuite.notify.v1 import notify_service_pb2 as pb
 from sagasuite.notify.v1 import notify_service_pb2_grpc as pb_grpc
 from svckit.convert import lines_from_pb, money_from_pb, timestamp
+from svckit.faults import FaultInjector, parse_faults
 from svckit.process import ServiceProcess
 from svckit.server import CallContext, rpc
 
-__all__ = ["NotifyServicer", "build_process"]
+__all__ = ["NotifyProcess", "NotifyServicer", "build_process"]
+
+_STATE_TO_PB = {
+    service.DeliveryState.PENDING: pb.DELIVERY_STATE_PENDING,
+    service.DeliveryState.DELIVERED: pb.DELIVERY_STATE_DELIVERED,
+    service.DeliveryState.FAILED: pb.DELIVERY_STATE_FAILED,
+}
+_STATE_NAME_FROM_PB: dict[int, str] = {number: state.value for state, number in _STATE_TO_PB.items()}
+
+
+def _delivery_pb(delivery: service.DeliveryStatus) -> pb.Delivery:
+    message = pb.Delivery(
+        state=_STATE_TO_PB[delivery.state], attempts=delivery.attempts, last_error=delivery.last_error
+    )
+    if delivery.delivered_at is not None:
+        message.delivered_at.CopyFrom(timestamp(delivery.delivered_at))
+    if delivery.next_attempt_at is not None:
+        message.next_attempt_at.CopyFrom(timestamp(delivery.next_attempt_at))
+    return message
 
 
 def _notification_pb(notification: service.Notification) -> pb.Notification:
-    return pb.Notification(
+    message = pb.Notification(
         notification_id=notification.notification_id,
         order_id=notification.order_id,
         recipient=notification.recipient,
@@ -27,6 +49,16 @@ def _notification_pb(notification: service.Notification) -> pb.Notification:
         body=notification.body,
         sent_at=timestamp(notification.sent_at),
     )
+    if notification.delivery is not None:
+        message.delivery.CopyFrom(_delivery_pb(notification.delivery))
+    return message
+
+
+def _state_name(number: int) -> str:
+    """The domain name of a DeliveryState filter: "" when unset, the digits when the number is unknown."""
+    if number == pb.DELIVERY_STATE_UNSPECIFIED:
+        return ""
+    return _STATE_NAME_FROM_PB.get(number, str(number))
 
 
 def _summary_from_pb(request: pb.SendConfirmationRequest) -> service.OrderSummary | None:
@@ -39,73 +71,44 @@ def _summary_from_pb(request: pb.SendConfirmationRequest) -> service.OrderSummar
 class NotifyServicer(pb_grpc.NotifyServiceServicer):
     """Implements sagasuite.notify.v1.NotifyService."""
 
-    def __init__(self, process: ServiceProcess, channel: Channel) -> None:
+    def __init__(self, process: ServiceProcess, channel: Channel, deliverer: Deliverer | None) -> None:
         self._process = process
         self._channel = channel
-        # Strong references: the event loop keeps only weak ones to running tasks.
-        self._sending: set[asyncio.Task[pb.SendConfirmationResponse]] = set()
+        self._deliverer = deliverer
 
     @rpc(mutating=True)
     async def SendConfirmation(
         self, request: pb.SendConfirmationRequest, call: CallContext
     ) -> pb.SendConfirmationResponse:
         summary = service.validate_send(request.order_id, request.recipient, _summary_from_pb(request))
-        # gRPC cancels this handler when the caller's deadline passes or it hangs up, yet a
-        # transaction already handed to the database thread may still commit. Recording and
-        # delivery run in a task that cancellation cannot interrupt, so whatever commits is
-        # delivered: a retry with the same key replays and would never deliver it.
-        task = asyncio.ensure_future(self._record_and_deliver(request, summary, call))
-        self._sending.add(task)
-        task.add_done_callback(self._forget)
-        return await asyncio.shield(task)
-
-    def _forget(self, task: asyncio.Task[pb.SendConfirmationResponse]) -> None:
-        self._sending.discard(task)
-        if not task.cancelled():
-            # Retrieved so that a task whose caller went away does not log "never retrieved".
-            task.exception()
-
-    async def _record_and_deliver(
-        self, request: pb.SendConfirmationRequest, summary: service.OrderSummary, call: CallContext
-    ) -> pb.SendConfirmationResponse:
-        outcome: list[service.Recorded] = []
+        recorded: list[service.Recorded] = []
 
         def effect(connection: Connection) -> pb.SendConfirmationResponse:
             # A retried transaction runs this again; only the last run's outcome committed.
-            outcome[:] = [
+            recorded[:] = [
                 service.record_confirmation(
-                    connection, request.order_id, request.recipient, summary, self._channel.name
+                    connection, request.order_id, request.recipient, summary, self._channel.name, time.time()
                 )
             ]
-            return pb.SendConfirmationResponse(notification=_notification_pb(outcome[0].notification))
+            return pb.SendConfirmationResponse(notification=_notification_pb(recorded[0].notification))
 
+        # The notification and its delivery row commit with the idempotency record; delivery is
+        # the deliverer's job, so the call does not wait for it. Should this call be cancelled
+        # while its transaction still commits, the deliverer's next poll finds the row.
         response = await self._process.idempotent(call, request, effect, pb.SendConfirmationResponse)
-        # A replay's outcome may come from an attempt that rolled back: only a fresh, committed
-        # recording is delivered, and by exactly the one call that made it.
-        if outcome and outcome[0].fresh and not call.notes.get("replayed"):
-            await self._deliver(outcome[0].notification)
+        if recorded and recorded[0].fresh and self._deliverer is not None:
+            self._deliverer.wake()
         return response
-
-    async def _deliver(self, notification: service.Notification) -> None:
-        try:
-            await self._channel.deliver(notification)
-        except Exception:
-            # The notification is committed and a retry would only replay it, so failing the
-            # call cannot bring a second attempt; the operator gets the id to resend by hand.
-            self._process.log.exception(
-                "delivery failed notification=%s order=%s channel=%s",
-                notification.notification_id,
-                notification.order_id,
-                self._channel.name,
-            )
 
     @rpc(mutating=False)
     async def ListNotifications(
         self, request: pb.ListNotificationsRequest, call: CallContext
     ) -> pb.ListNotificationsResponse:
-        page_size, before_seq = service.validate_list(request.order_id, request.page_size, request.page_token)
+        page_size, before_seq, state = service.validate_list(
+            request.order_id, request.page_size, request.page_token, _state_name(request.delivery_state)
+        )
         page = await self._process.database.transaction(
-            lambda c: service.list_notifications(c, request.order_id, page_size, before_seq)
+            lambda c: service.list_notifications(c, request.order_id, page_size, before_seq, state)
         )
         return pb.ListNotificationsResponse(
             notifications=[_notification_pb(n) for n in page.notifications],
@@ -113,12 +116,45 @@ class NotifyServicer(pb_grpc.NotifyServiceServicer):
         )
 
 
-def build_process(settings: NotifySettings) -> ServiceProcess:
-    process = ServiceProcess(settings, contract="sagasuite.notify.v1")
+class NotifyProcess(ServiceProcess):
+    """The service process plus its deliverer, which runs for as long as the process serves."""
+
+    deliverer: Deliverer | None = None
+
+    async def serve(self) -> None:
+        # Started before the server so rows left by a previous run go out at once; it keeps
+        # delivering while SIGTERM drains the calls, and stops with the process.
+        task = asyncio.create_task(self.deliverer.run()) if self.deliverer is not None else None
+        try:
+            await super().serve()
+        finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+
+def _delivery_faults(spec: str) -> FaultInjector:
+    # FAULTS rules for the pseudo-method "Deliver" act on delivery attempts; "*" rules stay
+    # with the RPCs. A malformed spec is reported by the server, which parses FAULTS too.
+    try:
+        rules = parse_faults(spec)
+    except ValueError:
+        return FaultInjector([])
+    return FaultInjector([rule for rule in rules if rule.method == DELIVER_FAULT])
+
+
+def build_process(settings: NotifySettings) -> NotifyProcess:
+    process = NotifyProcess(settings, contract="sagasuite.notify.v1")
     channel = make_channel(settings.notify_channel, settings.data_dir)
     target = f" to {channel.path}" if isinstance(channel, FileChannel) else ""
     process.log.info("delivering notifications through the %s channel%s", channel.name, target)
-    servicer = NotifyServicer(process, channel)
+    if settings.notify_delivery_enabled:
+        policy = DeliveryPolicy.from_settings(settings)
+        process.deliverer = Deliverer(process.database, channel, policy, faults=_delivery_faults(settings.faults))
+    else:
+        process.log.warning("NOTIFY_DELIVERY_ENABLED=false: notifications are recorded but this instance delivers none")
+    servicer = NotifyServicer(process, channel, process.deliverer)
     process.add_service(
         lambda server: pb_grpc.add_NotifyServiceServicer_to_server(servicer, server),
         pb.DESCRIPTOR.services_by_name["NotifyService"].full_name,

@@ -1,28 +1,30 @@
-"""Notification domain rules: one confirmation per order, recorded with its key, listed newest first.
+"""Notification domain rules: one confirmation per order, recorded with its key, delivered through an outbox.
 
 An order is confirmed once. SendConfirmation for an order that already has a confirmation, even
 under another idempotency key, returns the existing notification instead of failing: a saga that
 is retried with a new key must still finish, and the customer must not get a second message.
-Recording is the idempotent effect (it commits with the idempotency record); delivery happens
-after the commit and only when this call recorded the notification (`Recorded.fresh`), so
-neither a replay nor a concurrent duplicate delivers twice.
+Recording is the idempotent effect: the notification, its delivery row (the outbox) and the
+idempotency record commit together. Delivery happens afterwards, from the outbox, at least once
+(see notify_svc.delivery), so neither a crash after the commit nor a replay loses it.
 """
 
 from __future__ import annotations
 
-import time
 import uuid
 from dataclasses import dataclass
+from enum import StrEnum
 
 from sqlalchemy import Connection
 
 from notify_svc import store
-from notify_svc.store import NotificationRecord
+from notify_svc.store import DeliveryRecord, NotificationRecord
 from svckit.validation import Line, Money, Violations
 
 __all__ = [
     "DEFAULT_PAGE_SIZE",
     "MAX_TRACKING_NUMBER_LENGTH",
+    "DeliveryState",
+    "DeliveryStatus",
     "Notification",
     "NotificationPage",
     "OrderSummary",
@@ -36,8 +38,6 @@ __all__ = [
 
 DEFAULT_PAGE_SIZE = 100
 MAX_TRACKING_NUMBER_LENGTH = 64
-# Page tokens are row sequence numbers; PostgreSQL keeps them in a signed 64-bit column.
-_MAX_SEQ = 2**63 - 1
 # Minor-unit digits of the supported currencies that differ from the usual two.
 _MINOR_UNIT_DIGITS = {"JPY": 0}
 
@@ -51,9 +51,28 @@ class OrderSummary:
     tracking_number: str
 
 
+class DeliveryState(StrEnum):
+    """Where the delivery of a notification stands; stored by name in the delivery outbox."""
+
+    PENDING = "PENDING"
+    DELIVERED = "DELIVERED"
+    FAILED = "FAILED"
+
+
+@dataclass(frozen=True)
+class DeliveryStatus:
+    """How a notification's delivery stands; next_attempt_at is set only while it is PENDING."""
+
+    state: DeliveryState
+    attempts: int
+    last_error: str
+    delivered_at: float | None
+    next_attempt_at: float | None
+
+
 @dataclass(frozen=True)
 class Notification:
-    """A confirmation that was recorded and delivered."""
+    """A recorded confirmation; delivery is None when not read, or not tracked (recorded before the outbox)."""
 
     notification_id: str
     order_id: str
@@ -61,11 +80,12 @@ class Notification:
     channel: str
     body: str
     sent_at: float
+    delivery: DeliveryStatus | None = None
 
 
 @dataclass(frozen=True)
 class Recorded:
-    """The order's notification, and whether this call recorded it (and so must deliver it)."""
+    """The order's notification, and whether this call recorded it (and so queued its delivery)."""
 
     notification: Notification
     fresh: bool
@@ -79,8 +99,13 @@ class NotificationPage:
     next_page_token: str
 
 
-def _view(row: NotificationRecord) -> Notification:
-    return Notification(row.notification_id, row.order_id, row.recipient, row.channel, row.body, row.sent_at)
+def _view(row: NotificationRecord, delivery: DeliveryRecord | None = None) -> Notification:
+    status = None
+    if delivery is not None:
+        state = DeliveryState(delivery.state)
+        next_attempt_at = delivery.due_at if state is DeliveryState.PENDING else None
+        status = DeliveryStatus(state, delivery.attempts, delivery.last_error, delivery.delivered_at, next_attempt_at)
+    return Notification(row.notification_id, row.order_id, row.recipient, row.channel, row.body, row.sent_at, status)
 
 
 def validate_send(order_id: str, recipient: str, summary: OrderSummary | None) -> OrderSummary:
@@ -105,20 +130,25 @@ def validate_send(order_id: str, recipient: str, summary: OrderSummary | None) -
     return summary
 
 
-def validate_list(order_id: str, page_size: int, page_token: str) -> tuple[int, int | None]:
-    """Check a list request; returns the page size to use and the sequence to read below."""
+def validate_list(
+    order_id: str, page_size: int, page_token: str, delivery_state: str = ""
+) -> tuple[int, int | None, DeliveryState | None]:
+    """Check a list request; returns the page size to use, the sequence to read below and the state filter.
+
+    delivery_state is a state's name, "" for no filter (the transport passes an unknown enum
+    number as its digits, refused here).
+    """
     violations = Violations()
+    if delivery_state and delivery_state not in DeliveryState.__members__:
+        known = ", ".join(DeliveryState)
+        violations.add("delivery_state", f"unknown delivery state {delivery_state[:16]}; one of {known}")
     if order_id:
         violations.identifier("order_id", order_id)
     violations.page_size("page_size", page_size)
-    before_seq: int | None = None
-    if page_token:
-        if page_token.isascii() and page_token.isdigit() and 0 < int(page_token) <= _MAX_SEQ:
-            before_seq = int(page_token)
-        else:
-            violations.add("page_token", "is not a token returned by a previous page")
+    # Digits within a signed 64-bit sequence, length checked before int() (which refuses 4,300+ digits).
+    before_seq = violations.sequence_token("page_token", page_token)
     violations.raise_if_any()
-    return page_size or DEFAULT_PAGE_SIZE, before_seq
+    return page_size or DEFAULT_PAGE_SIZE, before_seq, DeliveryState(delivery_state) if delivery_state else None
 
 
 def _format_money(money: Money) -> str:
@@ -137,18 +167,22 @@ def render_body(order_id: str, summary: OrderSummary) -> str:
 
 
 def record_confirmation(
-    connection: Connection, order_id: str, recipient: str, summary: OrderSummary, channel: str
+    connection: Connection, order_id: str, recipient: str, summary: OrderSummary, channel: str, now: float
 ) -> Recorded:
-    """Record the order's confirmation, or return the one recorded earlier (see the module docstring)."""
+    """Record the order's confirmation and queue its delivery, due now; or return the one recorded earlier.
+
+    See the module docstring. A fresh recording is for the deliverer to pick up once committed.
+    """
     row = NotificationRecord(
         notification_id="ntf_" + uuid.uuid4().hex[:20],
         order_id=order_id,
         recipient=recipient,
         channel=channel,
         body=render_body(order_id, summary),
-        sent_at=time.time(),
+        sent_at=now,
     )
     if store.insert_if_absent(connection, row):
+        store.insert_delivery(connection, row.notification_id, DeliveryState.PENDING, due_at=now)
         return Recorded(_view(row), fresh=True)
     existing = store.get_by_order(connection, order_id)
     if existing is None:
@@ -157,10 +191,11 @@ def record_confirmation(
 
 
 def list_notifications(
-    connection: Connection, order_id: str, page_size: int, before_seq: int | None
+    connection: Connection, order_id: str, page_size: int, before_seq: int | None, state: DeliveryState | None
 ) -> NotificationPage:
+    """A page of notifications with their delivery, newest first (see store.newest_first for the filters)."""
     # One row more than the page tells whether another page follows, without a count query.
-    rows = store.newest_first(connection, order_id, before_seq, page_size + 1)
+    rows = store.newest_first(connection, order_id, before_seq, state, page_size + 1)
     page, more = rows[:page_size], len(rows) > page_size
-    next_token = str(page[-1].seq) if more else ""
-    return NotificationPage([_view(row) for row in page], next_token)
+    next_token = str(page[-1][0].seq) if more else ""
+    return NotificationPage([_view(row, delivery) for row, delivery in page], next_token)

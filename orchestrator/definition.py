@@ -13,9 +13,15 @@ import grpc
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
+from svckit.errors import FailedPrecondition, FieldViolation, InvalidArgument
+
 __all__ = [
     "DEFAULT_RETRYABLE_CODES",
+    "DEFINITE_CODES",
+    "UNCERTAIN_CODES",
+    "BusinessKeyMismatch",
     "Call",
+    "DefinitionMissing",
     "DefinitionRegistry",
     "RetryPolicy",
     "SagaContext",
@@ -34,6 +40,62 @@ DEFAULT_RETRYABLE_CODES = frozenset(
         grpc.StatusCode.CANCELLED,
     }
 )
+
+# Answers after which a step may have taken effect: the call timed out, was cut, or the
+# participant failed in a way that does not say whether its commit happened (a lost commit
+# acknowledgement surfaces as INTERNAL or UNKNOWN; DATA_LOSS says nothing about the effect either).
+# When the saga unwinds, such a step is compensated too.
+UNCERTAIN_CODES = DEFAULT_RETRYABLE_CODES | frozenset(
+    {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS}
+)
+
+# The participant's own answer under our idempotency key: it records refusals with the key (or
+# refuses the request itself, the same way every time), so the step did not take effect under
+# this saga, whatever earlier attempts left unknown. ORDER_ALREADY_RESERVED and its kind prove
+# somebody else's effect, which this saga must not undo.
+DEFINITE_CODES = frozenset(
+    {
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.OUT_OF_RANGE,
+    }
+)
+
+
+class DefinitionMissing(FailedPrecondition, LookupError):
+    """A saga's definition (name and version) is not registered in this replica."""
+
+    def __init__(self, saga_type: str, version: int) -> None:
+        super().__init__(
+            "DEFINITION_MISSING",
+            f"no saga definition {saga_type} v{version} is registered; load it (SAGA_DEFINITIONS) and retry",
+            {"saga_type": saga_type, "version": str(version)},
+        )
+        self.saga_type = saga_type
+        self.version = version
+
+
+class BusinessKeyMismatch(InvalidArgument):
+    """A start gave a business key other than the one its definition derives from the input."""
+
+    def __init__(self, saga_type: str, given: str, derived: str) -> None:
+        self.saga_type = saga_type
+        self.given = given
+        self.derived = derived
+        super().__init__(
+            [
+                FieldViolation(
+                    "business_key",
+                    f"must be {_prefix(derived)!r}, the key {saga_type} derives from its input; got {_prefix(given)!r}",
+                )
+            ]
+        )
+
+
+def _prefix(value: str, limit: int = 40) -> str:
+    return value if len(value) <= limit else value[:limit] + "..."
 
 
 class StepKind(enum.Enum):
@@ -125,17 +187,41 @@ class Step:
             return False
         return code in self.retryable_codes or code in DEFAULT_RETRYABLE_CODES
 
+    def may_have_happened(self, code: grpc.StatusCode, uncertain_before: bool) -> bool:
+        """Whether the action may have taken effect, after an attempt answered code.
+
+        A definite answer settles it (no effect under our key); an uncertain one leaves it open;
+        anything else (PERMISSION_DENIED, UNIMPLEMENTED...) says nothing about earlier attempts.
+        """
+        if code in DEFINITE_CODES:
+            return False
+        if code in UNCERTAIN_CODES or self.is_retryable(code):
+            return True
+        return uncertain_before
+
 
 @dataclass(frozen=True)
 class SagaDefinition:
-    """A named, versioned sequence of steps and the message type of its input."""
+    """A named, versioned sequence of steps, the message type of its input and how its business key derives from it.
+
+    business_key maps the input message to the saga's business key (the order saga:
+    `lambda order: order.order_id`). It is required: the compensations of a saga act on what its
+    input names (an order's stock, payment, shipment), so one input entity must have one saga, and a
+    start under any other key is refused.
+    """
 
     name: str
     version: int
     input_type: type[Message]
     steps: tuple[Step, ...]
+    business_key: Callable[[Any], str] | None = None
 
     def __post_init__(self) -> None:
+        if self.business_key is None:
+            raise ValueError(
+                f"{self.name} v{self.version}: declare business_key, how the business key derives from the "
+                f"input (e.g. business_key=lambda order: order.order_id)"
+            )
         names = [step.name for step in self.steps]
         if len(set(names)) != len(names):
             raise ValueError(f"{self.name} v{self.version}: step names must be unique")
@@ -156,6 +242,17 @@ class SagaDefinition:
         compensatable = [i for i, step in enumerate(self.steps) if step.kind is StepKind.COMPENSATABLE]
         return compensatable[-1] if compensatable else -1
 
+    def business_key_of(self, input_message: Message) -> str:
+        """The business key this definition derives from an input message."""
+        assert self.business_key is not None
+        return str(self.business_key(input_message))
+
+    def check_business_key(self, given: str, input_message: Message) -> None:
+        """Refuse (BusinessKeyMismatch) a business key other than the one the input derives."""
+        derived = self.business_key_of(input_message)
+        if given != derived:
+            raise BusinessKeyMismatch(self.name, given, derived)
+
     def context(self, saga_id: str, input_payload: bytes, results: dict[str, bytes]) -> SagaContext:
         return SagaContext(saga_id, self.input_type.FromString(input_payload), results, self.step_by_name)
 
@@ -175,10 +272,18 @@ class DefinitionRegistry:
         self._definitions[key] = definition
 
     def get(self, name: str, version: int) -> SagaDefinition:
-        try:
-            return self._definitions[(name, version)]
-        except KeyError:
-            raise LookupError(f"no saga definition {name} v{version} is registered") from None
+        """The definition of name and version; DefinitionMissing (a LookupError) when it is not loaded."""
+        found = self._definitions.get((name, version))
+        if found is None:
+            raise DefinitionMissing(name, version)
+        return found
+
+    def find(self, name: str, version: int) -> SagaDefinition | None:
+        return self._definitions.get((name, version))
+
+    def keys(self) -> set[tuple[str, int]]:
+        """The (name, version) of every registered definition."""
+        return set(self._definitions)
 
     def latest(self, name: str) -> SagaDefinition:
         versions = [d for (n, _), d in self._definitions.items() if n == name]

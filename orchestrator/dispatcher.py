@@ -17,19 +17,51 @@ from google.protobuf.message import Message
 from sqlalchemy import Connection
 
 from orchestrator import store
-from orchestrator.definition import DefinitionRegistry, SagaDefinition, StepKind
-from orchestrator.engine import ACTION, Command, Engine, Outcome, SagaState, Status, Transition
+from orchestrator.definition import DefinitionMissing, DefinitionRegistry, SagaDefinition, StepKind
+from orchestrator.engine import (
+    ACTION,
+    EFFECT_AFTER_TERMINATE,
+    Command,
+    Engine,
+    Event,
+    Outcome,
+    SagaState,
+    Status,
+    Transition,
+)
 from orchestrator.store import EventRecord
+from orchestrator.watch import WatchHub
 from svckit.channels import ChannelPool, NoHealthyInstance
-from svckit.db import Database
+from svckit.db import Database, is_retryable_conflict, savepoint
 from svckit.errors import DomainError, FailedPrecondition, NotFound, RetryableError
 from svckit.server import IDEMPOTENCY_HEADER
 
-__all__ = ["OPERATIONS", "DispatchObserver", "Dispatcher"]
+__all__ = ["OPERATIONS", "DispatchObserver", "Dispatcher", "NotRecorded"]
 
 log = logging.getLogger("sagasuite.dispatcher")
 
 OPERATIONS = ("pause", "resume", "cancel", "terminate", "retry")
+# Operator calls that make a saga send calls again: they need its definition.
+_RUNS_THE_SAGA = frozenset({"resume", "cancel", "retry"})
+# Tries of one unit alone (a start, an outcome, an operator call) against transient conflicts.
+_UNIT_ATTEMPTS = 3
+# The longest wait between two tries to record an outcome whose unit failed.
+_MAX_RECORDING_DELAY = 2.0
+# How many saga ids one ERROR line names per definition.
+_NAMED_PER_DEFINITION = 20
+
+
+class NotRecorded(FailedPrecondition):
+    """The store refused one unit (a start or an operator call) on its own; the rest of its batch was recorded."""
+
+    def __init__(self, what: str, error: BaseException) -> None:
+        original = getattr(error, "orig", None) or error
+        detail = (str(original).splitlines() or [""])[0][:200]
+        super().__init__(
+            "SAGA_STORE_REFUSED",
+            f"the saga store refused to record this {what}: {type(original).__name__}: {detail}",
+            {"what": what},
+        )
 
 
 class DispatchObserver:
@@ -38,23 +70,8 @@ class DispatchObserver:
     def saga_started(self, saga: SagaState) -> None: ...
     def saga_changed(self, saga: SagaState, transition: Transition) -> None: ...
     def call_finished(self, saga: SagaState, step: str, direction: str, outcome: Outcome) -> None: ...
-
-
-class SagaWatch:
-    """What WatchSaga listens to: a saga's new events as they commit in this replica."""
-
-    def __init__(self) -> None:
-        self.changed = asyncio.Event()
-        self._updates: list[tuple[SagaState, list[EventRecord]]] = []
-
-    def push(self, saga: SagaState, events: list[EventRecord]) -> None:
-        self._updates.append((saga, events))
-        self.changed.set()
-
-    def take(self) -> list[tuple[SagaState, list[EventRecord]]]:
-        self.changed.clear()
-        updates, self._updates = self._updates, []
-        return updates
+    def definitions_missing(self, counts: dict[tuple[str, int], int]) -> None:
+        """In-flight sagas on record per (type, version) whose definition this replica has not loaded."""
 
 
 @dataclass
@@ -71,6 +88,17 @@ class _Start:
 class _Result:
     command: Command
     outcome: Outcome
+    # When the call was handed out (its lease runs from about then) and how often recording failed.
+    launched_at: float = 0.0
+    recording_attempts: int = 0
+
+
+@dataclass
+class _Park:
+    """A claimed command of a saga whose definition is not loaded: stop the saga for an operator."""
+
+    command: Command
+    detail: str
 
 
 @dataclass
@@ -80,6 +108,9 @@ class _Operate:
     actor: str
     reason: str
     reply: asyncio.Future[SagaState]
+
+
+_Item = _Start | _Result | _Operate | _Park
 
 
 @dataclass
@@ -93,6 +124,19 @@ class _BatchOutcome:
     finished_calls: list[str] = field(default_factory=list)
     events_by_saga: dict[str, list[EventRecord]] = field(default_factory=dict)
     wake_in: float = float("inf")
+    # Outcomes whose own unit failed: recorded again shortly, not left to their lease's expiry.
+    unrecorded: list[_Result] = field(default_factory=list)
+
+    def merge(self, other: _BatchOutcome) -> None:
+        self.to_dispatch += other.to_dispatch
+        self.replies += other.replies
+        self.changed += other.changed
+        self.started += other.started
+        self.finished_calls += other.finished_calls
+        for saga_id, events in other.events_by_saga.items():
+            self.events_by_saga.setdefault(saga_id, []).extend(events)
+        self.wake_in = min(self.wake_in, other.wake_in)
+        self.unrecorded += other.unrecorded
 
 
 class Dispatcher:
@@ -122,14 +166,14 @@ class Dispatcher:
         self._claim_batch = claim_batch
         self._commit_batch = commit_batch
         self._engine = Engine(random.Random())
-        self._queue: asyncio.Queue[_Start | _Result | _Operate] = asyncio.Queue()
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._slots = asyncio.Semaphore(max_in_flight)
         self._in_flight: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._wake_poller = asyncio.Event()
         self._stopping = False
-        self._watchers: dict[str, set[SagaWatch]] = {}
+        self._watches: WatchHub | None = None
         self._callables: dict[tuple[grpc.aio.Channel, str], grpc.aio.UnaryUnaryMultiCallable] = {}
         self.observer = observer or DispatchObserver()
         self._wrap_call = wrap_call
@@ -152,7 +196,77 @@ class Dispatcher:
         released = await self._database.transaction(lambda c: store.release_leases(c, self.replica_id))
         if released:
             log.info("recovered %d commands leased by a previous run of replica %s", released, self.replica_id)
-        self._loops = [asyncio.create_task(self._commit_loop()), asyncio.create_task(self._poll_loop())]
+        missing = await self._database.transaction(self._park_missing_definitions)
+        self._report_missing(missing)
+        self._loops = [
+            self._spawn(self._commit_loop(), "saga committer", track=False),
+            self._spawn(self._poll_loop(), "outbox poller", track=False),
+        ]
+
+    def _park_missing_definitions(self, connection: Connection) -> list[SagaState]:
+        """Stop for an operator every in-flight saga whose definition is not loaded here; returns all of them.
+
+        A saga whose command another replica holds on a live lease is left to it: that replica
+        loaded the definition and is running it.
+        """
+        now = time.time()
+        found = store.in_flight_without_definition(
+            connection, self._registry.keys(), for_update=self._database.is_postgres
+        )
+        parked: list[SagaState] = []
+        event_rows: list[dict[str, Any]] = []
+        for saga in found:
+            if saga.status == Status.NEEDS_ATTENTION:
+                continue
+            pending = store.load_pending(connection, saga.saga_id)
+            if pending is not None:
+                if pending.in_flight(now) and pending.lease_owner != self.replica_id:
+                    continue
+                store.delete_command(connection, saga.saga_id)
+            transition = self._engine.definition_missing(
+                saga, str(DefinitionMissing(saga.saga_type, saga.version)), now
+            )
+            store.append_events(saga, transition.events, event_rows)
+            parked.append(saga)
+        store.update_sagas(connection, parked)
+        store.insert_events(connection, event_rows)
+        return found
+
+    def _report_missing(self, sagas: list[SagaState]) -> None:
+        """One ERROR line naming the in-flight sagas this replica cannot run, and the metric."""
+        by_definition: dict[tuple[str, int], list[str]] = {}
+        for saga in sagas:
+            by_definition.setdefault((saga.saga_type, saga.version), []).append(saga.saga_id)
+        self.observer.definitions_missing({key: len(ids) for key, ids in by_definition.items()})
+        if not sagas:
+            return
+        named = "; ".join(
+            f"{name} v{version}: {', '.join(ids[:_NAMED_PER_DEFINITION])}"
+            + (f" (and {len(ids) - _NAMED_PER_DEFINITION} more)" if len(ids) > _NAMED_PER_DEFINITION else "")
+            for (name, version), ids in sorted(by_definition.items())
+        )
+        log.error(
+            "%d in-flight sagas have no loaded definition and wait in NEEDS_ATTENTION (DEFINITION_MISSING): %s; "
+            "load their definitions (SAGA_DEFINITIONS) and retry them",
+            len(sagas),
+            named,
+        )
+
+    def _spawn(self, coroutine: Any, name: str, *, track: bool = True) -> asyncio.Task[None]:
+        """A task whose failure is always logged; tracked ones are waited for at stop."""
+        task: asyncio.Task[None] = asyncio.create_task(coroutine, name=name)
+        if track:
+            self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            log.error("dispatcher task %r failed", task.get_name(), exc_info=error)
 
     async def stop(self, grace: float) -> None:
         """Stop claiming, let calls on the wire finish and record them, then give up our leases."""
@@ -178,6 +292,8 @@ class Dispatcher:
     ) -> tuple[SagaState, bool]:
         if self._stopping:
             raise RetryableError("this orchestrator replica is shutting down; try another")
+        # One input entity, one saga: its compensations act on what the input names.
+        definition.check_business_key(business_key, input_message)
         reply: asyncio.Future[tuple[SagaState, bool]] = asyncio.get_running_loop().create_future()
         payload = input_message.SerializeToString(deterministic=True)
         await self._queue.put(_Start(definition, business_key, payload, deadline_seconds, trace_context, reply))
@@ -190,17 +306,9 @@ class Dispatcher:
         await self._queue.put(_Operate(operation, saga_id, actor, reason, reply))
         return await reply
 
-    def watch(self, saga_id: str) -> SagaWatch:
-        watch = SagaWatch()
-        self._watchers.setdefault(saga_id, set()).add(watch)
-        return watch
-
-    def unwatch(self, saga_id: str, watch: SagaWatch) -> None:
-        watchers = self._watchers.get(saga_id)
-        if watchers is not None:
-            watchers.discard(watch)
-            if not watchers:
-                del self._watchers[saga_id]
+    def feed_watches(self, hub: WatchHub) -> None:
+        """Push every committed change of a watched saga to hub: WatchSaga's feed from this replica."""
+        self._watches = hub
 
     def definition_of(self, saga: SagaState) -> SagaDefinition:
         return self._registry.get(saga.saga_type, saga.version)
@@ -217,51 +325,161 @@ class Dispatcher:
             while len(items) < self._commit_batch and not self._queue.empty():
                 items.append(self._queue.get_nowait())
             try:
-                outcome = await self._database.transaction(lambda c, batch=items: self._apply(c, batch))  # type: ignore[misc]
+                await self._commit(items)
             except Exception as error:
+                # _commit handles the store's failures; this is a bug. The loop must outlive it,
+                # or nothing would be recorded again.
+                log.exception("the committer failed on a batch of %d units", len(items))
+                self._batch_failed(items, error)
+            finally:
                 self._mark_done(len(items))
-                log.exception(
-                    "recording %d transitions failed; their commands are resent after lease expiry", len(items)
-                )
-                for item in items:
-                    if isinstance(item, _Result):
-                        self._in_flight.discard(item.command.saga_id)
-                    elif not item.reply.done():
-                        item.reply.set_exception(RetryableError(f"the saga store failed: {error}"))
+
+    async def _commit(self, items: list[_Item]) -> None:
+        try:
+            outcome = await self._database.transaction(lambda c, batch=items: self._apply_units(c, batch))  # type: ignore[misc]
+        except Exception as error:
+            log.exception("recording a batch of %d units failed", len(items))
+            self._batch_failed(items, error)
+            return
+        for saga_id in outcome.finished_calls:
+            self._in_flight.discard(saga_id)
+        if outcome.wake_in < self._poll_interval:
+            asyncio.get_running_loop().call_later(max(0.0, outcome.wake_in), self._wake_poller.set)
+        for future, value in outcome.replies:
+            if future.done():
                 continue
-            self._mark_done(len(items))
-            for saga_id in outcome.finished_calls:
-                self._in_flight.discard(saga_id)
-            if outcome.wake_in < self._poll_interval:
-                asyncio.get_running_loop().call_later(max(0.0, outcome.wake_in), self._wake_poller.set)
-            for future, value in outcome.replies:
-                if future.done():
-                    continue
-                if isinstance(value, BaseException):
-                    future.set_exception(value)
-                else:
-                    future.set_result(value)
+            if isinstance(value, BaseException):
+                future.set_exception(value)
+            else:
+                future.set_result(value)
+        for command, saga in outcome.to_dispatch:
+            self._launch(command, saga)
+        for result in outcome.unrecorded:
+            self._record_again(result)
+        try:
             for saga in outcome.started:
                 self.observer.saga_started(saga)
             for saga, transition in outcome.changed:
                 self.observer.saga_changed(saga, transition)
-                for watcher in self._watchers.get(saga.saga_id, ()):
-                    watcher.push(saga, outcome.events_by_saga.get(saga.saga_id, []))
-            for command, saga in outcome.to_dispatch:
-                self._launch(command, saga)
+                if self._watches is not None:
+                    self._watches.publish(saga, outcome.events_by_saga.get(saga.saga_id, []))
+        except Exception:
+            # What is recorded stands and its calls are out: only a metric, span or watch missed it.
+            log.exception("notifying the observers of a committed batch failed")
+
+    def _batch_failed(self, items: list[_Item], error: BaseException) -> None:
+        """The batch's transaction did not commit (or its commit was not confirmed): nothing of it is known durable."""
+        for item in items:
+            if isinstance(item, _Result):
+                # Its fence makes a second recording a no-op if the first one did commit after all.
+                self._record_again(item)
+            elif isinstance(item, _Park):
+                self._in_flight.discard(item.command.saga_id)
+            elif not item.reply.done():
+                # Safe to repeat: a start is deduplicated by its business key, and an operator
+                # call that did commit is then refused for the state it left. The store's own
+                # errors (unavailable, commit outcome unknown) say so themselves.
+                failure = error if isinstance(error, RetryableError) else None
+                item.reply.set_exception(failure or RetryableError(f"the saga store failed: {error}"))
+
+    def _record_again(self, result: _Result) -> None:
+        """Record an outcome again after a short backoff, for as long as this replica holds its command's lease."""
+        result.recording_attempts += 1
+        delay = min(_MAX_RECORDING_DELAY, 0.05 * 2 ** (result.recording_attempts - 1))
+        if self._stopping or time.time() + delay > result.launched_at + self._lease_seconds:
+            log.error(
+                "the outcome of saga %s step %d %s could not be recorded in %d tries; its command is sent again "
+                "when its lease expires",
+                result.command.saga_id,
+                result.command.step_index,
+                result.command.direction,
+                result.recording_attempts,
+            )
+            self._in_flight.discard(result.command.saga_id)
+            return
+        self._spawn(self._enqueue_later(result, delay), "record outcome again")
+
+    async def _enqueue_later(self, item: _Item, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._queue.put_nowait(item)
 
     def _mark_done(self, count: int) -> None:
         for _ in range(count):
             self._queue.task_done()
 
-    def _apply(self, connection: Connection, items: list[_Start | _Result | _Operate]) -> _BatchOutcome:
-        now = time.time()
+    def _apply_units(self, connection: Connection, items: list[_Item]) -> _BatchOutcome:
+        """Record every unit of the batch; a unit that fails is rolled back alone and only its caller hears of it.
+
+        The whole batch is tried first in one savepoint, which costs no more than the batch itself;
+        only when something in it fails is each unit recorded again in a savepoint of its own.
+        """
         batch = _BatchOutcome()
-        saga_ids = {
-            item.command.saga_id if isinstance(item, _Result) else item.saga_id
-            for item in items
-            if not isinstance(item, _Start)
-        }
+        try:
+            with savepoint(connection):
+                self._apply(connection, items, batch)
+            return batch
+        except Exception as error:
+            if _connection_lost(connection):
+                raise  # nothing of the transaction stands: the database runs the whole unit again
+            log.warning(
+                "a unit of a batch of %d failed (%s: %s); recording each alone", len(items), type(error).__name__, error
+            )
+        batch = _BatchOutcome()
+        for item in items:
+            self._apply_alone(connection, item, batch)
+        return batch
+
+    def _apply_alone(self, connection: Connection, item: _Item, batch: _BatchOutcome) -> None:
+        for attempt in range(1, _UNIT_ATTEMPTS + 1):
+            alone = _BatchOutcome()
+            try:
+                with savepoint(connection):
+                    self._apply(connection, [item], alone)
+            except Exception as error:
+                if _connection_lost(connection):
+                    raise
+                if attempt < _UNIT_ATTEMPTS and is_retryable_conflict(error):
+                    continue  # a unique-key race or a deadlock: the next try sees the winner
+                self._unit_failed(item, error, batch)
+                return
+            batch.merge(alone)
+            return
+
+    def _unit_failed(self, item: _Item, error: BaseException, batch: _BatchOutcome) -> None:
+        # A conflict that outlasted its tries is transient all the same: the caller may try again.
+        conflict = is_retryable_conflict(error)
+        if isinstance(item, _Result):
+            log.error(
+                "recording the outcome of saga %s step %d %s failed; trying again",
+                item.command.saga_id,
+                item.command.step_index,
+                item.command.direction,
+                exc_info=error,
+            )
+            batch.unrecorded.append(item)
+        elif isinstance(item, _Park):
+            log.error("stopping saga %s for its missing definition failed", item.command.saga_id, exc_info=error)
+            batch.finished_calls.append(item.command.saga_id)
+        elif conflict:
+            log.warning("a unit met a lock conflict %d times: %s", _UNIT_ATTEMPTS, error)
+            batch.replies.append((item.reply, RetryableError(f"the saga store met a conflict; retry: {error}")))
+        elif isinstance(item, _Start):
+            log.error("recording a start of %s %r failed", item.definition.name, item.business_key, exc_info=error)
+            batch.replies.append((item.reply, NotRecorded("start", error)))
+        else:
+            log.error("recording %s of saga %s failed", item.operation, item.saga_id, exc_info=error)
+            batch.replies.append((item.reply, NotRecorded(f"{item.operation} call", error)))
+
+    def _apply(self, connection: Connection, items: list[_Item], batch: _BatchOutcome) -> None:
+        now = time.time()
+        saga_ids = sorted(
+            {
+                item.command.saga_id if isinstance(item, _Result | _Park) else item.saga_id
+                for item in items
+                if not isinstance(item, _Start)
+            }
+        )
+        # In sorted order: two replicas locking some of the same sagas never deadlock.
         sagas = store.load_sagas(connection, saga_ids, for_update=self._database.is_postgres)
         dirty: dict[str, SagaState] = {}
         event_rows: list[dict[str, Any]] = []
@@ -278,6 +496,12 @@ class Dispatcher:
                 definition = self.definition_of(saga)
                 transition = self._engine.on_outcome(definition, saga, item.command, item.outcome, now)
                 self._record(connection, saga, transition, now, batch, event_rows, dirty)
+            elif isinstance(item, _Park):
+                batch.finished_calls.append(item.command.saga_id)
+                saga = sagas.get(item.command.saga_id)
+                if saga is None or not store.fence(connection, item.command, self.replica_id):
+                    continue
+                self._record(connection, saga, self._park(saga, item, now), now, batch, event_rows, dirty)
             else:
                 saga = sagas.get(item.saga_id)
                 if saga is None:
@@ -294,10 +518,21 @@ class Dispatcher:
                 batch.replies.append((item.reply, saga))
         store.update_sagas(connection, dirty.values())
         store.insert_events(connection, event_rows)
-        if self._watchers:
+        if self._watches is not None and self._watches.watching:
             for row in event_rows:
                 batch.events_by_saga.setdefault(row["saga_id"], []).append(EventRecord(**row))
-        return batch
+
+    def _park(self, saga: SagaState, item: _Park, now: float) -> Transition:
+        if saga.ended:
+            # A call on the wire at terminate whose dispatcher was lost, of a definition not
+            # loaded here: record that its outcome is unknown; nothing is sent after the end.
+            saga.updated_at = now
+            message = (
+                f"outcome unknown after terminate (step index {item.command.step_index} {item.command.direction}: "
+                f"{item.detail}); the effect may stand; not compensated"
+            )
+            return Transition([Event(EFFECT_AFTER_TERMINATE, now, code="UNKNOWN", message=message)])
+        return self._engine.definition_missing(saga, item.detail, now)
 
     def _apply_start(
         self, connection: Connection, item: _Start, now: float, batch: _BatchOutcome, event_rows: list[dict[str, Any]]
@@ -342,6 +577,9 @@ class Dispatcher:
         batch.replies.append((item.reply, (saga, True)))
 
     def _apply_operation(self, connection: Connection, saga: SagaState, item: _Operate, now: float) -> Transition:
+        if item.operation in _RUNS_THE_SAGA and not saga.ended:
+            # Refused before anything changes (DefinitionMissing): this replica could not run it.
+            self.definition_of(saga)
         pending = store.load_pending(connection, saga.saga_id)
         command = pending.command if pending else None
         if item.operation == "pause":
@@ -360,7 +598,12 @@ class Dispatcher:
             transition = self._engine.terminate(saga, item.actor, item.reason, now)
         else:
             transition = self._engine.retry(saga, item.actor, now)
-        if pending is not None and pending.in_flight(now) and transition.next_command is command:
+        if item.operation == "terminate" and pending is not None and pending.lease_owner is not None:
+            # Handed to a dispatcher, so the call may be on the wire (or was, when its holder
+            # died). Its row stays: the outcome is recorded when it returns, as an effect after
+            # terminate, or found unknown once the lease expires. Nothing new is sent.
+            transition.next_command = None
+        elif pending is not None and pending.in_flight(now) and transition.next_command is command:
             # The command is on the wire and stays as it is: its holder records the outcome,
             # which then sees the saga's new flags (paused, cancel requested).
             transition.next_command = None
@@ -432,23 +675,50 @@ class Dispatcher:
 
     def _launch(self, command: Command, saga: SagaState) -> None:
         self._in_flight.add(command.saga_id)
-        task = asyncio.create_task(self._call(command, saga))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        now = time.time()
+        definition = self._registry.find(saga.saga_type, saga.version)
+        if definition is None:
+            # Never sent: stop the saga for an operator instead.
+            self._queue.put_nowait(_Park(command, str(DefinitionMissing(saga.saga_type, saga.version))))
+            return
+        if saga.ended:
+            # Only a terminated saga keeps a command past its end: the call that was on the wire
+            # at terminate, whose dispatcher died before recording it. Sending it again could make
+            # its effect happen now, after the end: record its outcome as unknown instead.
+            lost = Outcome(grpc.StatusCode.UNKNOWN, "its dispatcher stopped before the call returned", None, now, now)
+            self._queue.put_nowait(_Result(command, lost, now))
+            return
+        self._spawn(self._call(definition, command, saga, now), f"call {saga.saga_id}")
 
-    async def _call(self, command: Command, saga: SagaState) -> None:
-        async with self._slots:
-            definition = self.definition_of(saga)
-            step = definition.steps[command.step_index]
-            if self._wrap_call is not None:
-                # The observer runs inside the wrapper too, so it can annotate the step's span.
-                with self._wrap_call(saga, step.name, command.direction, command.attempt):
+    async def _call(self, definition: SagaDefinition, command: Command, saga: SagaState, launched_at: float) -> None:
+        step = definition.steps[command.step_index]
+        outcome: Outcome | None = None
+        try:
+            async with self._slots:
+                if self._wrap_call is not None:
+                    # The observer runs inside the wrapper too, so it can annotate the step's span.
+                    with self._wrap_call(saga, step.name, command.direction, command.attempt):
+                        outcome = await self._make_call(definition, command, saga)
+                        self._call_finished(saga, step.name, command.direction, outcome)
+                else:
                     outcome = await self._make_call(definition, command, saga)
-                    self.observer.call_finished(saga, step.name, command.direction, outcome)
-            else:
-                outcome = await self._make_call(definition, command, saga)
-                self.observer.call_finished(saga, step.name, command.direction, outcome)
-        await self._queue.put(_Result(command, outcome))
+                    self._call_finished(saga, step.name, command.direction, outcome)
+        except Exception as error:
+            log.exception("saga %s step %s %s: the dispatcher failed around the call", saga.saga_id, step.name,
+                          command.direction)  # fmt: skip
+            if outcome is None:
+                # Whether the call went out is not known: an unknown outcome, compensated if it unwinds.
+                now = time.time()
+                outcome = Outcome(
+                    grpc.StatusCode.UNKNOWN, f"dispatcher: {type(error).__name__}: {error}", None, now, now
+                )
+        self._queue.put_nowait(_Result(command, outcome, launched_at))
+
+    def _call_finished(self, saga: SagaState, step: str, direction: str, outcome: Outcome) -> None:
+        try:
+            self.observer.call_finished(saga, step, direction, outcome)
+        except Exception:
+            log.exception("the dispatch observer failed; the outcome is recorded all the same")
 
     async def _make_call(self, definition: SagaDefinition, command: Command, saga: SagaState) -> Outcome:
         step = definition.steps[command.step_index]
@@ -489,6 +759,14 @@ class Dispatcher:
         except Exception as error:
             log.exception("saga %s step %s %s failed before the call", saga.saga_id, step.name, command.direction)
             return Outcome(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}", None, started, time.time())
+
+
+def _connection_lost(connection: Connection) -> bool:
+    """True when the driver's connection is gone: a failure then is not the unit's own."""
+    if connection.invalidated or connection.closed:
+        return True
+    raw = connection.connection.dbapi_connection
+    return bool(getattr(raw, "closed", False) or getattr(raw, "broken", False))
 
 
 def _serialize(message: Message) -> bytes:

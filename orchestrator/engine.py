@@ -13,6 +13,8 @@ from svckit.errors import FailedPrecondition
 __all__ = [
     "ACTION",
     "COMPENSATION",
+    "DEFINITION_MISSING",
+    "EFFECT_AFTER_TERMINATE",
     "ENDED_STATUSES",
     "Command",
     "Engine",
@@ -24,6 +26,12 @@ __all__ = [
 ]
 
 ACTION, COMPENSATION = "action", "compensation"
+
+# History event of a call that was on the wire when its saga was terminated and then took effect
+# (or ended without a known outcome): the effect stands, and nothing undoes it.
+EFFECT_AFTER_TERMINATE = "EffectAfterTerminate"
+# Reason (event code) of a saga stopped because its definition is not loaded in this replica.
+DEFINITION_MISSING = "DEFINITION_MISSING"
 
 
 class Status:
@@ -145,6 +153,9 @@ class Engine:
     ) -> Transition:
         step = definition.steps[command.step_index]
         saga.updated_at = now
+        if saga.ended:
+            # Only a terminated saga has a call out after its end: terminate keeps the call's row.
+            return self._after_terminate(saga, step, command, outcome, now)
         if command.direction == ACTION:
             return self._on_action_outcome(definition, saga, step, command, outcome, now)
         return self._on_compensation_outcome(definition, saga, step, command, outcome, now)
@@ -170,7 +181,9 @@ class Engine:
             return transition
 
         retryable = step.is_retryable(outcome.code)
-        uncertain = command.uncertain or retryable
+        # Whether the step may have taken effect under this saga's key: a definite refusal (the
+        # participant's recorded answer to this key) says it did not, whatever came before.
+        uncertain = step.may_have_happened(outcome.code, command.uncertain)
         saga.last_error = f"{step.name}: {outcome.code.name}: {outcome.message}"
         transition.events.append(
             Event(
@@ -251,6 +264,30 @@ class Engine:
             return transition
         self._need_attention(saga, now, transition)
         return transition
+
+    def _after_terminate(
+        self, saga: SagaState, step: Step, command: Command, outcome: Outcome, now: float
+    ) -> Transition:
+        """Record what a call on the wire at terminate did; nothing more is sent and nothing is undone."""
+        code = outcome.code.name
+
+        def recorded(event_type: str, message: str) -> Transition:
+            return Transition([Event(event_type, now, step.name, command.attempt, code, message, outcome.duration_ms)])
+
+        if command.direction == COMPENSATION:
+            if outcome.ok:
+                return recorded("CompensationSucceeded", "after terminate: the step's effect is undone")
+            return recorded("CompensationFailed", f"after terminate: {outcome.message}")
+        if outcome.ok:
+            assert outcome.response is not None
+            saga.results[step.name] = outcome.response
+            return recorded(EFFECT_AFTER_TERMINATE, "effect applied after terminate; not compensated")
+        if step.may_have_happened(outcome.code, command.uncertain):
+            return recorded(
+                EFFECT_AFTER_TERMINATE,
+                f"outcome unknown after terminate ({outcome.message}); the effect may stand; not compensated",
+            )
+        return recorded("StepFailed", outcome.message)
 
     def _begin_compensation(
         self, definition: SagaDefinition, saga: SagaState, upto: int, transition: Transition, now: float, reason: str
@@ -353,6 +390,14 @@ class Engine:
         saga.paused = False
         saga.last_error = f"terminated: {reason}"
         return Transition([Event("SagaTerminated", now, message=reason, actor=actor)], None)
+
+    def definition_missing(self, saga: SagaState, detail: str, now: float) -> Transition:
+        """Stop a saga this replica cannot run, for an operator: its definition is not loaded."""
+        saga.status = Status.NEEDS_ATTENTION
+        saga.paused = False
+        saga.updated_at = now
+        saga.last_error = f"{DEFINITION_MISSING}: {detail}"
+        return Transition([Event("SagaNeedsAttention", now, code=DEFINITION_MISSING, message=detail)])
 
     def retry(self, saga: SagaState, actor: str, now: float) -> Transition:
         if saga.status != Status.NEEDS_ATTENTION:

@@ -86,6 +86,11 @@ STEP_RETRIES = Counter(
 OUTBOX_DUE = Gauge("sagasuite_outbox_due_commands", "Outbox commands due now, waiting to be claimed or on the wire")
 OUTBOX_OLDEST_DUE_AGE = Gauge("sagasuite_outbox_oldest_due_age_seconds", "How long the oldest due command has been due")
 IN_FLIGHT_CALLS = Gauge("sagasuite_dispatcher_in_flight_calls", "Service calls on the wire from this replica")
+SAGAS_DEFINITION_MISSING = Gauge(
+    "sagasuite_sagas_definition_missing",
+    "Sagas not ended whose definition this replica has not loaded (they wait in NEEDS_ATTENTION, DEFINITION_MISSING)",
+    ["saga_type", "version"],
+)
 
 _ENDING_EVENTS = {
     "SagaCompleted": SagaStatus.COMPLETED,
@@ -141,6 +146,8 @@ class Observability(DispatchObserver):
         self._metrics = metrics
         self._step_seconds: dict[tuple[str, str, str, str], Histogram] = {}
         self._start_seconds: dict[str, Histogram] = {}
+        # Definitions found missing at start, whose saga counts the outbox watch keeps current.
+        self._missing_definitions: set[tuple[str, int]] = set()
 
     @property
     def enabled(self) -> bool:
@@ -172,6 +179,10 @@ class Observability(DispatchObserver):
                 due, oldest_age = await database.transaction(lambda c: store.outbox_depth(c, time.time()))
                 OUTBOX_DUE.set(due)
                 OUTBOX_OLDEST_DUE_AGE.set(oldest_age)
+                if self._missing_definitions:
+                    missing = sorted(self._missing_definitions)
+                    counts = await database.transaction(lambda c, keys=missing: store.count_not_ended(c, keys))  # type: ignore[misc]
+                    self._set_missing(counts)
             except Exception:
                 log.exception("reading the outbox depth failed; will try again")
             await asyncio.sleep(interval)
@@ -256,6 +267,15 @@ class Observability(DispatchObserver):
                     self._outcome_span(saga, status, event.at)
             elif self._metrics and event.type in _RETRY_EVENTS:
                 STEP_RETRIES.labels(saga.saga_type, event.step, _RETRY_EVENTS[event.type]).inc()
+
+    def definitions_missing(self, counts: dict[tuple[str, int], int]) -> None:
+        self._missing_definitions.update(counts)
+        self._set_missing(counts)
+
+    def _set_missing(self, counts: dict[tuple[str, int], int]) -> None:
+        if self._metrics:
+            for (saga_type, version), count in counts.items():
+                SAGAS_DEFINITION_MISSING.labels(saga_type, str(version)).set(count)
 
     def call_finished(self, saga: SagaState, step: str, direction: str, outcome: Outcome) -> None:
         if self._metrics:

@@ -9,7 +9,7 @@ from sagasuite.orchestrator.v1.orchestrator_service_pb2 import PlaceOrderRequest
 from sagasuite.payment.v1 import payment_service_pb2 as payment
 from sagasuite.shipping.v1 import shipping_service_pb2 as shipping
 
-__all__ = ["ORDER_SAGA", "order_steps"]
+__all__ = ["ORDER_SAGA", "order_key", "order_steps"]
 
 REASON = "order saga compensated"
 
@@ -67,5 +67,11 @@ def order_steps() -> tuple[Step, ...]:
     )
 
 
-ORDER_SAGA = SagaDefinition(name="OrderSaga", version=1, input_type=PlaceOrderRequest, steps=order_steps())
+def order_key(order: PlaceOrderRequest) -> str:
+    """The business key of a saga over one order: the order id, which every compensation acts on."""
+    return order.order_id
+
+
+ORDER_SAGA = SagaDefinition(name="OrderSaga", version=1, input_type=PlaceOrderRequest, steps=order_steps(),
+                            business_key=order_key)
 # fmt: on

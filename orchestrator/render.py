@@ -67,6 +67,12 @@ def saga_header(saga: pb.Saga) -> Text:
         header.append(f"  in {took:.1f} ms")
     if saga.last_error:
         header.append(f"\n  last error: {saga.last_error}", style="dim")
+    if saga.steps_maybe_applied:
+        # Terminate compensates nothing: say what may still stand in the services.
+        header.append(
+            f"\n  effects that may still stand (not compensated): {', '.join(saga.steps_maybe_applied)}",
+            style="bold magenta",
+        )
     if saga.trace_id:
         header.append(f"\n  trace {saga.trace_id}", style="dim")
     return header
@@ -204,7 +210,7 @@ def event_line(event: pb.HistoryEvent, status: int | None, origin: float) -> Tex
     and the status it led to when given."""
     line = Text()
     line.append(f"{(_seconds(event.at) - origin) * 1000:>9.1f} ms  ", style="dim")
-    bad = event.code not in ("", "OK") or event.type in ("SagaNeedsAttention", "SagaTerminated")
+    bad = event.code not in ("", "OK") or event.type in ("SagaNeedsAttention", "SagaTerminated", "EffectAfterTerminate")
     line.append(f"{event.type:<27}", style="red" if bad else "bold")
     line.append(f" {event.step:<18}")
     line.append(f" #{event.attempt}" if event.attempt else "   ")
@@ -329,6 +335,7 @@ def saga_dict(saga: pb.Saga, *, history: bool = True, steps: bool = True) -> dic
         "current_step": saga.current_step,
         "last_error": saga.last_error,
         "trace_id": saga.trace_id,
+        "steps_maybe_applied": list(saga.steps_maybe_applied),
     }
     if steps:
         found["steps"] = [

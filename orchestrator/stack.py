@@ -31,6 +31,12 @@ class StackConfig:
     common_env: dict[str, str] = field(default_factory=dict)
     # Fixed ports by service name (e.g. {"inventory": 50051}); a service not named gets a free port.
     service_ports: dict[str, int] = field(default_factory=dict)
+    # Instances by service name (e.g. {"inventory": 2}); 1 when not named. The extra instances
+    # ("inventory-2", ...) get the first one's settings, so they share its database, and the
+    # orchestrator is given every address of the service for static discovery.
+    instances: dict[str, int] = field(default_factory=dict)
+    # Settings of one extra instance over the first one's, by instance name (e.g. {"inventory-2": {...}}).
+    instance_env: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 class LocalStack:
@@ -38,7 +44,9 @@ class LocalStack:
 
     def __init__(self, config: StackConfig) -> None:
         self.config = config
+        # The first instance of each service; `instances` holds them all, the first one first.
         self.services: dict[str, ManagedProcess] = {}
+        self.instances: dict[str, list[ManagedProcess]] = {}
         self.orchestrator: ManagedProcess | None = None
 
     def _env(self, name: str, extra: Mapping[str, str]) -> dict[str, str]:
@@ -57,18 +65,23 @@ class LocalStack:
             env = self._env(name, {**port, **self.config.service_env.get(name, {})})
             process = ManagedProcess(name, module, env, log_dir)
             self.services[name] = process
+            self.instances[name] = [process]
+            for n in range(2, self.config.instances.get(name, 1) + 1):
+                extra = f"{name}-{n}"
+                extra_env = {**env, "PORT": "0", **self.config.instance_env.get(extra, {})}
+                self.instances[name].append(ManagedProcess(extra, module, extra_env, log_dir))
         try:
             # The services start side by side: a stack is up in the time of its slowest process.
-            for process in self.services.values():
+            for process in self._service_processes():
                 process.launch()
-            for process in self.services.values():
+            for process in self._service_processes():
                 process.wait_ready(timeout)
             orchestrator_env = self._env("orchestrator", self.config.orchestrator_env)
             orchestrator_env["PORT"] = str(self.config.orchestrator_port)
             if self.config.orchestrator_database_url:
                 orchestrator_env["DATABASE_URL"] = self.config.orchestrator_database_url
-            for name, process in self.services.items():
-                orchestrator_env[f"{name.upper()}_ADDR"] = process.address
+            for name, instances in self.instances.items():
+                orchestrator_env[f"{name.upper()}_ADDR"] = ",".join(p.address for p in instances)
             self.orchestrator = ManagedProcess("orchestrator", "orchestrator", orchestrator_env, log_dir)
             self.orchestrator.start(timeout)
         except Exception:
@@ -81,8 +94,11 @@ class LocalStack:
         assert self.orchestrator is not None
         return self.orchestrator.address
 
+    def _service_processes(self) -> list[ManagedProcess]:
+        return [process for instances in self.instances.values() for process in instances]
+
     def processes(self) -> dict[str, ManagedProcess]:
-        named = dict(self.services)
+        named = {process.name: process for process in self._service_processes()}
         if self.orchestrator is not None:
             named["orchestrator"] = self.orchestrator
         return named
@@ -101,7 +117,7 @@ class LocalStack:
     def stop(self) -> None:
         if self.orchestrator is not None:
             self.orchestrator.stop()
-        for process in self.services.values():
+        for process in self._service_processes():
             process.stop()
 
     def __enter__(self) -> LocalStack:

@@ -10,9 +10,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import Connection, and_, bindparam, delete, func, insert, not_, or_, select, update
 
-from orchestrator.engine import Command, Event, SagaState
+from orchestrator.engine import IN_FLIGHT_STATUSES, Command, Event, SagaState, Status
 from orchestrator.models import SCHEMA_VERSION, OutboxRow, SagaEventRow, SagaRow, SchemaVersionRow
 from svckit.db import Database, Prepared
 
@@ -22,9 +22,11 @@ __all__ = [
     "SagaFilter",
     "append_events",
     "claim_due",
+    "count_not_ended",
     "ensure_schema",
     "fence",
     "find_by_business_key",
+    "in_flight_without_definition",
     "insert_saga",
     "list_sagas",
     "load_events",
@@ -32,6 +34,7 @@ __all__ = [
     "load_sagas",
     "put_command",
     "release_leases",
+    "storable",
     "update_sagas",
 ]
 
@@ -100,6 +103,11 @@ def saga_from_row(row: Any) -> SagaState:
     )
 
 
+def storable(text: str) -> str:
+    """Text PostgreSQL can hold: a NUL (which a participant's error message may carry) becomes U+FFFD."""
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
+
+
 def _mutable_values(saga: SagaState) -> dict[str, Any]:
     return {
         "status": saga.status,
@@ -108,7 +116,7 @@ def _mutable_values(saga: SagaState) -> dict[str, Any]:
         "step_index": saga.step_index,
         "compensations": ",".join(str(i) for i in saga.compensations),
         "results": _encode_results(saga.results),
-        "last_error": saga.last_error[:2000],
+        "last_error": storable(saga.last_error[:2000]),
         "event_seq": saga.event_seq,
         "updated_at": saga.updated_at,
         "ended_at": saga.ended_at,
@@ -171,6 +179,35 @@ def find_by_business_key(connection: Connection, saga_type: str, business_key: s
     if row is None:
         return None
     return saga_from_row(row), row[_SAGA_COLUMNS.index("input_hash")]
+
+
+_WAITING_STATUSES = (*sorted(IN_FLIGHT_STATUSES), Status.NEEDS_ATTENTION)
+
+
+def in_flight_without_definition(
+    connection: Connection, known: set[tuple[str, int]], *, for_update: bool = False
+) -> list[SagaState]:
+    """Sagas that have not ended (needing attention included) whose (type, version) is not in known, oldest first."""
+    conditions: list[Any] = [SAGA.c.status.in_(_WAITING_STATUSES)]
+    if known:
+        conditions.append(
+            not_(or_(*[and_(SAGA.c.saga_type == name, SAGA.c.version == version) for name, version in sorted(known)]))
+        )
+    query = select(SAGA).where(*conditions).order_by(SAGA.c.created_at, SAGA.c.saga_id)
+    if for_update:
+        query = query.with_for_update()
+    return [saga_from_row(row) for row in connection.execute(query)]
+
+
+def count_not_ended(connection: Connection, definitions: Iterable[tuple[str, int]]) -> dict[tuple[str, int], int]:
+    """How many sagas of each (type, version) have not ended."""
+    counts: dict[tuple[str, int], int] = {}
+    for name, version in definitions:
+        query = select(func.count()).where(
+            SAGA.c.saga_type == name, SAGA.c.version == version, SAGA.c.status.in_(_WAITING_STATUSES)
+        )
+        counts[(name, version)] = int(connection.execute(query).scalar() or 0)
+    return counts
 
 
 @dataclass(frozen=True)
@@ -283,7 +320,7 @@ def append_events(saga: SagaState, events: Sequence[Event], rows: list[dict[str,
                 "step": event.step,
                 "attempt": event.attempt,
                 "code": event.code,
-                "message": event.message[:2000],
+                "message": storable(event.message[:2000]),
                 "duration_ms": round(event.duration_ms, 3),
                 "actor": event.actor,
             }

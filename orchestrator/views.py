@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchestrator.definition import SagaDefinition
-from orchestrator.engine import ACTION, COMPENSATION, SagaState, Status
+import grpc
+
+from orchestrator.definition import SagaDefinition, Step
+from orchestrator.engine import ACTION, COMPENSATION, EFFECT_AFTER_TERMINATE, SagaState, Status
 from orchestrator.store import EventRecord, PendingCommand
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 from svckit.convert import timestamp
@@ -17,6 +19,7 @@ __all__ = [
     "api_status",
     "event_pb",
     "saga_pb",
+    "steps_maybe_applied",
     "trace_id_of",
 ]
 
@@ -36,6 +39,7 @@ _ATTEMPT_EVENTS = {
     "StepFailed": ACTION,
     "CompensationSucceeded": COMPENSATION,
     "CompensationFailed": COMPENSATION,
+    EFFECT_AFTER_TERMINATE: ACTION,
 }
 
 
@@ -94,6 +98,10 @@ def _steps(
             steps[event.step].last_error = f"{event.code}: {event.message}"
         elif event.type == "CompensationSucceeded":
             compensated.add(event.step)
+        elif event.type == EFFECT_AFTER_TERMINATE:
+            # The call was on the wire at terminate: what it did stands, and is said so.
+            (succeeded if event.code == "OK" else failed).add(event.step)
+            steps[event.step].last_error = event.message
         else:
             steps[event.step].last_error = f"{event.code}: {event.message}"
     on_wire = definition.steps[pending.command.step_index].name if pending else None
@@ -109,6 +117,33 @@ def _steps(
         else:
             view.state = "skipped" if saga.ended else "pending"
     return list(steps.values())
+
+
+def steps_maybe_applied(
+    definition: SagaDefinition, events: list[EventRecord], pending: PendingCommand | None
+) -> list[str]:
+    """The steps whose effects may stand: succeeded, or last answered uncertainly, or handed out
+    and not yet answered; and not compensated since. In definition order."""
+    by_name = definition.step_by_name
+    may_stand: dict[str, bool] = {}
+    for event in events:
+        step = by_name.get(event.step)
+        if step is None:
+            continue
+        if event.type in ("StepSucceeded", EFFECT_AFTER_TERMINATE):
+            may_stand[step.name] = event.code == "OK" or _may_have_happened(step, event.code, True)
+        elif event.type == "StepFailed":
+            may_stand[step.name] = _may_have_happened(step, event.code, may_stand.get(step.name, False))
+        elif event.type == "CompensationSucceeded":
+            may_stand[step.name] = False
+    if pending is not None and pending.lease_owner is not None and pending.command.direction == ACTION:
+        may_stand[definition.steps[pending.command.step_index].name] = True
+    return [step.name for step in definition.steps if may_stand.get(step.name)]
+
+
+def _may_have_happened(step: Step, code_name: str, before: bool) -> bool:
+    code = grpc.StatusCode.__members__.get(code_name)
+    return before if code is None else step.may_have_happened(code, before)
 
 
 def saga_pb(
@@ -138,6 +173,8 @@ def saga_pb(
             view.current_step = definition.steps[saga.step_index].name
         if events is not None:
             view.steps.extend(_steps(definition, saga, events, pending))
+            if saga.status == Status.TERMINATED:
+                view.steps_maybe_applied.extend(steps_maybe_applied(definition, events, pending))
     if include_history and events is not None:
         view.history.extend(event_pb(event) for event in events)
     return view

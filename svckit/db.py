@@ -5,6 +5,23 @@ shared transaction; the transaction commits once for all the work queued meanwhi
 are the results handed back. So each unit is atomic on its own, nothing is reported before it is
 durable, and a busy process pays for one commit per batch instead of one per call.
 
+Each unit also succeeds or fails alone, whatever else is in its batch:
+
+- a unit that raises is rolled back to its savepoint, and the batch carries on without it;
+- a unit that ends the transaction itself (SQLite's RAISE(ROLLBACK)) fails, and the others run again;
+- a lock conflict (deadlock victim, lock timeout, unique-key race) is retried alone, after the batch;
+- a COMMIT the database refuses (a deferred constraint) is retried unit by unit, so only the guilty fails;
+- a connection lost before COMMIT loses nothing durable: the batch runs again on a new connection;
+- a connection lost during COMMIT leaves the outcome unknown, and says so (`CommitOutcomeUnknown`,
+  retryable): a retry with the same idempotency key then replays the unit if it committed, or runs it.
+
+On PostgreSQL, where two processes may share a database, a batch never waits for a lock in a way
+that could close a cycle with another process's batch: units that lock rows other orders lock too
+(stock levels) name them first with `declare_row_locks`, and a batch takes such locks in one
+ascending order across all its units (a unit that would break the order is put back and leads the
+next batch instead); a lock private to one entity (an order) is only tried inside a batch, and a
+unit that finds it taken (`KeyBusy`) runs alone after its batch, where it may wait.
+
 Hot-path statements are written with SQLAlchemy Core and wrapped in `Prepared`, which compiles
 them once per dialect and runs them on the transaction's DBAPI cursor: the SQL still comes from
 Core, without Core's per-execution cost (about 60-150 us a statement against 3-5 us).
@@ -15,27 +32,36 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
+import enum
+import hashlib
 import logging
 import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 from sqlalchemy.sql.elements import ClauseElement
 from sqlmodel import SQLModel
 
+from svckit.errors import CommitOutcomeUnknown, DatabaseUnavailable, TransactionConflict
+
 __all__ = [
     "Database",
+    "KeyBusy",
     "Prepared",
+    "UnitLeftTransactionAborted",
+    "declare_row_locks",
     "is_postgres",
     "is_retryable_conflict",
+    "key_lock_id",
+    "may_wait_for_locks",
     "record_columns",
     "savepoint",
 ]
@@ -45,25 +71,69 @@ T = TypeVar("T")
 log = logging.getLogger("sagasuite.db")
 
 # Transient conflicts that running the work again resolves: SQLite's busy lock, PostgreSQL's
-# serialization failure and deadlock victim. A unique-key race is retried too, since the
-# retry then sees the winner's committed row (and an idempotent call replays it).
-_RETRYABLE_SQLSTATES = {"40001", "40P01", "23505"}
+# serialization failure, deadlock victim and lock timeout. A unique-key race is retried too, since
+# the retry then sees the winner's committed row (and an idempotent call replays it).
+_TRANSIENT_SQLSTATES = {"40001", "40P01", "55P03"}
+_RETRYABLE_SQLSTATES = {*_TRANSIENT_SQLSTATES, "23505"}
 _MAX_ATTEMPTS = 5
 _MAX_BATCH = 256
+# Runs of one batch on a fresh connection after its connection broke before COMMIT.
+_MAX_ROUNDS = 3
+# A unit put back for lock order this many times runs alone instead of leading yet another batch.
+_MAX_BOUNCES = 2
+# One key for every process of the suite: schema creation takes turns on it.
+_SCHEMA_LOCK_KEY = int.from_bytes(hashlib.sha256(b"sagasuite.create_schema").digest()[:8], "big", signed=True)
+# psycopg's pq.TransactionStatus values, read without importing psycopg where SQLite is all there is.
+_PG_IN_TRANSACTION = 2
+_PG_IN_ERROR = 3
 
 
 def is_postgres(url: str) -> bool:
     return url.startswith("postgresql")
 
 
-def is_retryable_conflict(error: BaseException) -> bool:
-    """True for unique-key races, lock timeouts, deadlocks and serialization failures."""
+def _is_transient_conflict(error: BaseException) -> bool:
+    """A conflict that says nothing about the work itself (unlike a unique-key clash, which may be its fault)."""
     original = error.orig if isinstance(error, DBAPIError) else error
-    if isinstance(original, sqlite3.IntegrityError):
+    if isinstance(original, KeyBusy | sqlite3.OperationalError):
+        return is_retryable_conflict(original)
+    return getattr(original, "sqlstate", None) in _TRANSIENT_SQLSTATES
+
+
+def is_retryable_conflict(error: BaseException) -> bool:
+    """True for unique-key races, lock timeouts, deadlocks, serialization failures and busy keys."""
+    original = error.orig if isinstance(error, DBAPIError) else error
+    if isinstance(original, KeyBusy):
         return True
+    if isinstance(original, sqlite3.IntegrityError):
+        # Only a key race; a CHECK, NOT NULL or foreign key refusal would fail the same way again.
+        return "unique constraint" in str(original).lower()
     if isinstance(original, sqlite3.OperationalError):
         return "locked" in str(original).lower() or "busy" in str(original).lower()
     return getattr(original, "sqlstate", None) in _RETRYABLE_SQLSTATES
+
+
+class KeyBusy(Exception):
+    """Another transaction holds the key's lock right now: the unit steps out of its batch and runs alone after it."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"another transaction is working on {key!r}")
+        self.key = key
+
+
+def key_lock_id(key: str) -> int:
+    """The PostgreSQL advisory lock id of key: stable across processes, 64 bits."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big", signed=True)
+
+
+class UnitLeftTransactionAborted(Exception):
+    """A statement of the unit failed and the unit caught the error without rolling back to a savepoint."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "a statement of this unit failed and its error was caught without a savepoint; "
+            "the unit's writes were rolled back"
+        )
 
 
 # Connections whose transactions the batch runner drives on the DBAPI connection directly.
@@ -134,8 +204,25 @@ class Prepared:
             cursor.executemany(sql, rows)
 
 
+def _raw(connection: Connection) -> Any:
+    """The driver's own connection under SQLAlchemy's (psycopg or sqlite3)."""
+    return connection.connection.dbapi_connection
+
+
+def _pg_status(raw: Any) -> int | None:
+    """PostgreSQL's transaction status as libpq last saw it (no round trip); None on SQLite."""
+    info = getattr(raw, "info", None)
+    status = getattr(info, "transaction_status", None)
+    return None if status is None else int(status)
+
+
 class savepoint:
-    """A SAVEPOINT on the DBAPI connection: work inside rolls back alone when it raises."""
+    """A SAVEPOINT on the DBAPI connection: work inside rolls back alone when it raises.
+
+    Every way out leaves the transaction usable: after a failed statement PostgreSQL refuses
+    everything until ROLLBACK TO SAVEPOINT, so the rollback runs even when the work caught the
+    error itself and returned normally (it then fails with UnitLeftTransactionAborted).
+    """
 
     _counter = 0
 
@@ -143,14 +230,117 @@ class savepoint:
         savepoint._counter += 1
         self._name = f"sp_{savepoint._counter}"
         self._cursor = connection.connection.cursor()
+        self._raw = _raw(connection)
+        # A rollback to this savepoint gives back the row locks taken inside it: the batch must know.
+        self._ledger = _LEDGERS.get(connection)
 
     def __enter__(self) -> None:
         self._cursor.execute(f"SAVEPOINT {self._name}")
+        if self._ledger is not None:
+            self._ledger.savepoint_entered()
 
     def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
-        if exc_type is not None:
+        if exc_type is None:
+            if _pg_status(self._raw) == _PG_IN_ERROR:
+                self._roll_back()
+                raise UnitLeftTransactionAborted()
+            if self._ledger is not None:
+                self._ledger.savepoint_released()
+            self._cursor.execute(f"RELEASE SAVEPOINT {self._name}")
+            return
+        self._roll_back()
+
+    def _roll_back(self) -> None:
+        if self._ledger is not None:
+            self._ledger.savepoint_rolled_back()
+        try:
             self._cursor.execute(f"ROLLBACK TO SAVEPOINT {self._name}")
-        self._cursor.execute(f"RELEASE SAVEPOINT {self._name}")
+            self._cursor.execute(f"RELEASE SAVEPOINT {self._name}")
+        except Exception:
+            # The transaction went with the savepoint (a lost connection, SQLite's RAISE(ROLLBACK)):
+            # the error that got us here is the one to report; whoever runs the transaction sees it is gone.
+            log.debug("rolling back to savepoint %s failed", self._name, exc_info=True)
+
+
+# -- lock order ----------------------------------------------------------------------------------
+
+
+class _OutOfLockOrder(Exception):
+    """A unit asked for row locks below the highest one its batch holds: it must lead a batch instead."""
+
+    def __init__(self, keys: tuple[str, ...]) -> None:
+        super().__init__(f"row locks {keys[:3]} come before locks the batch holds")
+        self.keys = keys
+
+
+@dataclass
+class _LockLedger:
+    """The shared-row locks a batch transaction holds; new ones are only ever taken above the highest so far."""
+
+    held: set[str] = field(default_factory=set)
+    highest: str | None = None
+    # In the order taken, with the length at each open savepoint: a rollback gives back its own.
+    taken: list[str] = field(default_factory=list)
+    marks: list[int] = field(default_factory=list)
+
+    def declare(self, keys: Iterable[str]) -> None:
+        new = sorted(set(keys) - self.held)
+        if not new:
+            return
+        if self.highest is not None and new[0] < self.highest:
+            raise _OutOfLockOrder(tuple(sorted(set(keys))))
+        self.held.update(new)
+        self.taken.extend(new)
+        self.highest = new[-1]
+
+    def savepoint_entered(self) -> None:
+        self.marks.append(len(self.taken))
+
+    def savepoint_released(self) -> None:
+        self.marks.pop()
+
+    def savepoint_rolled_back(self) -> None:
+        # PostgreSQL releases the row locks taken since the savepoint: taking one again later would
+        # be a new lock, so it must obey the order. `highest` stays: stricter than needed, never looser.
+        mark = self.marks.pop()
+        self.held.difference_update(self.taken[mark:])
+        del self.taken[mark:]
+
+
+_LEDGERS: weakref.WeakKeyDictionary[Connection, _LockLedger] = weakref.WeakKeyDictionary()
+
+
+def declare_row_locks(connection: Connection, keys: Iterable[str]) -> None:
+    """Name the shared rows the unit is about to lock ("stock/BOOK-001"), before its first write to them.
+
+    Call it once per unit with every such key, and write the rows in ascending key order. Inside a
+    PostgreSQL batch the keys must not fall below those the batch already holds; when they do the
+    unit is undone here and runs again first in the next batch, so locks are always taken in one
+    order and two batches cannot deadlock. Elsewhere (SQLite, a transaction of its own) it costs nothing.
+    """
+    ledger = _LEDGERS.get(connection)
+    if ledger is not None:
+        ledger.declare(keys)
+
+
+def may_wait_for_locks(connection: Connection) -> bool:
+    """False inside a PostgreSQL batch: a unit there must try a contended lock and raise KeyBusy, not wait.
+
+    A batch holds the locks of all its units until COMMIT; one that waited for another
+    transaction's lock could close a cycle with it. Alone (or on SQLite) waiting is safe.
+    """
+    return connection not in _LEDGERS
+
+
+# -- jobs ----------------------------------------------------------------------------------------
+
+
+class _State(enum.Enum):
+    PENDING = "pending"
+    DONE = "done"  # ran; its writes wait for the batch's COMMIT
+    FAILED = "failed"  # raised; rolled back alone, its error is its answer
+    CONFLICT = "conflict"  # a lock conflict: runs again alone, after the batch
+    BOUNCED = "bounced"  # out of lock order: leads the next batch
 
 
 @dataclass
@@ -161,7 +351,25 @@ class _Job(Generic[T]):
     future: asyncio.Future[T]
     result: Any = None
     error: BaseException | None = None
-    done: bool = field(default=False)
+    state: _State = _State.PENDING
+    lock_keys: tuple[str, ...] = ()
+    bounces: int = 0
+
+
+class _ConnectionBroke(Exception):
+    """The connection died before COMMIT: nothing of the transaction is durable."""
+
+
+class _TransactionEnded(Exception):
+    """A unit ended the whole transaction (its own state says FAILED); the others must run again."""
+
+
+class _Round(enum.Enum):
+    COMMITTED = "committed"
+    COMMIT_UNKNOWN = "commit-unknown"  # the connection broke during COMMIT
+    COMMIT_REFUSED = "commit-refused"  # the database refused the COMMIT; the connection is fine
+    BROKEN = "broken"  # the connection broke before COMMIT
+    ENDED = "ended"  # a unit ended the transaction
 
 
 class Database:
@@ -183,7 +391,10 @@ class Database:
         # SQLite answers in microseconds from a local file, so its batches run on the event loop
         # itself: no thread hand-off per call. PostgreSQL waits on the network: a thread.
         self._inline = (not is_postgres(url)) if inline is None else inline
-        self._inline_connection: Connection | None = None
+        # Lock order only matters where another process's transactions wait on ours row by row;
+        # SQLite's BEGIN IMMEDIATE lets one writer in at a time.
+        self._orders_locks = is_postgres(url)
+        self._connection: Connection | None = None
         self._flush_scheduled = False
         self._thread: threading.Thread | None = None
         if not self._inline:
@@ -194,8 +405,27 @@ class Database:
     def is_postgres(self) -> bool:
         return is_postgres(self.url)
 
+    @property
+    def inline(self) -> bool:
+        """True when batches run on the event loop (SQLite), False when on the database thread."""
+        return self._inline
+
     def create_schema(self, metadata: Any = None) -> None:
-        (metadata or SQLModel.metadata).create_all(self.engine)
+        """Create the missing tables; processes starting together on an empty database take turns."""
+        for attempt in range(1, _MAX_ATTEMPTS + 1):
+            try:
+                with self.engine.begin() as connection:
+                    if self.is_postgres:
+                        # Two processes would both see a table missing and both create it (and its row
+                        # type: UniqueViolation on pg_type). The lock is held to COMMIT, so the second
+                        # looks only once the first's tables are there. SQLite's BEGIN IMMEDIATE does as much.
+                        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
+                    (metadata or SQLModel.metadata).create_all(connection)
+                return
+            except Exception as error:
+                if attempt == _MAX_ATTEMPTS or not is_retryable_conflict(error):
+                    raise
+                time.sleep(0.01 * attempt)
 
     def transaction_sync(self, work: Callable[[Connection], T]) -> T:
         """Run work in a transaction of its own on the calling thread (start-up and tools only)."""
@@ -210,7 +440,12 @@ class Database:
         raise AssertionError("unreachable")
 
     async def transaction(self, work: Callable[[Connection], T]) -> T:
-        """Run work atomically on the database thread; returns once its transaction has committed."""
+        """Run work atomically on the database thread; returns once its transaction has committed.
+
+        Raises what work raised (nothing of it is applied), DatabaseUnavailable when the database
+        cannot be reached (nothing applied), or CommitOutcomeUnknown when the connection broke
+        during COMMIT (it may have been applied: a retry must be idempotent).
+        """
         loop = asyncio.get_running_loop()
         job: _Job[T] = _Job(work, contextvars.copy_context(), loop, loop.create_future())
         if self._inline:
@@ -235,26 +470,19 @@ class Database:
             self._wakeup.notify()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        if self._inline_connection is not None:
-            self._inline_connection.close()
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
         self.engine.dispose()
 
     def _flush_inline(self) -> None:
         self._flush_scheduled = False
         batch, self._jobs = self._jobs, []
-        connection = self._inline_connection
-        if connection is None or connection.invalidated or connection.closed:
-            connection = self._inline_connection = self._connect(batch)
-        if connection is not None and not self._commit_batch(connection, batch):
-            connection.close()
-            self._inline_connection = None
-        _settle_all(batch)
+        self._run_batch(batch)
 
     # -- the database thread -----------------------------------------------------------------
 
     def _run(self) -> None:
-        # The thread keeps one connection for its life instead of a pool checkout per batch.
-        connection: Connection | None = None
         while True:
             with self._wakeup:
                 while not self._jobs and not self._closed:
@@ -262,74 +490,237 @@ class Database:
                 if not self._jobs and self._closed:
                     break
                 batch, self._jobs = self._jobs[:_MAX_BATCH], self._jobs[_MAX_BATCH:]
-            if connection is None or connection.invalidated or connection.closed:
-                connection = self._connect(batch)
-            if connection is not None and not self._commit_batch(connection, batch):
-                connection.close()
-                connection = None
-            by_loop: dict[asyncio.AbstractEventLoop, list[_Job[Any]]] = {}
-            for job in batch:
-                by_loop.setdefault(job.loop, []).append(job)
-            # One wake-up of each event loop per batch, not one per job.
-            for loop, jobs in by_loop.items():
-                loop.call_soon_threadsafe(_settle_all, jobs)
-        if connection is not None:
-            connection.close()
+            self._run_batch(batch)
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
 
-    def _connect(self, batch: list[_Job[Any]]) -> Connection | None:
+    def _settle(self, jobs: list[_Job[Any]]) -> None:
+        if not jobs:
+            return
+        if self._inline:
+            _settle_all(jobs)
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Job[Any]]] = {}
+        for job in jobs:
+            by_loop.setdefault(job.loop, []).append(job)
+        # One wake-up of each event loop per batch, not one per job.
+        for loop, loop_jobs in by_loop.items():
+            loop.call_soon_threadsafe(_settle_all, loop_jobs)
+
+    def _connect(self) -> Connection | BaseException:
+        """The runner's connection, kept for its life instead of a pool checkout per batch."""
+        connection = self._connection
+        if connection is not None and not connection.invalidated and not connection.closed:
+            return connection
         try:
-            return self.engine.connect()
+            connection = self.engine.connect()
         except Exception as error:
-            log.exception("cannot connect to the database")
-            for job in batch:
-                job.error, job.result = error, None
-            return None
+            log.warning("cannot connect to the database: %s", error)
+            return error
+        _BATCH_CONNECTIONS.add(connection)
+        self._connection = connection
+        return connection
 
-    def _commit_batch(self, connection: Connection, batch: list[_Job[Any]]) -> bool:
-        """Run the batch in one transaction; False when the connection should be replaced.
+    def _drop_connection(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            try:
+                connection.invalidate()  # the pool must not hand this one out again
+                connection.close()
+            except Exception:
+                log.debug("discarding a broken connection failed", exc_info=True)
 
+    def _run_batch(self, batch: list[_Job[Any]]) -> None:
+        """Run a batch to the end: every job is settled, except those put back to lead the next batch."""
+        todo = batch
+        if any(job.lock_keys for job in batch):
+            # Units put back for lock order go first, in the order of their locks; the rest as they came.
+            todo = sorted(batch, key=lambda job: (not job.lock_keys, job.lock_keys))
+        alone: list[_Job[Any]] = []
+        bounced: list[_Job[Any]] = []
+        broken_rounds = 0
+        while todo:
+            connection = self._connect()
+            if isinstance(connection, BaseException):
+                self._fail(todo, DatabaseUnavailable(f"cannot connect: {type(connection).__name__}"))
+                return
+            outcome, _ = self._round(connection, todo, order_locks=self._orders_locks)
+            self._settle([job for job in todo if job.state is _State.FAILED])
+            done = [job for job in todo if job.state is _State.DONE]
+            conflicts = [job for job in todo if job.state is _State.CONFLICT]
+            out_of_order = [job for job in todo if job.state is _State.BOUNCED]
+            if outcome is _Round.COMMITTED:
+                self._settle(done)
+                alone, bounced = conflicts, out_of_order
+                break
+            if outcome is _Round.COMMIT_UNKNOWN:
+                log.warning("the connection broke during the COMMIT of %d units: their outcome is unknown", len(done))
+                for job in done:
+                    job.result, job.error = None, CommitOutcomeUnknown("the connection broke during COMMIT")
+                self._settle(done)
+                self._drop_connection()
+                alone = conflicts + out_of_order
+                break
+            if outcome is _Round.COMMIT_REFUSED:
+                # Some unit's writes cannot commit (a deferred constraint): each commits alone, so only it fails.
+                log.warning("the database refused the COMMIT of %d units; committing each alone", len(done))
+                alone = done + conflicts + out_of_order
+                break
+            if outcome is _Round.BROKEN:
+                self._drop_connection()
+                broken_rounds += 1
+                if broken_rounds >= _MAX_ROUNDS:
+                    self._fail(
+                        [job for job in todo if job.state is not _State.FAILED],
+                        DatabaseUnavailable("the connection kept breaking"),
+                    )
+                    return
+                log.warning("the connection broke before COMMIT; nothing was applied, running the units again")
+            # BROKEN or ENDED: nothing of the round is durable; all but the failed units run again.
+            todo = [job for job in todo if job.state is not _State.FAILED]
+        for job in bounced:
+            job.bounces += 1
+        again = [] if self._inline else [job for job in bounced if job.bounces <= _MAX_BOUNCES]
+        alone += [job for job in bounced if job not in again]
+        if again:
+            with self._wakeup:
+                self._jobs[0:0] = again
+        for job in alone:
+            self._run_alone(job)
+            self._settle([job])
+
+    def _fail(self, jobs: list[_Job[Any]], error: BaseException) -> None:
+        for job in jobs:
+            job.result, job.error, job.state = None, error, _State.FAILED
+        self._settle(jobs)
+
+    def _round(
+        self, connection: Connection, jobs: list[_Job[Any]], *, order_locks: bool
+    ) -> tuple[_Round, BaseException | None]:
+        """Run jobs in one transaction and commit it; each job's state says how it ended.
+
+        Returns how the transaction ended, with the COMMIT's error when the database refused it.
         BEGIN and COMMIT go straight to the DBAPI connection: SQLAlchemy's transaction objects
         cost more per batch than the commit itself. Core statements run inside all the same.
         """
-        _BATCH_CONNECTIONS.add(connection)
-        dbapi_connection = connection.connection
-        for attempt in range(1, _MAX_ATTEMPTS + 1):
+        raw = _raw(connection)
+        for job in jobs:
+            job.state = _State.PENDING
+        ledger = _LockLedger() if order_locks else None
+        if ledger is not None:
+            _LEDGERS[connection] = ledger
+        try:
             try:
                 if not self.is_postgres:  # psycopg begins implicitly with the first statement
-                    dbapi_connection.cursor().execute("BEGIN IMMEDIATE")
-                try:
-                    for job in batch:
-                        self._run_job(connection, job)
-                    dbapi_connection.commit()
-                except BaseException:
-                    dbapi_connection.rollback()
-                    raise
-                return True
-            except Exception as error:
-                # The commit itself failed (or the connection broke): nothing of the batch is
-                # durable, so every job runs again in a fresh transaction, or fails.
-                if attempt < _MAX_ATTEMPTS and is_retryable_conflict(error):
-                    time.sleep(0.001 * attempt)
-                    continue
-                log.exception("a transaction of %d jobs failed", len(batch))
-                for job in batch:
-                    job.error, job.result = error, None
-                return False
-        return True
-
-    @staticmethod
-    def _run_job(connection: Connection, job: _Job[Any]) -> None:
-        job.error = None
-        for attempt in range(1, _MAX_ATTEMPTS + 1):
+                    raw.execute("BEGIN IMMEDIATE")
+                for job in jobs:
+                    self._run_unit(connection, job)
+            except (_ConnectionBroke, _TransactionEnded) as stop:
+                _roll_back_quietly(raw)
+                return (_Round.BROKEN if isinstance(stop, _ConnectionBroke) else _Round.ENDED), None
+            except Exception as error:  # BEGIN itself failed
+                log.warning("starting a transaction failed: %s", error)
+                _roll_back_quietly(raw)
+                return _Round.BROKEN, error
+            if not self._transaction_open(raw):
+                # Never COMMIT a transaction that is no longer there: the COMMIT would "succeed".
+                _roll_back_quietly(raw)
+                return _Round.COMMIT_REFUSED, None
             try:
-                with savepoint(connection):
-                    job.result = job.context.run(job.work, connection)
-                return
+                raw.commit()
             except Exception as error:
-                if attempt < _MAX_ATTEMPTS and is_retryable_conflict(error):
-                    continue
-                job.error = error
+                if self._disconnected(connection, error):
+                    return _Round.COMMIT_UNKNOWN, error
+                log.warning("COMMIT failed: %s", error)
+                _roll_back_quietly(raw)
+                return _Round.COMMIT_REFUSED, error
+            return _Round.COMMITTED, None
+        finally:
+            if ledger is not None:
+                _LEDGERS.pop(connection, None)
+
+    def _run_unit(self, connection: Connection, job: _Job[Any]) -> None:
+        job.result, job.error = None, None
+        try:
+            with savepoint(connection):
+                job.result = job.context.run(job.work, connection)
+        except _OutOfLockOrder as bounce:
+            job.result, job.lock_keys, job.state = None, bounce.keys, _State.BOUNCED
+            return
+        except Exception as error:
+            job.result, job.error = None, error
+            if self._disconnected(connection, error):
+                job.state = _State.PENDING
+                raise _ConnectionBroke() from error
+            if not self._transaction_open(_raw(connection)):
+                job.state = _State.FAILED
+                raise _TransactionEnded() from error
+            job.state = _State.CONFLICT if is_retryable_conflict(error) else _State.FAILED
+            return
+        job.state = _State.DONE
+
+    def _run_alone(self, job: _Job[Any]) -> None:
+        """Run one job in a transaction of its own: lock conflicts and a connection lost before COMMIT are retried."""
+        self._try_alone(job)
+        if job.error is not None and _is_transient_conflict(job.error):
+            # Still conflicting after every try: a retryable answer (ABORTED), not an internal error.
+            cause = job.error
+            job.error = TransactionConflict(type(cause).__name__)
+            job.error.__cause__ = cause
+
+    def _try_alone(self, job: _Job[Any]) -> None:
+        for attempt in range(1, _MAX_ATTEMPTS + 1):
+            last = attempt == _MAX_ATTEMPTS
+            connection = self._connect()
+            if isinstance(connection, BaseException):
+                job.result, job.error = None, DatabaseUnavailable(f"cannot connect: {type(connection).__name__}")
                 return
+            # Alone, the unit takes its locks in its own (sorted) order: no other unit shares the transaction.
+            outcome, commit_error = self._round(connection, [job], order_locks=False)
+            if outcome is _Round.COMMITTED:
+                if job.state is _State.CONFLICT and not last:
+                    time.sleep(0.002 * attempt)
+                    continue
+                return  # done, or failed with its own error
+            if outcome is _Round.COMMIT_UNKNOWN:
+                job.result, job.error = None, CommitOutcomeUnknown("the connection broke during COMMIT")
+                self._drop_connection()
+                return
+            if outcome is _Round.COMMIT_REFUSED:
+                job.result = None
+                job.error = commit_error or job.error or RuntimeError("the transaction ended before its COMMIT")
+                if is_retryable_conflict(job.error) and not last:
+                    time.sleep(0.002 * attempt)
+                    continue
+                return
+            if outcome is _Round.ENDED:
+                return  # the unit ended its own transaction: failed with that error
+            self._drop_connection()  # BROKEN: nothing applied, try again on a new connection
+            job.result, job.error = None, DatabaseUnavailable("the connection broke before COMMIT")
+
+    def _transaction_open(self, raw: Any) -> bool:
+        if self.is_postgres:
+            return _pg_status(raw) == _PG_IN_TRANSACTION
+        return bool(raw.in_transaction)
+
+    def _disconnected(self, connection: Connection, error: BaseException) -> bool:
+        if isinstance(error, DBAPIError) and error.connection_invalidated:
+            return True
+        if not self.is_postgres:
+            return False
+        try:
+            raw = _raw(connection)
+        except Exception:
+            return True
+        return bool(raw.closed or getattr(raw, "broken", False))
+
+
+def _roll_back_quietly(raw: Any) -> None:
+    try:
+        raw.rollback()
+    except Exception:
+        log.debug("rollback failed", exc_info=True)
 
 
 def _settle_all(jobs: list[_Job[Any]]) -> None:

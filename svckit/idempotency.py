@@ -11,10 +11,10 @@ from typing import Generic, TypeVar
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 from google.rpc import status_pb2
-from sqlalchemy import Column, Connection, LargeBinary, bindparam, delete, insert, select
+from sqlalchemy import Column, Connection, LargeBinary, bindparam, delete, func, insert, literal_column, select
 from sqlmodel import Field, SQLModel
 
-from svckit.db import Database, Prepared, savepoint
+from svckit.db import Database, KeyBusy, Prepared, key_lock_id, may_wait_for_locks, savepoint
 from svckit.errors import DeadlineExceeded, DomainError, IdempotencyKeyReused, error_from_status
 
 __all__ = ["IdempotencyRecord", "IdempotencyStore", "IdempotentResult"]
@@ -44,6 +44,20 @@ _SELECT = Prepared(
     )
 )
 _INSERT = Prepared(insert(_TABLE).values({c.name: bindparam(c.name) for c in _TABLE.c}))
+# PostgreSQL, inside a batch: try the call's lock and read its record in the one round trip the read
+# costs anyway; the outer join yields a row (and so tries the lock) whether or not a record exists.
+_ONE_ROW = select(literal_column("1").label("one")).subquery("one_row")
+_TRY_LOCK_AND_SELECT = Prepared(
+    select(
+        func.pg_try_advisory_xact_lock(bindparam("lock")),
+        _TABLE.c.method,
+        _TABLE.c.request_hash,
+        _TABLE.c.code,
+        _TABLE.c.response,
+    ).select_from(_ONE_ROW.outerjoin(_TABLE, _TABLE.c.key == bindparam("key")))
+)
+# Alone, waiting is safe: the lock comes first, so the read after it sees what its holder committed.
+_LOCK = Prepared(select(func.pg_advisory_xact_lock(bindparam("lock"))))
 
 
 @dataclass(frozen=True)
@@ -60,6 +74,7 @@ class IdempotencyStore:
     def __init__(self, database: Database, retention_seconds: float) -> None:
         self._database = database
         self._retention_seconds = retention_seconds
+        self._locks = database.is_postgres
 
     async def execute(
         self,
@@ -73,11 +88,24 @@ class IdempotencyStore:
         """Replay the stored outcome of key, or run effect and store its outcome in one transaction.
 
         deadline is a time.monotonic() instant; work that reaches it is rolled back, not committed.
+        When the connection breaks during COMMIT this raises CommitOutcomeUnknown (retryable): the
+        effect may have committed, and a retry with the same key settles it, replaying the stored
+        outcome if it did and running the effect if it did not.
         """
         request_hash = hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
+        # On PostgreSQL, where several processes may serve the same order at once (a resend after a
+        # timeout, a compensation racing its action), a call first takes its order's lock (else its
+        # key's): a duplicate waits, outside any batch, and then replays instead of running twice.
+        order_id = getattr(request, "order_id", "")
+        lock_name = f"order/{order_id}" if isinstance(order_id, str) and order_id else f"key/{key}"
+        lock = key_lock_id(lock_name)
 
         def work(connection: Connection) -> IdempotentResult[ResponseT]:
-            row = _SELECT.execute(connection, {"key": key}).fetchone()
+            # Checked before the effect too: a call whose caller has gone must not take locks or do
+            # work (a queued batch, a retry after a deadlock) only to be rolled back.
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DeadlineExceeded("the caller's deadline passed before the work started")
+            row = self._claim_and_read(connection, key, lock, lock_name)
             if row is not None:
                 return _replay(key, method, request_hash, row, response_type)
             refusal: DomainError | None = None
@@ -116,6 +144,24 @@ class IdempotencyStore:
         if isinstance(result.response, _Refusal):
             raise result.response.error
         return result
+
+    def _claim_and_read(
+        self, connection: Connection, key: str, lock: int, lock_name: str
+    ) -> tuple[str, str, int, bytes] | None:
+        """The stored record of key, once this transaction holds the call's lock (PostgreSQL)."""
+        if not self._locks:
+            return _SELECT.execute(connection, {"key": key}).fetchone()
+        if may_wait_for_locks(connection):
+            _LOCK.execute(connection, {"lock": lock})
+            return _SELECT.execute(connection, {"key": key}).fetchone()
+        # Inside a batch a wait could close a cycle with another process's batch: try, and if the
+        # lock is taken run again alone after the batch (the database layer does that for KeyBusy).
+        claimed, method, request_hash, code, response = _TRY_LOCK_AND_SELECT.execute(
+            connection, {"lock": lock, "key": key}
+        ).fetchone()
+        if not claimed:
+            raise KeyBusy(lock_name)
+        return None if method is None else (method, request_hash, code, response)
 
     async def delete_expired(self) -> int:
         """Forget records older than the retention; returns how many were deleted."""

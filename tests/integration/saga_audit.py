@@ -1,4 +1,4 @@
-"""Helpers for orchestrator crash tests: place orders through restarts, wait for sagas, audit every service's ledger."""
+"""Helpers for orchestrator crash tests: place orders through restarts, wait for sagas, audit the services' records."""
 
 from __future__ import annotations
 
@@ -12,18 +12,16 @@ from typing import TypeVar
 import grpc
 import pytest
 
+from orchestrator.chaos import OrderRecord, apply_saga, check_order, check_stock, read_service_records, wait_delivered
 from orchestrator.demo import DEMO_ADDRESS
 from orchestrator.stack import LocalStack
 from sagasuite.common.v1.common_pb2 import LineItem, Money
 from sagasuite.inventory.v1 import inventory_service_pb2 as inventory
 from sagasuite.inventory.v1 import inventory_service_pb2_grpc as inventory_grpc
-from sagasuite.notify.v1 import notify_service_pb2 as notify
 from sagasuite.notify.v1 import notify_service_pb2_grpc as notify_grpc
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
-from sagasuite.payment.v1 import payment_service_pb2 as payment
 from sagasuite.payment.v1 import payment_service_pb2_grpc as payment_grpc
-from sagasuite.shipping.v1 import shipping_service_pb2 as shipping
 from sagasuite.shipping.v1 import shipping_service_pb2_grpc as shipping_grpc
 
 __all__ = [
@@ -66,8 +64,6 @@ _CHANNEL_OPTIONS = [
 ]
 
 StockLevels = dict[str, tuple[int, int]]
-# One order as the services see it: reservation status, payment ledger entries, shipment status, notifications.
-_Ledger = tuple[int | None, list[payment.LedgerEntry], int | None, int]
 T = TypeVar("T")
 
 
@@ -207,67 +203,15 @@ async def stock_levels(stub: inventory_grpc.InventoryServiceStub) -> StockLevels
     return {level.sku: (level.available, level.reserved) for level in response.levels}
 
 
-async def _reservation(stub: inventory_grpc.InventoryServiceStub, order_id: str) -> int | None:
-    try:
-        response = await stub.GetReservation(inventory.GetReservationRequest(order_id=order_id), timeout=5)
-    except grpc.aio.AioRpcError as error:
-        if error.code() == grpc.StatusCode.NOT_FOUND:
-            return None
-        raise
-    return int(response.reservation.status)
-
-
-async def _shipment(stub: shipping_grpc.ShippingServiceStub, order_id: str) -> int | None:
-    try:
-        response = await stub.GetShipment(shipping.GetShipmentRequest(order_id=order_id), timeout=5)
-    except grpc.aio.AioRpcError as error:
-        if error.code() == grpc.StatusCode.NOT_FOUND:
-            return None
-        raise
-    return int(response.shipment.status)
-
-
-async def _ledger(clients: Clients, order_id: str) -> _Ledger:
-    reservation, entries, shipment, notifications = await asyncio.gather(
-        _reservation(clients.inventory, order_id),
-        clients.payment.ListPayments(payment.ListPaymentsRequest(order_id=order_id, page_size=100), timeout=5),
-        _shipment(clients.shipping, order_id),
-        clients.notify.ListNotifications(notify.ListNotificationsRequest(order_id=order_id, page_size=100), timeout=5),
-    )
-    return reservation, list(entries.entries), shipment, len(notifications.notifications)
-
-
-def _problems(saga: pb.Saga, expected: int | None, ledger: _Ledger) -> list[str]:
-    reservation, entries, shipment, notifications = ledger
-    problems: list[str] = []
-    if saga.status not in (COMPLETED, COMPENSATED):
-        problems.append(f"ended {pb.SagaStatus.Name(saga.status)}")
-    elif expected is not None and saga.status != expected:
-        problems.append(f"ended {pb.SagaStatus.Name(saga.status)}, expected {pb.SagaStatus.Name(expected)}")
-    recorded = Counter((e.type, e.step) for e in saga.history if e.type in ("StepSucceeded", "CompensationSucceeded"))
-    problems += [f"{kind} recorded {n} times for {step}" for (kind, step), n in recorded.items() if n > 1]
-    charges = [e for e in entries if e.kind == payment.LEDGER_ENTRY_KIND_CHARGE]
-    refunds = [e for e in entries if e.kind == payment.LEDGER_ENTRY_KIND_REFUND]
-    if saga.status == COMPLETED:
-        if reservation != inventory.RESERVATION_STATUS_RESERVED:
-            problems.append(f"reservation is {reservation}, expected RESERVED")
-        if len(charges) != 1 or refunds or charges[0].amount.minor_units != AMOUNT_MINOR:
-            problems.append(f"ledger has {len(charges)} charges and {len(refunds)} refunds, expected one charge")
-        if shipment != shipping.SHIPMENT_STATUS_CREATED:
-            problems.append(f"shipment is {shipment}, expected CREATED")
-        if notifications != 1:
-            problems.append(f"{notifications} notifications, expected 1")
-    elif saga.status == COMPENSATED:
-        if reservation not in (None, inventory.RESERVATION_STATUS_RELEASED, inventory.RESERVATION_STATUS_TOMBSTONE):
-            problems.append(f"reservation is {reservation}, expected released")
-        net = sum(e.amount.minor_units for e in charges) - sum(e.amount.minor_units for e in refunds)
-        if len(charges) > 1 or len(refunds) != len(charges) or net != 0:
-            problems.append(f"ledger has {len(charges)} charges and {len(refunds)} refunds (net {net}), expected net 0")
-        if shipment == shipping.SHIPMENT_STATUS_CREATED:
-            problems.append("shipment still CREATED")
-        if notifications:
-            problems.append(f"{notifications} notifications, expected none")
-    return problems
+async def _record(clients: Clients, order_id: str, saga: pb.Saga) -> OrderRecord:
+    """The order as the chaos harness audits it: its saga and every service's records of it."""
+    items: Counter[str] = Counter()
+    for line in LINES:
+        items[line.sku] += line.quantity
+    record = OrderRecord(order_id, "ok", dict(items), AMOUNT_MINOR)
+    apply_saga(record, saga)
+    await read_service_records(clients, record)
+    return record
 
 
 async def audit(
@@ -275,32 +219,34 @@ async def audit(
     sagas: Mapping[str, pb.Saga],
     stock_before: StockLevels,
     expected: Mapping[str, int] | None = None,
+    delivery_limit: float = 60.0,
 ) -> None:
-    """Check every ended saga against each service's own ledger, and stock conservation.
+    """Check every ended saga against each service's own records, with the chaos harness's invariants.
 
     sagas maps order id to the ended saga (with history); expected maps order id to the status it
-    must have ended in. Stock: the SKUs' available + reserved is unchanged and the reserved count grew
-    by exactly the completed orders' quantities (no other order may touch these SKUs meanwhile).
+    must have ended in. Every order must have ended COMPLETED or COMPENSATED, with one effect per
+    service and, once delivered (waited for, up to delivery_limit seconds), one confirmation per
+    completed order. Stock: the SKUs' available + reserved is unchanged and the reserved count grew
+    by exactly the live reservations (no other order may touch these SKUs meanwhile).
     """
     order_ids = list(sagas)
-    ledgers = await _bounded([lambda o=order_id: _ledger(clients, o) for order_id in order_ids])  # type: ignore[misc]
+    await wait_delivered(clients.notify, order_ids, delivery_limit)
+    records = await _bounded([lambda o=order_id: _record(clients, o, sagas[o]) for order_id in order_ids])  # type: ignore[misc]
     failures: list[str] = []
-    for order_id, ledger in zip(order_ids, ledgers, strict=True):
-        saga = sagas[order_id]
-        problems = _problems(saga, (expected or {}).get(order_id), ledger)
+    for record in records:
+        saga = sagas[record.order_id]
+        problems = check_order(record)
+        wanted = (expected or {}).get(record.order_id)
+        if saga.status not in (COMPLETED, COMPENSATED):
+            problems.insert(0, f"ended {pb.SagaStatus.Name(saga.status)}")
+        elif wanted is not None and saga.status != wanted:
+            problems.insert(0, f"ended {pb.SagaStatus.Name(saga.status)}, expected {pb.SagaStatus.Name(wanted)}")
         if problems:
-            failures.append(f"order {order_id}: " + "; ".join(problems) + "\n" + describe(saga))
+            failures.append(f"order {record.order_id}: " + "; ".join(problems) + "\n" + describe(saga))
     assert not failures, f"{len(failures)} of {len(sagas)} orders are wrong:\n" + "\n".join(failures[:5])
-    completed = sum(1 for saga in sagas.values() if saga.status == COMPLETED)
     stock_after = await stock_levels(clients.inventory)
-    for line in LINES:
-        available_before, reserved_before = stock_before[line.sku]
-        available_after, reserved_after = stock_after[line.sku]
-        assert available_after + reserved_after == available_before + reserved_before, f"{line.sku} stock changed"
-        assert reserved_after - reserved_before == completed * line.quantity, (
-            f"{line.sku}: reserved grew by {reserved_after - reserved_before}, "
-            f"expected {completed} completed orders x {line.quantity}"
-        )
+    problems = check_stock(stock_before, stock_after, records)
+    assert not problems, "stock is not conserved:\n" + "\n".join(problems)
 
 
 def log_lines(path: Path, *fragments: str) -> list[str]:

@@ -1,8 +1,9 @@
-"""The notification service as a real process: one confirmation per order, delivered exactly once.
+"""The notification service as a real process: one confirmation per order, delivered once.
 
 The service has no compensation (the saga retries the confirmation until it succeeds), so the
 tombstone rule has no counterpart here; its order-level rule is that a second confirmation of an
-order, under any key, returns the first one and delivers nothing.
+order, under any key, returns the first one and delivers nothing. Delivery follows the call (see
+test_notify_delivery.py), so the tests wait for it to show DELIVERED before counting deliveries.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from sagasuite.common.v1.common_pb2 import LineItem, Money
 from sagasuite.notify.v1 import notify_service_pb2 as pb
 from sagasuite.notify.v1 import notify_service_pb2_grpc as pb_grpc
 from svckit.launcher import ManagedProcess, ProcessFailed
-from tests.grpc_helpers import bad_request_fields, error_reason, keyed
+from tests.grpc_helpers import bad_request_fields, call_logged, error_reason, keyed
+from tests.orchestrator_helpers import wait_until
 
 SLOW_KEY = "slow"
 
@@ -95,6 +97,26 @@ async def listed(stub: pb_grpc.NotifyServiceStub, order_id: str = "") -> list[pb
     return list(response.notifications)
 
 
+async def settled(stub: pb_grpc.NotifyServiceStub, order_id: str = "") -> list[pb.Notification]:
+    """The listing once every notification in it (of one order, or all) shows DELIVERED."""
+
+    async def all_delivered() -> bool:
+        notes = await listed(stub, order_id)
+        return all(n.delivery.state == pb.DELIVERY_STATE_DELIVERED for n in notes)
+
+    await wait_until(all_delivered, f"notifications of {order_id or 'every order'} to be delivered")
+    return await listed(stub, order_id)
+
+
+def without_delivery(notifications: list[pb.Notification]) -> list[pb.Notification]:
+    """The notifications as SendConfirmation returns them: without the delivery state."""
+    copies = [pb.Notification() for _ in notifications]
+    for copy, notification in zip(copies, notifications, strict=True):
+        copy.CopyFrom(notification)
+        copy.ClearField("delivery")
+    return copies
+
+
 async def test_health_and_reflection(file_notify) -> None:  # type: ignore[no-untyped-def]
     async with grpc.aio.insecure_channel(file_notify.address) as channel:
         health = await health_pb2_grpc.HealthStub(channel).Check(
@@ -123,7 +145,8 @@ async def test_send_then_replay_records_and_delivers_once(stub, file_notify) -> 
         f"Order {order} is confirmed: 2 x LAMP-3, 1 x RARE-1; charged 12.34 USD; tracking number TRK-42."
     )
     assert notification.sent_at.seconds > 0
-    assert await listed(stub, order) == [notification]
+    assert not notification.HasField("delivery")
+    assert without_delivery(await settled(stub, order)) == [notification]
     lines = delivered(file_notify, order)
     assert len(lines) == 1
     assert lines[0]["notification_id"] == notification.notification_id
@@ -135,7 +158,7 @@ async def test_twenty_concurrent_identical_calls_make_one_effect(stub, file_noti
     request = confirm_request(order)
     responses = await asyncio.gather(*(stub.SendConfirmation(request, metadata=keyed(order)) for _ in range(20)))
     assert len({r.notification.notification_id for r in responses}) == 1
-    assert len(await listed(stub, order)) == 1
+    assert len(await settled(stub, order)) == 1
     assert len(delivered(file_notify, order)) == 1
 
 
@@ -146,7 +169,7 @@ async def test_concurrent_calls_with_different_keys_confirm_the_order_once(stub,
         *(stub.SendConfirmation(request, metadata=keyed(f"{order}/{n}")) for n in range(20))
     )
     assert len({r.notification.notification_id for r in responses}) == 1
-    assert len(await listed(stub, order)) == 1
+    assert len(await settled(stub, order)) == 1
     assert len(delivered(file_notify, order)) == 1
 
 
@@ -157,6 +180,7 @@ async def test_order_confirmed_once_returns_the_first_notification_under_a_new_k
     retried = confirm_request(order, recipient="grace@example.com", tracking_number="TRK-9")
     second = await stub.SendConfirmation(retried, metadata=keyed(f"{order}/b"))
     assert second.notification == first.notification
+    await settled(stub, order)
     assert len(delivered(file_notify, order)) == 1
 
 
@@ -168,6 +192,7 @@ async def test_same_key_other_payload_is_refused(stub, file_notify) -> None:  # 
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert error_reason(refused.value) == "IDEMPOTENCY_KEY_REUSED"
     assert "idempotency-key" in (refused.value.details() or "")
+    await settled(stub, order)
     assert len(delivered(file_notify, order)) == 1
 
 
@@ -240,7 +265,7 @@ BAD_CONFIRMATIONS = [
 async def test_bad_confirmation_is_invalid_argument_naming_the_field(  # type: ignore[no-untyped-def]
     stub, file_notify, request_, field
 ) -> None:
-    before, lines_before = await listed(stub), delivered(file_notify)
+    before, lines_before = await settled(stub), delivered(file_notify)
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await stub.SendConfirmation(request_, metadata=keyed(unique_order("bad")))
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -261,6 +286,7 @@ BAD_LISTINGS = [
     (pb.ListNotificationsRequest(page_token="١٢"), "page_token"),
     (pb.ListNotificationsRequest(order_id="bad id!"), "order_id"),
     (pb.ListNotificationsRequest(order_id="o" * 65), "order_id"),
+    (pb.ListNotificationsRequest(delivery_state=99), "delivery_state"),  # type: ignore[arg-type]
 ]
 
 
@@ -305,6 +331,7 @@ async def test_log_channel_writes_one_line_per_notification(log_notify) -> None:
         responses = await asyncio.gather(
             *(stub.SendConfirmation(request, metadata=keyed(f"{order}/{n % 2}")) for n in range(6))
         )
+        await settled(stub, order)
     notification = responses[0].notification
     assert {r.notification.notification_id for r in responses} == {notification.notification_id}
     assert notification.channel == "log"
@@ -323,7 +350,8 @@ async def test_call_past_its_deadline_leaves_no_effect(log_notify) -> None:  # t
             slow_key = keyed(f"{SLOW_KEY}-{order}")
             await stub.SendConfirmation(confirm_request(order), metadata=slow_key, timeout=0.2)
         assert timed_out.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        await asyncio.sleep(0.5)  # the server has finished (and rolled back) its work by now
+        # The server has finished (and rolled back) its work.
+        await call_logged(log_notify, "SendConfirmation", f"{SLOW_KEY}-{order}")
         assert await listed(stub, order) == []
     assert f"order={order} " not in log_notify.log_path.read_text()
 
@@ -351,7 +379,7 @@ async def test_postgresql_two_processes_record_and_deliver_once(start_process, p
             *(stubs[n % 2].SendConfirmation(other_keys, metadata=keyed(f"pg-other/{n}")) for n in range(20))
         )
         assert len({r.notification.notification_id for r in responses}) == 1
-        assert len(await listed(stubs[0])) == 2
+        assert len(await settled(stubs[0])) == 2
         # The largest token a client may send compares as a 64-bit value, not an overflow.
         everything = await stubs[1].ListNotifications(pb.ListNotificationsRequest(page_token=str(2**63 - 1)))
         assert [n.order_id for n in everything.notifications] == ["pg-other-keys", "pg-same-key"]

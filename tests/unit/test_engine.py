@@ -8,9 +8,16 @@ from dataclasses import replace
 import grpc
 import pytest
 
-from orchestrator.definition import DefinitionRegistry, RetryPolicy, SagaDefinition, StepKind
+from orchestrator.definition import (
+    BusinessKeyMismatch,
+    DefinitionMissing,
+    DefinitionRegistry,
+    RetryPolicy,
+    SagaDefinition,
+    StepKind,
+)
 from orchestrator.engine import ACTION, COMPENSATION, Command, Engine, Outcome, SagaState, Status, Transition
-from orchestrator.order_saga import ORDER_SAGA
+from orchestrator.order_saga import ORDER_SAGA, order_key
 from svckit.errors import FailedPrecondition
 
 T0 = 1_000_000.0
@@ -20,6 +27,7 @@ DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED
 REFUSED = grpc.StatusCode.FAILED_PRECONDITION
 RESERVE, CHARGE, SHIP, CONFIRM = range(4)
 NAMES = [step.name for step in ORDER_SAGA.steps]
+KEY = order_key
 
 
 def new_saga(deadline_seconds: float = 300.0) -> SagaState:
@@ -149,17 +157,44 @@ def test_retries_stop_at_maximum_attempts_and_the_unknown_step_is_compensated_to
     assert compensate_all(engine, saga, transition.next_command) == ["charge_payment", "reserve_stock"]
 
 
-def test_a_refusal_after_an_unknown_outcome_still_compensates_the_step(engine: Engine) -> None:
+def test_a_refusal_after_an_unknown_outcome_proves_the_step_did_not_happen(engine: Engine) -> None:
     saga = new_saga()
     command = advance_to(engine, saga, SHIP)
     retry = engine.on_outcome(ORDER_SAGA, saga, command, outcome(DEADLINE_EXCEEDED), T0).next_command
     assert retry is not None and retry.uncertain
-    transition = engine.on_outcome(ORDER_SAGA, saga, retry, outcome(REFUSED), T0)
-    assert compensate_all(engine, saga, transition.next_command) == [
-        "create_shipment",
-        "charge_payment",
-        "reserve_stock",
-    ]
+    # The service answers a known key with its recorded outcome: a refusal under our key (say
+    # ORDER_ALREADY_SHIPPED, another saga's shipment) means ours never took effect, so cancelling
+    # the shipment would undo somebody else's.
+    transition = engine.on_outcome(ORDER_SAGA, saga, retry, outcome(REFUSED, "ORDER_ALREADY_SHIPPED"), T0)
+    assert compensate_all(engine, saga, transition.next_command) == ["charge_payment", "reserve_stock"]
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS])
+def test_an_internal_answer_may_have_happened_and_is_compensated_too(engine: Engine, code: grpc.StatusCode) -> None:
+    saga = new_saga()
+    command = advance_to(engine, saga, CHARGE)
+    # Not retried (the participant failed, the same request may fail again)...
+    transition = engine.on_outcome(ORDER_SAGA, saga, command, outcome(code, "commit failed"), T0)
+    assert types(transition) == ["StepFailed", "CompensationStarted"]
+    # ...but its commit may have happened: the charge is refunded before the stock is released.
+    assert compensate_all(engine, saga, transition.next_command) == ["charge_payment", "reserve_stock"]
+
+
+def test_a_step_may_make_internal_retryable_and_it_stays_uncertain(engine: Engine) -> None:
+    charge = replace(ORDER_SAGA.steps[CHARGE], retryable_codes=frozenset({grpc.StatusCode.INTERNAL}))
+    definition = replace(ORDER_SAGA, steps=(ORDER_SAGA.steps[RESERVE], charge, *ORDER_SAGA.steps[SHIP:]))
+    saga = new_saga()
+    command = advance_to(engine, saga, CHARGE, definition)
+    retry = engine.on_outcome(definition, saga, command, outcome(grpc.StatusCode.INTERNAL), T0).next_command
+    assert retry is not None and retry.direction == ACTION and retry.attempt == 2 and retry.uncertain
+
+
+def test_an_answer_that_says_nothing_keeps_what_earlier_attempts_left_unknown() -> None:
+    step = ORDER_SAGA.steps[CHARGE]
+    assert step.may_have_happened(grpc.StatusCode.PERMISSION_DENIED, True)
+    assert not step.may_have_happened(grpc.StatusCode.PERMISSION_DENIED, False)
+    assert not step.may_have_happened(REFUSED, True)
+    assert step.may_have_happened(DEADLINE_EXCEEDED, False)
 
 
 def test_a_retry_waits_its_backoff_with_jitter(engine: Engine) -> None:
@@ -183,7 +218,7 @@ def test_retry_policy_backoff_is_exponential_and_capped() -> None:
 
 def test_no_retry_once_the_step_budget_would_be_spent(engine: Engine) -> None:
     tight = replace(ORDER_SAGA.steps[RESERVE], budget=1.0, retry=RetryPolicy(initial_interval=0.4, jitter=0.0))
-    definition = SagaDefinition("Tight", 1, ORDER_SAGA.input_type, (tight, *ORDER_SAGA.steps[1:]))
+    definition = SagaDefinition("Tight", 1, ORDER_SAGA.input_type, (tight, *ORDER_SAGA.steps[1:]), KEY)
     saga = new_saga()
     command = started(engine, saga, definition)
     retry = engine.on_outcome(definition, saga, command, outcome(UNAVAILABLE), T0 + 0.5).next_command
@@ -447,6 +482,55 @@ def test_terminate_records_the_reason_and_sends_nothing_more(engine: Engine) -> 
     assert "fraud" in saga.last_error
 
 
+def test_a_call_on_the_wire_at_terminate_is_recorded_when_it_returns_and_never_undone(engine: Engine) -> None:
+    saga = new_saga()
+    command = advance_to(engine, saga, CHARGE)
+    engine.terminate(saga, "ops", "fraud", T0 + 1)
+    after = engine.on_outcome(ORDER_SAGA, saga, command, outcome(OK), T0 + 2)
+    assert types(after) == ["EffectAfterTerminate"] and after.next_command is None
+    assert (after.events[0].step, after.events[0].code) == ("charge_payment", "OK")
+    assert after.events[0].message == "effect applied after terminate; not compensated"
+    assert saga.status == Status.TERMINATED and saga.results["charge_payment"] == b"response"
+
+
+@pytest.mark.parametrize(
+    ("code", "event_type"),
+    [(DEADLINE_EXCEEDED, "EffectAfterTerminate"), (grpc.StatusCode.UNKNOWN, "EffectAfterTerminate"),
+     (REFUSED, "StepFailed")],
+)  # fmt: skip
+def test_a_call_at_terminate_that_fails_is_recorded_as_unknown_or_as_refused(
+    engine: Engine, code: grpc.StatusCode, event_type: str
+) -> None:
+    saga = new_saga()
+    command = advance_to(engine, saga, SHIP)
+    engine.terminate(saga, "ops", "fraud", T0 + 1)
+    after = engine.on_outcome(ORDER_SAGA, saga, command, outcome(code, "lost"), T0 + 2)
+    assert types(after) == [event_type] and after.next_command is None
+    assert saga.status == Status.TERMINATED
+    if event_type == "EffectAfterTerminate":
+        assert "may stand; not compensated" in after.events[0].message
+
+
+def test_a_compensation_on_the_wire_at_terminate_is_recorded_too(engine: Engine) -> None:
+    saga = new_saga()
+    command = advance_to(engine, saga, CHARGE)
+    compensation = engine.on_outcome(ORDER_SAGA, saga, command, outcome(REFUSED), T0).next_command
+    assert compensation is not None and compensation.direction == COMPENSATION
+    engine.terminate(saga, "ops", "stop", T0 + 1)
+    after = engine.on_outcome(ORDER_SAGA, saga, compensation, outcome(OK), T0 + 2)
+    assert types(after) == ["CompensationSucceeded"] and after.next_command is None
+    assert saga.status == Status.TERMINATED
+
+
+def test_a_saga_whose_definition_is_missing_waits_for_an_operator(engine: Engine) -> None:
+    saga = new_saga()
+    advance_to(engine, saga, CHARGE)
+    transition = engine.definition_missing(saga, "no saga definition OrderSaga v1 is registered", T0 + 1)
+    assert types(transition) == ["SagaNeedsAttention"] and transition.events[0].code == "DEFINITION_MISSING"
+    assert saga.status == Status.NEEDS_ATTENTION and saga.last_error.startswith("DEFINITION_MISSING: ")
+    assert transition.next_command is None
+
+
 def test_a_paused_saga_that_needs_attention_is_reported_as_such(engine: Engine) -> None:
     saga = new_saga()
     command = advance_to(engine, saga, CONFIRM)
@@ -464,19 +548,20 @@ def test_a_paused_saga_that_needs_attention_is_reported_as_such(engine: Engine) 
 def test_definitions_are_checked_when_built() -> None:
     reserve, charge, _ship, confirm = ORDER_SAGA.steps
     with pytest.raises(ValueError, match="unique"):
-        SagaDefinition("Bad", 1, ORDER_SAGA.input_type, (reserve, reserve))
+        SagaDefinition("Bad", 1, ORDER_SAGA.input_type, (reserve, reserve), KEY)
     with pytest.raises(ValueError, match="before retriable"):
-        SagaDefinition("Bad", 1, ORDER_SAGA.input_type, (reserve, confirm, charge))
+        SagaDefinition("Bad", 1, ORDER_SAGA.input_type, (reserve, confirm, charge), KEY)
     with pytest.raises(ValueError, match="needs a compensation"):
-        SagaDefinition("Bad", 1, ORDER_SAGA.input_type, (replace(reserve, compensation=None),))
+        SagaDefinition("Bad", 1, ORDER_SAGA.input_type, (replace(reserve, compensation=None),), KEY)
     assert ORDER_SAGA.pivot_index == SHIP
-    only_retriable = SagaDefinition("Notify", 1, ORDER_SAGA.input_type, (replace(confirm, kind=StepKind.RETRIABLE),))
+    notify_only = (replace(confirm, kind=StepKind.RETRIABLE),)
+    only_retriable = SagaDefinition("Notify", 1, ORDER_SAGA.input_type, notify_only, KEY)
     assert only_retriable.pivot_index == -1
 
 
 def test_the_registry_starts_new_sagas_on_the_latest_version_and_keeps_old_ones() -> None:
     reserve, charge, ship, confirm = ORDER_SAGA.steps
-    v2 = SagaDefinition("OrderSaga", 2, ORDER_SAGA.input_type, (charge, reserve, ship, confirm))
+    v2 = SagaDefinition("OrderSaga", 2, ORDER_SAGA.input_type, (charge, reserve, ship, confirm), KEY)
     registry = DefinitionRegistry([ORDER_SAGA, v2])
     assert registry.latest("OrderSaga") is v2
     assert registry.get("OrderSaga", 1) is ORDER_SAGA
@@ -486,4 +571,26 @@ def test_the_registry_starts_new_sagas_on_the_latest_version_and_keeps_old_ones(
     with pytest.raises(LookupError):
         registry.latest("GiftCardSaga")
     with pytest.raises(ValueError, match="registered already"):
-        registry.register(SagaDefinition("OrderSaga", 2, ORDER_SAGA.input_type, (reserve,)))
+        registry.register(SagaDefinition("OrderSaga", 2, ORDER_SAGA.input_type, (reserve,), KEY))
+
+
+def test_a_missing_version_is_refused_with_its_reason() -> None:
+    registry = DefinitionRegistry([ORDER_SAGA])
+    with pytest.raises(DefinitionMissing) as missing:
+        registry.get("LoyaltySaga", 1)
+    assert missing.value.reason == "DEFINITION_MISSING" and missing.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert (missing.value.saga_type, missing.value.version) == ("LoyaltySaga", 1)
+    assert registry.find("LoyaltySaga", 1) is None and registry.keys() == {("OrderSaga", 1)}
+
+
+def test_a_definition_declares_its_business_key_and_a_start_under_another_is_refused() -> None:
+    reserve = ORDER_SAGA.steps[RESERVE]
+    with pytest.raises(ValueError, match="business_key"):
+        SagaDefinition("NoKey", 1, ORDER_SAGA.input_type, (reserve,))
+    order = ORDER_SAGA.input_type(order_id="X")
+    assert ORDER_SAGA.business_key_of(order) == "X"
+    ORDER_SAGA.check_business_key("X", order)
+    with pytest.raises(BusinessKeyMismatch) as mismatch:
+        ORDER_SAGA.check_business_key("X-again", order)
+    assert [v.field for v in mismatch.value.violations] == ["business_key"]
+    assert "'X'" in mismatch.value.message and "'X-again'" in mismatch.value.message

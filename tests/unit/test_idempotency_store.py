@@ -260,6 +260,14 @@ async def test_a_passed_deadline_rolls_everything_back(store: IdempotencyStore, 
     assert _effect_rows(database) == ["charge"]
 
 
+async def test_a_deadline_passed_before_the_work_starts_runs_no_effect(store: IdempotencyStore) -> None:
+    # A call queued past its deadline (behind a batch, or retried after a deadlock) takes no locks.
+    effect = Effect()
+    with pytest.raises(DeadlineExceeded, match="before the work started"):
+        await _run(store, "k-late", effect, deadline=time.monotonic() - 1)
+    assert effect.calls == 0
+
+
 async def test_delete_expired_removes_only_records_older_than_the_retention(
     store: IdempotencyStore, database: Database
 ) -> None:

@@ -26,25 +26,29 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from sagasuite.common.v1 import common_pb2 as sagasuite_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(sagasuite/notify/v1/notify_service.proto\x12\x13sagasuite.notify.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a sagasuite/common/v1/common.proto\"\x81\x01\n\x0cOrderSummary\x12,\n\x05items\x18\x01 \x03(\x0b\x32\x1d.sagasuite.common.v1.LineItem\x12*\n\x06\x61mount\x18\x02 \x01(\x0b\x32\x1a.sagasuite.common.v1.Money\x12\x17\n\x0ftracking_number\x18\x03 \x01(\t\"\x98\x01\n\x0cNotification\x12\x17\n\x0fnotification_id\x18\x01 \x01(\t\x12\x10\n\x08order_id\x18\x02 \x01(\t\x12\x11\n\trecipient\x18\x03 \x01(\t\x12\x0f\n\x07\x63hannel\x18\x04 \x01(\t\x12\x0c\n\x04\x62ody\x18\x05 \x01(\t\x12+\n\x07sent_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"r\n\x17SendConfirmationRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x11\n\trecipient\x18\x02 \x01(\t\x12\x32\n\x07summary\x18\x03 \x01(\x0b\x32!.sagasuite.notify.v1.OrderSummary\"S\n\x18SendConfirmationResponse\x12\x37\n\x0cnotification\x18\x01 \x01(\x0b\x32!.sagasuite.notify.v1.Notification\"S\n\x18ListNotificationsRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"n\n\x19ListNotificationsResponse\x12\x38\n\rnotifications\x18\x01 \x03(\x0b\x32!.sagasuite.notify.v1.Notification\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xf4\x01\n\rNotifyService\x12o\n\x10SendConfirmation\x12,.sagasuite.notify.v1.SendConfirmationRequest\x1a-.sagasuite.notify.v1.SendConfirmationResponse\x12r\n\x11ListNotifications\x12-.sagasuite.notify.v1.ListNotificationsRequest\x1a..sagasuite.notify.v1.ListNotificationsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(sagasuite/notify/v1/notify_service.proto\x12\x13sagasuite.notify.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a sagasuite/common/v1/common.proto\"\xca\x01\n\x08\x44\x65livery\x12\x31\n\x05state\x18\x01 \x01(\x0e\x32\".sagasuite.notify.v1.DeliveryState\x12\x10\n\x08\x61ttempts\x18\x02 \x01(\x05\x12\x12\n\nlast_error\x18\x03 \x01(\t\x12\x30\n\x0c\x64\x65livered_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0fnext_attempt_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x81\x01\n\x0cOrderSummary\x12,\n\x05items\x18\x01 \x03(\x0b\x32\x1d.sagasuite.common.v1.LineItem\x12*\n\x06\x61mount\x18\x02 \x01(\x0b\x32\x1a.sagasuite.common.v1.Money\x12\x17\n\x0ftracking_number\x18\x03 \x01(\t\"\xc9\x01\n\x0cNotification\x12\x17\n\x0fnotification_id\x18\x01 \x01(\t\x12\x10\n\x08order_id\x18\x02 \x01(\t\x12\x11\n\trecipient\x18\x03 \x01(\t\x12\x0f\n\x07\x63hannel\x18\x04 \x01(\t\x12\x0c\n\x04\x62ody\x18\x05 \x01(\t\x12+\n\x07sent_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x08\x64\x65livery\x18\x07 \x01(\x0b\x32\x1d.sagasuite.notify.v1.Delivery\"r\n\x17SendConfirmationRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x11\n\trecipient\x18\x02 \x01(\t\x12\x32\n\x07summary\x18\x03 \x01(\x0b\x32!.sagasuite.notify.v1.OrderSummary\"S\n\x18SendConfirmationResponse\x12\x37\n\x0cnotification\x18\x01 \x01(\x0b\x32!.sagasuite.notify.v1.Notification\"\x8f\x01\n\x18ListNotificationsRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12:\n\x0e\x64\x65livery_state\x18\x04 \x01(\x0e\x32\".sagasuite.notify.v1.DeliveryState\"n\n\x19ListNotificationsResponse\x12\x38\n\rnotifications\x18\x01 \x03(\x0b\x32!.sagasuite.notify.v1.Notification\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x84\x01\n\rDeliveryState\x12\x1e\n\x1a\x44\x45LIVERY_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x44\x45LIVERY_STATE_PENDING\x10\x01\x12\x1c\n\x18\x44\x45LIVERY_STATE_DELIVERED\x10\x02\x12\x19\n\x15\x44\x45LIVERY_STATE_FAILED\x10\x03\x32\xf4\x01\n\rNotifyService\x12o\n\x10SendConfirmation\x12,.sagasuite.notify.v1.SendConfirmationRequest\x1a-.sagasuite.notify.v1.SendConfirmationResponse\x12r\n\x11ListNotifications\x12-.sagasuite.notify.v1.ListNotificationsRequest\x1a..sagasuite.notify.v1.ListNotificationsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sagasuite.notify.v1.notify_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ORDERSUMMARY']._serialized_start=133
-  _globals['_ORDERSUMMARY']._serialized_end=262
-  _globals['_NOTIFICATION']._serialized_start=265
-  _globals['_NOTIFICATION']._serialized_end=417
-  _globals['_SENDCONFIRMATIONREQUEST']._serialized_start=419
-  _globals['_SENDCONFIRMATIONREQUEST']._serialized_end=533
-  _globals['_SENDCONFIRMATIONRESPONSE']._serialized_start=535
-  _globals['_SENDCONFIRMATIONRESPONSE']._serialized_end=618
-  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_start=620
-  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_end=703
-  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_start=705
-  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_end=815
-  _globals['_NOTIFYSERVICE']._serialized_start=818
-  _globals['_NOTIFYSERVICE']._serialized_end=1062
+  _globals['_DELIVERYSTATE']._serialized_start=1133
+  _globals['_DELIVERYSTATE']._serialized_end=1265
+  _globals['_DELIVERY']._serialized_start=133
+  _globals['_DELIVERY']._serialized_end=335
+  _globals['_ORDERSUMMARY']._serialized_start=338
+  _globals['_ORDERSUMMARY']._serialized_end=467
+  _globals['_NOTIFICATION']._serialized_start=470
+  _globals['_NOTIFICATION']._serialized_end=671
+  _globals['_SENDCONFIRMATIONREQUEST']._serialized_start=673
+  _globals['_SENDCONFIRMATIONREQUEST']._serialized_end=787
+  _globals['_SENDCONFIRMATIONRESPONSE']._serialized_start=789
+  _globals['_SENDCONFIRMATIONRESPONSE']._serialized_end=872
+  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_start=875
+  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_end=1018
+  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_start=1020
+  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_end=1130
+  _globals['_NOTIFYSERVICE']._serialized_start=1268
+  _globals['_NOTIFYSERVICE']._serialized_end=1512
 # @@protoc_insertion_point(module_scope)

@@ -52,14 +52,15 @@ class NotifyServiceServicer(object):
     """
 
     def SendConfirmation(self, request, context):
-        """Sends an order's confirmation once. Requires the idempotency-key metadata.
+        """Records an order's confirmation once and queues its delivery; returns without waiting for
+        the delivery, which follows at least once. Requires the idempotency-key metadata.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListNotifications(self, request, context):
-        """Lists sent notifications, newest first.
+        """Lists recorded notifications with their delivery state, newest first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

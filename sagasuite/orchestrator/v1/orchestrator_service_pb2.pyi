@@ -146,7 +146,7 @@ class HistoryEvent(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., type: _Optional[str] = ..., step: _Optional[str] = ..., attempt: _Optional[int] = ..., code: _Optional[str] = ..., message: _Optional[str] = ..., actor: _Optional[str] = ...) -> None: ...
 
 class Saga(_message.Message):
-    __slots__ = ("saga_id", "saga_type", "definition_version", "business_key", "status", "created_at", "updated_at", "ended_at", "deadline_at", "current_step", "last_error", "steps", "history", "trace_id")
+    __slots__ = ("saga_id", "saga_type", "definition_version", "business_key", "status", "created_at", "updated_at", "ended_at", "deadline_at", "current_step", "last_error", "steps", "history", "trace_id", "steps_maybe_applied")
     SAGA_ID_FIELD_NUMBER: _ClassVar[int]
     SAGA_TYPE_FIELD_NUMBER: _ClassVar[int]
     DEFINITION_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +161,7 @@ class Saga(_message.Message):
     STEPS_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    STEPS_MAYBE_APPLIED_FIELD_NUMBER: _ClassVar[int]
     saga_id: str
     saga_type: str
     definition_version: int
@@ -175,7 +176,8 @@ class Saga(_message.Message):
     steps: _containers.RepeatedCompositeFieldContainer[SagaStep]
     history: _containers.RepeatedCompositeFieldContainer[HistoryEvent]
     trace_id: str
-    def __init__(self, saga_id: _Optional[str] = ..., saga_type: _Optional[str] = ..., definition_version: _Optional[int] = ..., business_key: _Optional[str] = ..., status: _Optional[_Union[SagaStatus, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deadline_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., current_step: _Optional[str] = ..., last_error: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[SagaStep, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[HistoryEvent, _Mapping]]] = ..., trace_id: _Optional[str] = ...) -> None: ...
+    steps_maybe_applied: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, saga_id: _Optional[str] = ..., saga_type: _Optional[str] = ..., definition_version: _Optional[int] = ..., business_key: _Optional[str] = ..., status: _Optional[_Union[SagaStatus, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deadline_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., current_step: _Optional[str] = ..., last_error: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[SagaStep, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[HistoryEvent, _Mapping]]] = ..., trace_id: _Optional[str] = ..., steps_maybe_applied: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListSagasRequest(_message.Message):
     __slots__ = ("statuses", "saga_type", "created_after", "created_before", "business_key", "page_size", "page_token")
@@ -280,10 +282,12 @@ class TerminateSagaRequest(_message.Message):
     def __init__(self, saga_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class TerminateSagaResponse(_message.Message):
-    __slots__ = ("saga",)
+    __slots__ = ("saga", "steps_maybe_applied")
     SAGA_FIELD_NUMBER: _ClassVar[int]
+    STEPS_MAYBE_APPLIED_FIELD_NUMBER: _ClassVar[int]
     saga: Saga
-    def __init__(self, saga: _Optional[_Union[Saga, _Mapping]] = ...) -> None: ...
+    steps_maybe_applied: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, saga: _Optional[_Union[Saga, _Mapping]] = ..., steps_maybe_applied: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetSagaStatsRequest(_message.Message):
     __slots__ = ("created_after",)

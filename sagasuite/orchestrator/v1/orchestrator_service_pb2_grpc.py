@@ -104,7 +104,9 @@ class OrchestratorServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def StartSaga(self, request, context):
-        """Starts a saga of any registered type from its input message; the business key dedups.
+        """Starts a saga of any registered type from its input message; the business key dedups. The key
+        must be the one the definition derives from the input (the order saga: its order_id), else
+        INVALID_ARGUMENT naming business_key: one input entity has one saga.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -132,7 +134,9 @@ class OrchestratorServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def RetrySaga(self, request, context):
-        """Runs a saga in NEEDS_ATTENTION again from the step that failed. Operator call.
+        """Runs a saga in NEEDS_ATTENTION again from the step that failed. Operator call. Refused with
+        FAILED_PRECONDITION, reason DEFINITION_MISSING, when its definition is not loaded (as are
+        ResumeSaga and CancelSaga).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -160,7 +164,8 @@ class OrchestratorServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def TerminateSaga(self, request, context):
-        """Stops a saga where it stands without compensating; the reason is recorded. Operator call.
+        """Stops a saga where it stands without compensating; the reason is recorded, and the answer lists
+        the steps whose effects may still stand. Operator call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
