@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
 import json
 import os
 import re
@@ -13,6 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
@@ -26,8 +29,8 @@ from rich.panel import Panel
 from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
+from typer.core import TyperCommand, TyperGroup
 
-from bench.cli import bench_command, chaos_command
 from orchestrator.client import (
     DEFAULT_ADDRESS,
     ENV_ADDRESS,
@@ -41,28 +44,14 @@ from orchestrator.client import (
     health_of,
     open_channel,
 )
-from orchestrator.render import (
-    IN_FLIGHT,
-    STATUS_STYLE,
-    StatusTracker,
-    event_dict,
-    event_line,
-    saga_bars,
-    saga_dict,
-    saga_header,
-    saga_history,
-    saga_list,
-    saga_steps,
-    saga_timeline,
-    stats_dict,
-    stats_view,
-    status_name,
-)
 from sagasuite.common.v1.common_pb2 import Address, LineItem
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 
 if TYPE_CHECKING:
     import grpc
+
+    # Typer vendors Click (there is no click dependency); its classes are what TyperGroup's methods take.
+    from typer._click import Command, Context
 
     from orchestrator.stack import LocalStack
 
@@ -90,11 +79,100 @@ with {ENV_CA_FILE} (or --ca-file) naming a PEM CA bundle, they use TLS. Read com
   saga retry --status needs_attention --yes
 """
 
-app = typer.Typer(help=ROOT_HELP, no_args_is_help=True, rich_markup_mode="rich")
+
+@dataclass(frozen=True)
+class _OptionalCommand:
+    """A command whose code is in a package an installation may leave out: imported only when it runs."""
+
+    module: str
+    function: str
+    # The one line `saga --help` lists, so listing the command does not import its package.
+    summary: str
+
+    @property
+    def package(self) -> str:
+        return self.module.partition(".")[0]
+
+
+# The benchmark and the chaos harness live in bench/, which the Docker image does not copy (.dockerignore).
+_OPTIONAL_COMMANDS = {
+    "bench": _OptionalCommand(
+        "bench.cli",
+        "bench_command",
+        "Benchmark the order saga through the orchestrator against the four calls alone (and peers).",
+    ),
+    "chaos": _OptionalCommand(
+        "bench.cli",
+        "chaos_command",
+        "Run sagas while killing processes, then check every invariant from the services' own records.",
+    ),
+}
+
+
+def _load_optional(name: str, optional: _OptionalCommand) -> Command:
+    """The real `saga <name>` command; a one-line error (exit 2) when its package is not installed."""
+    try:
+        function = getattr(importlib.import_module(optional.module), optional.function)
+    except ModuleNotFoundError as error:
+        missing = (error.name or optional.package).partition(".")[0]
+        where = (
+            f"(the Docker image leaves {missing}/ out): run it from a source checkout after pip install -e '.[dev]'"
+            if missing == optional.package
+            else "(one of its own dependencies): install it, e.g. pip install -e '.[dev,bench]' in a checkout"
+        )
+        _fail(f"saga {name} needs the {missing!r} package, which this installation does not have {where}", 2)
+    single = typer.Typer(add_completion=False, rich_markup_mode="rich")
+    single.command(name)(function)
+    return typer.main.get_command(single)
+
+
+class _SagaGroup(TyperGroup):
+    """The root command: lists the optional commands by their summaries and imports one only to run it."""
+
+    def list_commands(self, ctx: Context) -> list[str]:
+        listed = super().list_commands(ctx)
+        return [*listed, *(name for name in _OPTIONAL_COMMANDS if name not in listed)]
+
+    def get_command(self, ctx: Context, cmd_name: str) -> Command | None:
+        command = super().get_command(ctx, cmd_name)
+        optional = _OPTIONAL_COMMANDS.get(cmd_name)
+        if command is not None or optional is None:
+            return command
+        # A stand-in for the help listing only: resolve_command builds the real one.
+        installed = importlib.util.find_spec(optional.package) is not None
+        note = "" if installed else f" (needs the {optional.package} package: not installed here)"
+        return TyperCommand(cmd_name, help=optional.summary + note)
+
+    def resolve_command(self, ctx: Context, args: list[str]) -> tuple[str | None, Command | None, list[str]]:
+        optional = _OPTIONAL_COMMANDS.get(args[0]) if args else None
+        if optional is None or args[0] in self.commands:
+            return super().resolve_command(ctx, args)
+        return args[0], _load_optional(args[0], optional), args[1:]
+
+
+def _print_version(wanted: bool) -> None:
+    if not wanted:
+        return
+    import importlib.metadata
+
+    try:
+        version = importlib.metadata.version("sagasuite")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown (not installed as a package)"
+    typer.echo(f"sagasuite {version}")
+    raise typer.Exit()
+
+
+app = typer.Typer(cls=_SagaGroup, help=ROOT_HELP, no_args_is_help=True, rich_markup_mode="rich")
 
 
 @app.callback()
-def root() -> None:
+def root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", is_eager=True, callback=_print_version, help="print the sagasuite version and exit"),
+    ] = False,
+) -> None:
     """Sagasuite: run the local stack, place orders, watch and operate sagas."""
 
 
@@ -280,6 +358,7 @@ def demo(
     Example: saga demo --data-dir /tmp/saga-demo
     """
     from orchestrator.demo import run_demo
+    from orchestrator.render import status_name
 
     sagas = run_demo(data_dir)
     expected = ["COMPLETED", "COMPENSATED", "COMPLETED", "COMPENSATED"]
@@ -380,6 +459,8 @@ class _StackMonitor:
 
     def poll(self) -> list[str]:
         """Look again; returns a line per change of a process's state."""
+        from orchestrator.render import status_name
+
         changes = []
         for name, process in self.stack.processes().items():
             if process.is_running():
@@ -398,6 +479,8 @@ class _StackMonitor:
         return changes
 
     def panel(self) -> Panel:
+        from orchestrator.render import IN_FLIGHT, STATUS_STYLE
+
         table = Table(show_edge=False, pad_edge=False, header_style="bold", box=None)
         for column in ("process", "address", "pid", "health", "log"):
             table.add_column(column)
@@ -669,6 +752,8 @@ def _build_order(
 
 
 def _progress(saga: pb.Saga, started: float) -> RenderableType:
+    from orchestrator.render import STATUS_STYLE, saga_steps, status_name
+
     status = status_name(saga.status)
     line = Text()
     line.append(f"saga {saga.saga_id}  order {saga.business_key}  ")
@@ -698,6 +783,8 @@ def _follow(client: SagaClient, saga_id: str, console: Console | None) -> pb.Sag
 
 def _print_events(client: SagaClient, saga: pb.Saga, after: int, console: Console, *, as_json: bool) -> None:
     """Each event as it comes, one a line (JSON or text); the text names a status when it changes."""
+    from orchestrator.render import StatusTracker, event_dict, event_line
+
     origin = saga.created_at.ToNanoseconds() / 1e9
     tracker = StatusTracker()
     shown: int | None = None
@@ -762,6 +849,8 @@ def order(
     Exits 0 when the saga completed, 1 when it ended otherwise (compensated, needs attention,
     terminated), 4 when the order is refused (invalid, or the order id is taken by a different order).
     """
+    from orchestrator.render import saga_dict, saga_header, saga_steps, status_name
+
     request = _build_order(
         file, order_id, item, amount, currency, payment_token, email, name, street, city, postal_code, country, deadline
     )
@@ -825,6 +914,8 @@ def list_sagas(
     timeout: Timeout_ = 10.0,
 ) -> None:
     """List sagas, newest first, filtered by status, type, age and order id; one page at a time."""
+    from orchestrator.render import saga_dict, saga_list
+
     request = _filter_request(_parse_statuses(status), saga_type, order, since, older_than)
     request.page_size = limit
     request.page_token = page_token
@@ -868,6 +959,8 @@ def show(
     (attempts, durations, codes, messages, compensations), and the calls as bars on the saga's time axis,
     so a slow step or a retry storm stands out.
     """
+    from orchestrator.render import saga_bars, saga_dict, saga_header, saga_history, saga_steps, saga_timeline
+
     with _client(address, token, ca_file, timeout) as client:
         saga = client.resolve(saga_ref)
     if as_json:
@@ -911,6 +1004,8 @@ def watch(
     With --json, one JSON object per event and line. Exits 0 when the saga completed, 1 when it ended
     otherwise.
     """
+    from orchestrator.render import saga_header
+
     console = _console()
     with _client(address, token, ca_file, timeout) as client:
         saga = client.resolve(saga_ref)
@@ -937,6 +1032,8 @@ def stats(
     timeout: Timeout_ = 10.0,
 ) -> None:
     """Saga counts by status, completion-latency percentiles (p50, p95, p99) and the oldest saga in flight."""
+    from orchestrator.render import stats_dict, stats_view
+
     request = pb.GetSagaStatsRequest()
     if since:
         request.created_after.CopyFrom(_stamp_ago(_parse_duration(since, "--since")))
@@ -965,6 +1062,8 @@ def _operate(
     as_json: bool,
     config: ClientConfig,
 ) -> None:
+    from orchestrator.render import STATUS_STYLE, saga_dict, saga_list, status_name
+
     filtered = bool(statuses or saga_type or order or since or older_than or every)
     if saga_ref and filtered:
         _usage("give a saga ID or filters (--status, --type, --order, --since, --older-than, --all), not both")
@@ -982,6 +1081,10 @@ def _operate(
                 line = Text(f"{operation}: saga {saga.saga_id} (order {saga.business_key}) is now ")
                 line.append(status, style=STATUS_STYLE.get(status, ""))
                 console.print(line)
+                if saga.steps_maybe_applied:
+                    # Terminate compensates nothing: name what may still stand in the services.
+                    standing = ", ".join(saga.steps_maybe_applied)
+                    console.print(Text(f"effects that may still stand (not compensated): {standing}", style="magenta"))
             return
         request = _filter_request(
             _parse_statuses(statuses) or APPLIES_TO[operation], saga_type, order, since, older_than
@@ -1051,7 +1154,8 @@ Reason_ = Annotated[str, typer.Option(help="why, recorded in the saga's history 
 
 
 def _operation_epilog(operation: str, reason: str = "") -> str:
-    applies = ", ".join(status_name(s).lower() for s in APPLIES_TO[operation])
+    # The status's own name, not orchestrator.render's: building the help must not import the server stack.
+    applies = ", ".join(pb.SagaStatus.Name(s).removeprefix("SAGA_STATUS_").lower() for s in APPLIES_TO[operation])  # type: ignore[arg-type]
     return (
         f"A batch (filters instead of an ID) lists the matching sagas, asks for confirmation (--yes skips it) "
         f"and runs the call on each; without --status it picks the sagas the call applies to ({applies}). "
@@ -1135,11 +1239,6 @@ _operation_command(
     reason_example=" --reason 'fixed by hand'",
     reason_required=True,
 )
-
-
-# The benchmark and the chaos harness live in bench/ with their own dependencies.
-app.command("bench")(bench_command)
-app.command("chaos")(chaos_command)
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ class ServiceSettings(BaseSettings):
     data_dir: Path = Field(Path("var"), description="folder for SQLite files and logs")
     database_url: str = Field("", description="SQLAlchemy URL; a SQLite file in DATA_DIR when empty")
     log_level: str = "INFO"
-    faults: str = Field("", description="fault injection rules (see README)")
+    faults: str = Field("", description="fault injection rules (see docs/configuration.md#fault-injection)")
     idempotency_retention_seconds: int = Field(7 * 24 * 3600, ge=60)
     idempotency_cleanup_interval_seconds: float = Field(300.0, gt=0)
     grace_seconds: float = Field(10.0, ge=0, description="how long SIGTERM waits for in-flight calls")
@@ -43,6 +43,12 @@ class ServiceSettings(BaseSettings):
         "1m", pattern=_GO_DURATION, description="Consul drops an instance critical for this long (min 1m)"
     )
     consul_tags: str = Field("", description="extra Consul tags for this instance, comma-separated")
+    consul_check_tls_server_name: str = Field(
+        "",
+        pattern=r"^[A-Za-z0-9._:-]*$",
+        description="TLSServerName of the TLS gRPC check: the name the agent checks in this process's certificate "
+        "(Consul 1.17+ uses no other); empty: the advertised host",
+    )
     consul_resync_seconds: float = Field(30.0, gt=0, description="how often the registration is checked and restored")
     consul_request_timeout_seconds: float = Field(5.0, gt=0, description="timeout of one request to the agent")
     consul_retry_max_seconds: float = Field(30.0, gt=0, description="longest pause between registration retries")

@@ -501,8 +501,12 @@ class ConsulRegistration:
         check_timeout: str = "2s",
         deregister_critical_after: str = "1m",
         grpc_use_tls: bool = False,
+        tls_server_name: str = "",
     ) -> None:
         """PUT /v1/agent/service/register with a native gRPC check on address:port.
+
+        With `tls_server_name`, a TLS check verifies that name in the certificate (and sends it as SNI)
+        instead of the address: since Consul 1.17 the check's TLSServerName is the only name it uses.
 
         Raises consul.ACLPermissionDenied (403) or another consul.ConsulException on refusal and
         requests' exceptions when the agent cannot be reached.
@@ -514,6 +518,8 @@ class ConsulRegistration:
             "Timeout": check_timeout,
             "DeregisterCriticalServiceAfter": deregister_critical_after,
         }
+        if tls_server_name:
+            check["TLSServerName"] = tls_server_name
         self._client.agent.service.register(
             name,
             service_id=instance_id,

@@ -82,6 +82,7 @@ class ConsulAnnouncer:
         check_timeout: str = "2s",
         deregister_after: str = "1m",
         grpc_use_tls: bool = False,
+        check_tls_server_name: str = "",
         agent_url: str = "",
         retry_initial: float = 0.5,
         retry_max: float = 30.0,
@@ -96,6 +97,9 @@ class ConsulAnnouncer:
         self.check_timeout = check_timeout
         self.deregister_after = deregister_after
         self.grpc_use_tls = grpc_use_tls
+        # Since Consul 1.17 the check's own TLSServerName is the only name the agent verifies (or sends as
+        # SNI); without it the agent verifies the check's address, which a shared certificate does not name.
+        self.check_tls_server_name = check_tls_server_name if grpc_use_tls else ""
         self.agent_url = agent_url or "the Consul agent"
         self._retry_initial = retry_initial
         self._retry_max = retry_max
@@ -179,17 +183,17 @@ class ConsulAnnouncer:
     async def _register(self) -> None:
         assert self.port is not None
         self._attempted = True
+        check: dict[str, str | bool] = {
+            "check_interval": self.check_interval,
+            "check_timeout": self.check_timeout,
+            "deregister_critical_after": self.deregister_after,
+            "grpc_use_tls": self.grpc_use_tls,
+        }
+        # A server name only for a TLS check (it is empty otherwise): a plaintext check has none.
+        if self.check_tls_server_name:
+            check["tls_server_name"] = self.check_tls_server_name
         await self._registration.register_async(
-            self.name,
-            self.instance_id,
-            self.address,
-            self.port,
-            self.tags,
-            self.meta,
-            check_interval=self.check_interval,
-            check_timeout=self.check_timeout,
-            deregister_critical_after=self.deregister_after,
-            grpc_use_tls=self.grpc_use_tls,
+            self.name, self.instance_id, self.address, self.port, self.tags, self.meta, **check
         )
         self.registered = True
         log.info(
@@ -199,7 +203,7 @@ class ConsulAnnouncer:
             self.name,
             self.address,
             self.port,
-            " over TLS" if self.grpc_use_tls else "",
+            f" over TLS (server name {self.check_tls_server_name})" if self.grpc_use_tls else "",
             self.check_interval,
             self.check_timeout,
             self.deregister_after,
@@ -232,7 +236,8 @@ def announcer_from_settings(
     """The announcer for this process when DISCOVERY=consul, else None.
 
     `contract` is the proto package the process serves (e.g. "sagasuite.payment.v1"); it goes into
-    the instance's meta with its version, and the version is a tag too. Bad CONSUL_* variables raise
+    the instance's meta with its version, and the version is a tag too. A TLS server's check verifies
+    CONSUL_CHECK_TLS_SERVER_NAME in its certificate, else the advertised host. Bad CONSUL_* variables raise
     ValueError at once; an unreachable agent does not (registration retries in the background).
     """
     if settings.discovery != "consul":
@@ -246,16 +251,18 @@ def announcer_from_settings(
     meta = {"contract": contract, "version": _software_version()}
     if contract_version:
         meta["contract_version"] = contract_version
+    address = advertised_host(settings)
     return ConsulAnnouncer(
         ConsulRegistration(consul_settings, timeout=settings.consul_request_timeout_seconds),
         name=name or settings.service_name,
-        address=advertised_host(settings),
+        address=address,
         tags=tags,
         meta=meta,
         check_interval=settings.consul_check_interval,
         check_timeout=settings.consul_check_timeout,
         deregister_after=settings.consul_deregister_after,
         grpc_use_tls=tls,
+        check_tls_server_name=settings.consul_check_tls_server_name or address,
         agent_url=consul_settings.url,
         resync_interval=settings.consul_resync_seconds,
         retry_max=settings.consul_retry_max_seconds,

@@ -15,6 +15,7 @@ import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -132,6 +133,7 @@ class _Check:
     service_id: str
     grpc_target: str
     use_tls: bool
+    tls_server_name: str
     interval: float
     timeout: float
     deregister_after: float
@@ -178,7 +180,14 @@ class _CheckRunner(threading.Thread):
         if self.stopping.wait(random.uniform(0, check.interval)):
             return
         while not self.stopping.is_set():
-            healthy, output = _probe_grpc_health(check.grpc_target, check.use_tls, check.timeout)
+            try:
+                credentials = self._agent._check_credentials() if check.use_tls else None
+            except OSError as error:
+                healthy, output = False, f"gRPC check {check.grpc_target}: failed: agent TLS files: {error}"
+            else:
+                healthy, output = _probe_grpc_health(
+                    check.grpc_target, credentials, check.tls_server_name, check.timeout
+                )
             if self.stopping.is_set():
                 return
             self._agent._record_check_result(check, self, healthy, output)
@@ -186,11 +195,17 @@ class _CheckRunner(threading.Thread):
                 return
 
 
-def _probe_grpc_health(target: str, use_tls: bool, timeout: float) -> tuple[bool, str]:
+def _probe_grpc_health(
+    target: str, credentials: grpc.ChannelCredentials | None, tls_server_name: str, timeout: float
+) -> tuple[bool, str]:
     address, _, service = target.partition("/")
-    channel = (
-        grpc.secure_channel(address, grpc.ssl_channel_credentials()) if use_tls else grpc.insecure_channel(address)
-    )
+    if credentials is None:
+        channel = grpc.insecure_channel(address)
+    else:
+        # As Consul since 1.17: the certificate must name the check's TLSServerName (also sent as SNI),
+        # and without one the host of the check's address; the agent's server_name plays no part.
+        options = [("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else []
+        channel = grpc.secure_channel(address, credentials, options=options)
     try:
         response = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=service), timeout=timeout
@@ -291,7 +306,7 @@ class ConsulStandIn:
     agent's code decides (acl/errors.go messages, check ids and initial status, the deregister 404).
     It implements:
 
-    - PUT /v1/agent/service/register (Check / Checks with GRPC, GRPCUseTLS, Interval, Timeout,
+    - PUT /v1/agent/service/register (Check / Checks with GRPC, GRPCUseTLS, TLSServerName, Interval, Timeout,
       DeregisterCriticalServiceAfter, Status, SuccessBeforePassing, FailuresBeforeCritical; keys in
       CamelCase or snake_case, case-insensitive, as the agent accepts them; ?replace-existing-checks)
     - PUT /v1/agent/service/deregister/:service_id (an unknown id: 404, as the agent's code does)
@@ -307,6 +322,11 @@ class ConsulStandIn:
     run is staggered randomly within the interval, intervals below 1s are raised to 1s, deregistration
     timeouts below 1m are raised to 1m and the reaper runs every 30s; tests may lower these three
     agent-side limits through the constructor (a real agent has them as internal settings).
+
+    A TLS check (GRPCUseTLS) verifies the server's certificate against `check_tls_ca_file` (the system's
+    roots without one) for the check's TLSServerName, or the host of its address, and presents
+    `check_tls_cert_file`/`check_tls_key_file` when given: an agent with enable_agent_tls_for_checks and
+    those files in tls.defaults.
 
     With `acl_token`, ACLs are on with default policy deny: that token is a management token, a request
     with another token gets 403 "ACL not found", and a request without one is anonymous: its writes get
@@ -330,6 +350,9 @@ class ConsulStandIn:
         check_reap_interval: float = _CHECK_REAP_INTERVAL,
         node_name: str = "consul-standin",
         datacenter: str = "dc1",
+        check_tls_ca_file: str = "",
+        check_tls_cert_file: str = "",
+        check_tls_key_file: str = "",
         verbose: bool = False,
     ) -> None:
         self._host = host
@@ -340,6 +363,7 @@ class ConsulStandIn:
         self.check_reap_interval = check_reap_interval
         self.node_name = node_name
         self.datacenter = datacenter
+        self.check_tls_files = (check_tls_ca_file, check_tls_cert_file, check_tls_key_file)
         self.verbose = verbose
         self.node_id = str(uuid.uuid4())
         self._lock = threading.RLock()
@@ -444,6 +468,15 @@ class ConsulStandIn:
             self._name_index[name] = self._index
         self._changed.notify_all()
         return self._index
+
+    def _check_credentials(self) -> grpc.ChannelCredentials:
+        """The TLS identity the agent's checks use (read afresh each run, as files may be rotated)."""
+        ca_file, cert_file, key_file = self.check_tls_files
+        return grpc.ssl_channel_credentials(
+            root_certificates=Path(ca_file).read_bytes() if ca_file else None,
+            private_key=Path(key_file).read_bytes() if key_file else None,
+            certificate_chain=Path(cert_file).read_bytes() if cert_file else None,
+        )
 
     def _start_runner(self, check: _Check) -> None:
         runner = _CheckRunner(self, check)
@@ -707,6 +740,7 @@ class ConsulStandIn:
             "status": status,
             "grpc_target": target,
             "use_tls": bool(check.get("grpcusetls", False)),
+            "tls_server_name": str(check.get("tlsservername") or ""),
             "interval": max(interval, self.min_check_interval),
             "timeout": given_timeout if given_timeout > 0 else _DEFAULT_CHECK_TIMEOUT,
             "deregister_after": deregister_after,
@@ -933,6 +967,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-check-interval", type=float, default=_MIN_CHECK_INTERVAL)
     parser.add_argument("--min-deregister-after", type=float, default=_MIN_DEREGISTER_AFTER)
     parser.add_argument("--check-reap-interval", type=float, default=_CHECK_REAP_INTERVAL)
+    parser.add_argument("--check-tls-ca-file", default="", help="CA that TLS checks verify servers with")
+    parser.add_argument("--check-tls-cert-file", default="", help="certificate TLS checks present")
+    parser.add_argument("--check-tls-key-file", default="", help="its key")
     parser.add_argument("--verbose", action="store_true", help="log every request to stderr")
     args = parser.parse_args(argv)
     agent = ConsulStandIn(
@@ -942,6 +979,9 @@ def main(argv: list[str] | None = None) -> int:
         min_check_interval=args.min_check_interval,
         min_deregister_after=args.min_deregister_after,
         check_reap_interval=args.check_reap_interval,
+        check_tls_ca_file=args.check_tls_ca_file,
+        check_tls_cert_file=args.check_tls_cert_file,
+        check_tls_key_file=args.check_tls_key_file,
         verbose=args.verbose,
     )
     stop = threading.Event()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import pytest
 from pydantic import ValidationError
 
 from svckit.config import ServiceSettings
-from svckit.registration import advertised_host, announcer_from_settings, instance_id
+from svckit.registration import ConsulAnnouncer, advertised_host, announcer_from_settings, instance_id
 
 
 def _settings(**values: object) -> ServiceSettings:
@@ -69,3 +72,65 @@ def test_bad_consul_variables_fail_at_once() -> None:
 def test_check_durations_must_be_go_durations(field: str) -> None:
     with pytest.raises(ValidationError, match=field):
         _settings(**{field: "10 seconds"})
+
+
+def _tls_announcer(**values: object) -> ConsulAnnouncer:
+    settings = _settings(service_name="payment", discovery="consul", host="10.0.3.7", **values)
+    announcer = announcer_from_settings(settings, contract="sagasuite.payment.v1", environ={})
+    assert announcer is not None
+    return announcer
+
+
+def test_a_tls_check_verifies_the_configured_server_name_else_the_advertised_host() -> None:
+    named = _tls_announcer(tls_cert_file="/certs/internal.pem", consul_check_tls_server_name="sagasuite.internal")
+    assert named.check_tls_server_name == "sagasuite.internal"
+    assert _tls_announcer(tls_cert_file="/certs/internal.pem").check_tls_server_name == "10.0.3.7"
+    # Plaintext checks carry no server name at all.
+    assert _tls_announcer(consul_check_tls_server_name="sagasuite.internal").check_tls_server_name == ""
+
+
+def test_the_check_server_name_must_be_a_host_name() -> None:
+    with pytest.raises(ValidationError, match="consul_check_tls_server_name"):
+        _settings(consul_check_tls_server_name="sagasuite.internal\nX-Injected: 1")
+
+
+class _RecordingRegistration:
+    """Stands in for ConsulRegistration: records what would be sent to the agent."""
+
+    def __init__(self) -> None:
+        self.registered = asyncio.Event()
+        self.calls: list[dict[str, Any]] = []
+
+    async def register_async(self, *args: Any, **kwargs: Any) -> None:
+        self.calls.append(kwargs)
+        self.registered.set()
+
+    async def is_registered_async(self, instance_id: str) -> bool:
+        return True
+
+    async def deregister_async(self, instance_id: str) -> bool:
+        return True
+
+
+async def _registered_check(*, grpc_use_tls: bool) -> dict[str, Any]:
+    recording = _RecordingRegistration()
+    announcer = ConsulAnnouncer(
+        recording,  # type: ignore[arg-type]
+        name="payment",
+        address="10.0.3.7",
+        grpc_use_tls=grpc_use_tls,
+        check_tls_server_name="sagasuite.internal",
+    )
+    await announcer.start(50052)
+    try:
+        await asyncio.wait_for(recording.registered.wait(), 10)
+    finally:
+        await announcer.stop()
+    return recording.calls[0]
+
+
+async def test_the_registration_sends_the_check_server_name_of_a_tls_check_only() -> None:
+    tls_check = await _registered_check(grpc_use_tls=True)
+    assert (tls_check["grpc_use_tls"], tls_check["tls_server_name"]) == (True, "sagasuite.internal")
+    plaintext_check = await _registered_check(grpc_use_tls=False)
+    assert plaintext_check["grpc_use_tls"] is False and "tls_server_name" not in plaintext_check
