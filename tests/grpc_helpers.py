@@ -1,12 +1,18 @@
-"""Helpers for tests that talk to real servers: metadata, and reading rich error details."""
+"""Helpers for tests that talk to real servers: metadata, rich error details, and the servers' call log."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import grpc
+import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-__all__ = ["bad_request_fields", "error_reason", "keyed"]
+from svckit.launcher import ManagedProcess
+
+__all__ = ["bad_request_fields", "call_logged", "error_reason", "keyed"]
 
 
 def keyed(key: str) -> tuple[tuple[str, str], ...]:
@@ -41,3 +47,16 @@ def error_reason(error: grpc.aio.AioRpcError) -> str:
             detail.Unpack(info)
             return info.reason
     return ""
+
+
+async def call_logged(process: ManagedProcess, method: str, key: str, *, within: float = 30.0) -> str:
+    """Wait until the server has logged the end of a call (its `method=... key=... code=...` line,
+    written whatever the outcome, a missed deadline included) and return that line."""
+    deadline = time.monotonic() + within
+    while True:
+        for line in process.log_path.read_text(errors="replace").splitlines():
+            if f"method={method} " in line and f"key={key} " in line and " code=" in line:
+                return line
+        if time.monotonic() > deadline:
+            pytest.fail(f"{process.name} logged no end of {method} with key {key} in {within:.0f}s")
+        await asyncio.sleep(0.05)

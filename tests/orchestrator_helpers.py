@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
@@ -28,6 +29,7 @@ from sagasuite.payment.v1 import payment_service_pb2 as payment_pb
 from sagasuite.payment.v1 import payment_service_pb2_grpc as payment_grpc
 from sagasuite.shipping.v1 import shipping_service_pb2 as shipping_pb
 from sagasuite.shipping.v1 import shipping_service_pb2_grpc as shipping_grpc
+from svckit.launcher import ManagedProcess
 
 __all__ = [
     "DEFINITIONS_MODULE",
@@ -35,8 +37,10 @@ __all__ = [
     "BearerAuth",
     "Clients",
     "connect",
+    "definitions_env",
     "events",
     "fresh_postgres_database",
+    "frozen",
     "ledger_kinds",
     "new_order_id",
     "order_request",
@@ -98,6 +102,12 @@ def fresh_postgres_database(admin_url: str) -> Iterator[str]:
         admin.dispose()
 
 
+def definitions_env(*attributes: str) -> dict[str, str]:
+    """Orchestrator environment that loads the named definitions of DEFINITIONS_MODULE besides its own."""
+    python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+    return {"PYTHONPATH": python_path, "SAGA_DEFINITIONS": ",".join(f"{DEFINITIONS_MODULE}:{a}" for a in attributes)}
+
+
 def start_stack(
     data_dir: Path,
     *,
@@ -119,6 +129,19 @@ def start_stack(
         },
     )
     return LocalStack(config).start()
+
+
+@contextmanager
+def frozen(process: ManagedProcess) -> Iterator[None]:
+    """SIGSTOP a process for the block, SIGCONT after: a saga whose step calls it cannot move past
+    that step until the block ends (the calls time out and are retried for about 20 s), however busy
+    the machine is."""
+    assert process.popen is not None and process.is_running(), f"{process.name} is not running"
+    process.popen.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        process.popen.send_signal(signal.SIGCONT)
 
 
 @dataclass

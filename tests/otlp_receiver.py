@@ -139,7 +139,7 @@ class OtlpReceiver:
         condition: Callable[[list[ReceivedSpan]], bool],
         *,
         trace_id: str | None = None,
-        timeout: float = 20.0,
+        timeout: float = 30.0,
         what: str = "spans",
     ) -> list[ReceivedSpan]:
         """Poll until condition holds for the spans received so far (of one trace, when given)."""

@@ -3,19 +3,28 @@
 from __future__ import annotations
 
 import ast
+import importlib.metadata
+import json
+import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tomllib
 from collections.abc import Iterator
-from pathlib import Path
+from fnmatch import fnmatchcase
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from ruamel.yaml import YAML
 
+from svckit.devcerts import COMPOSE_NAMES
 from svckit.discovery import SUITE_SERVICES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,6 +103,18 @@ def test_the_tls_overlay_only_adds_to_services_of_compose_yaml(compose: dict[str
     assert environment(overlay["services"][ORCHESTRATOR])["TLS_CLIENT_CERT_FILE"]
 
 
+def test_consul_s_tls_checks_verify_a_name_the_shared_certificate_carries() -> None:
+    """Since Consul 1.17 a TLS check verifies its TLSServerName only: the agent's server_name is not used."""
+    overlay = load_yaml("compose.tls.yaml")
+    for name in SUITE:
+        server_name = environment(overlay["services"][name])["CONSUL_CHECK_TLS_SERVER_NAME"]
+        # The certificate devcerts issues for every process (internal.pem) names these; not the container IPs.
+        assert server_name in COMPOSE_NAMES, f"{name}: {server_name!r} is not a name of internal.pem"
+    agent = " ".join(overlay["services"]["consul"]["command"])
+    assert "enable_agent_tls_for_checks = true" in agent
+    assert "server_name" not in agent, "server_name does not reach the checks: TLSServerName does"
+
+
 # -- one image, one console script per process --------------------------------------------------------
 
 
@@ -114,22 +135,303 @@ def test_every_container_runs_a_console_script_of_the_project(compose: dict[str,
     assert len({spec["image"] for spec in services.values()}) == 1, "one image for every process"
 
 
-def test_the_dockerfile_builds_one_image_that_runs_as_a_user_without_an_entry_point() -> None:
-    instructions = [
+def dockerfile_instructions() -> list[str]:
+    """The Dockerfile's instructions, one a line (continuations joined, comments dropped)."""
+    return [
         line.strip()
         for line in (ROOT / "Dockerfile").read_text().replace("\\\n", " ").splitlines()
         if line.strip() and not line.lstrip().startswith("#")
     ]
+
+
+def test_the_dockerfile_builds_one_image_that_runs_as_a_user_without_an_entry_point() -> None:
+    instructions = dockerfile_instructions()
     assert [line for line in instructions if line.startswith("FROM ")] == ["FROM python:3.11-slim"]
     users = [line.split()[1] for line in instructions if line.startswith("USER ")]
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert instructions.count("ENTRYPOINT []") == 1
-    copied = {line.split()[1] for line in instructions if line.startswith("COPY ")}
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    packages = [p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]]
-    needed = {p for p in packages if (ROOT / p / "__init__.py").exists() and p != "bench"}
-    assert needed <= copied, f"packages not copied into the image: {sorted(needed - copied)}"
+    # What the image holds, and whether each command can start from it: see the image tests below.
     assert any("pip install" in line and " ." in line for line in instructions)
+
+
+# -- what the image holds: every command it runs starts from its files alone -----------------------------
+#
+# The image is rebuilt here without Docker: the files the Dockerfile's COPY lines take from the build
+# context (minus .dockerignore), the packages `pip install --no-deps .` makes of them, and the runtime
+# dependencies only. Each command then starts in a child interpreter that sees nothing else.
+
+_NOT_RUNTIME_HINT = "is installed here but is not a runtime dependency, so the image does not have it"
+
+# Runs in the child (python -I -S): the image's packages, then site-packages with only runtime dependencies.
+_IMAGE_INTERPRETER = f"""
+import importlib, importlib.abc, json, sys
+config = json.loads(sys.argv[1])
+sys.path[:0] = [config["image"]]
+sys.path.extend(config["site_packages"])
+
+
+class NotInTheImage(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path, target=None):
+        top = fullname.partition(".")[0]
+        if top in config["blocked"]:
+            raise ModuleNotFoundError(
+                f"No module named {{fullname!r}} ({{config['blocked'][top]}} {_NOT_RUNTIME_HINT})", name=fullname
+            )
+        return None
+
+
+sys.meta_path.insert(0, NotInTheImage())
+module, _, attribute = config["entry_point"].partition(":")
+target = importlib.import_module(module)
+for part in attribute.split("."):
+    target = getattr(target, part)
+if config["argv"] is not None:
+    sys.argv = [config["script"], *config["argv"]]
+    sys.exit(target())
+"""
+
+
+def _dockerignore_rule(pattern: str) -> re.Pattern[str]:
+    """Docker's pattern syntax, anchored at the context root: `**` spans folders, `*` and `?` do not."""
+    parts = re.split(r"(\*\*/?|\*|\?)", PurePosixPath("/" + pattern).as_posix().lstrip("/"))
+    wildcards = {"**/": "(?:.*/)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}
+    return re.compile("".join(wildcards.get(part, re.escape(part)) for part in parts))
+
+
+def _dockerignore() -> list[tuple[bool, re.Pattern[str]]]:
+    """(excludes, pattern) per .dockerignore line, in order: the last matching line decides."""
+    rules = []
+    for line in (ROOT / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            excluded = not line.startswith("!")
+            rules.append((excluded, _dockerignore_rule(line.removeprefix("!"))))
+    return rules
+
+
+def _in_build_context(relative: PurePosixPath, rules: list[tuple[bool, re.Pattern[str]]]) -> bool:
+    """Whether the file reaches the build context: a pattern that matches a parent folder excludes it too."""
+    candidates = [str(parent) for parent in reversed(relative.parents) if str(parent) != "."] + [str(relative)]
+    excluded = False
+    for excludes, rule in rules:
+        if any(rule.fullmatch(candidate) for candidate in candidates):
+            excluded = excludes
+    return not excluded
+
+
+def _copy_into_image(sources: list[str], destination: str, workdir: PurePosixPath, filesystem: Path) -> None:
+    """One COPY instruction: files and folders of the context (their contents, for folders) to destination."""
+    rules = _dockerignore()
+    target = filesystem / (workdir / destination).relative_to("/")
+    # As Docker reads it: a destination ending in "/" (or the WORKDIR itself) is a folder.
+    into_folder = len(sources) > 1 or destination.endswith("/") or destination == "." or (ROOT / sources[0]).is_dir()
+    for source in sources:
+        for found in sorted(ROOT.glob(source)):
+            files = [found] if found.is_file() else sorted(p for p in found.rglob("*") if p.is_file())
+            for path in files:
+                relative = PurePosixPath(path.relative_to(ROOT).as_posix())
+                if not _in_build_context(relative, rules):
+                    continue
+                inside = path.relative_to(found) if found.is_dir() else Path(path.name)
+                placed = target / inside if into_folder else target
+                placed.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, placed)
+
+
+def build_image_filesystem(filesystem: Path) -> Path:
+    """Run the Dockerfile's WORKDIR and COPY lines into `filesystem`; returns the folder pip installs from."""
+    workdir = PurePosixPath("/")
+    installed_from: Path | None = None
+    for instruction in dockerfile_instructions():
+        keyword, _, rest = instruction.partition(" ")
+        if keyword == "WORKDIR":
+            workdir = workdir / rest.strip()
+        elif keyword == "COPY":
+            words = json.loads(rest) if rest.lstrip().startswith("[") else shlex.split(rest)
+            assert not any(word.startswith("--from") for word in words), "COPY --from is not modelled here"
+            *sources, destination = [word for word in words if not word.startswith("--")]
+            _copy_into_image(sources, destination, workdir, filesystem)
+        elif keyword == "RUN" and re.search(r"pip install [^&;]*--no-deps \.", rest) and installed_from is None:
+            installed_from = filesystem / workdir.relative_to("/")
+    assert installed_from is not None, "the Dockerfile no longer runs `pip install --no-deps .`"
+    return installed_from
+
+
+def _find_packages(project: Path, include: list[str]) -> list[str]:
+    """setuptools' find_packages: folders with an __init__.py, reached through such folders, named by a pattern."""
+    found, pending = [], [path for path in sorted(project.iterdir()) if path.is_dir()]
+    while pending:
+        folder = pending.pop()
+        if "." in folder.name or not (folder / "__init__.py").is_file():
+            continue
+        dotted = ".".join(folder.relative_to(project).parts)
+        if any(fnmatchcase(dotted, pattern) for pattern in include):
+            found.append(dotted)
+        pending += [path for path in sorted(folder.iterdir()) if path.is_dir()]
+    return found
+
+
+def install_packages(project: Path, site: Path) -> list[str]:
+    """What `pip install --no-deps .` puts in site-packages: the packages pyproject finds, with their data."""
+    setuptools_config = tomllib.loads((project / "pyproject.toml").read_text())["tool"]["setuptools"]
+    package_data: list[str] = setuptools_config.get("package-data", {}).get("*", [])
+    packages = _find_packages(project, setuptools_config["packages"]["find"]["include"])
+    for package in packages:
+        folder = project / package.replace(".", "/")
+        for path in folder.iterdir():
+            if path.is_file() and (path.suffix == ".py" or any(fnmatchcase(path.name, p) for p in package_data)):
+                placed = site / path.relative_to(project)
+                placed.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, placed)
+    return sorted(packages)
+
+
+def _runtime_distributions() -> set[str]:
+    """The project's dependencies and theirs (extras only where a requirement asks for them)."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    pending = [Requirement(text) for text in pyproject["project"]["dependencies"]]
+    found: set[str] = set()
+    while pending:
+        requirement = pending.pop()
+        name = canonicalize_name(requirement.name)
+        key = name + "".join(f"[{extra}]" for extra in sorted(requirement.extras))
+        if key in found:
+            continue
+        found |= {key, name}
+        environments = [{"extra": extra} for extra in ["", *requirement.extras]]
+        for text in importlib.metadata.distribution(name).requires or []:
+            dependency = Requirement(text)
+            if dependency.marker is None or any(dependency.marker.evaluate(env) for env in environments):
+                pending.append(dependency)
+    return {name for name in found if "[" not in name}
+
+
+def _top_level_modules(distribution: importlib.metadata.Distribution) -> set[str]:
+    names = set()
+    for file in distribution.files or []:
+        first = file.parts[0]
+        if first in ("..", "__pycache__") or first.endswith((".dist-info", ".egg-info", ".pth", ".data")):
+            continue
+        names.add(first.split(".")[0] if len(file.parts) == 1 else first)
+    return names
+
+
+def modules_not_in_the_image() -> dict[str, str]:
+    """Top-level modules installed here only for development or benchmarks, each with its distribution."""
+    runtime = _runtime_distributions()
+    provided: dict[str, set[str]] = {}
+    for distribution in importlib.metadata.distributions():
+        name = canonicalize_name(distribution.metadata["Name"])
+        if name != "sagasuite":  # the project itself: what the image has of it is the rebuilt file set
+            for module in _top_level_modules(distribution):
+                provided.setdefault(module, set()).add(name)
+    return {module: ", ".join(sorted(names)) for module, names in provided.items() if not names & runtime and module}
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The image's project packages in a folder, and what the child interpreter needs to see only them."""
+    root = tmp_path_factory.mktemp("image")
+    project = build_image_filesystem(root / "filesystem")
+    site = root / "site-packages"
+    packages = install_packages(project, site)
+    paths = sysconfig.get_paths()
+    return {
+        "image": str(site),
+        "packages": packages,
+        "site_packages": list(dict.fromkeys([paths["purelib"], paths["platlib"]])),
+        "blocked": modules_not_in_the_image(),
+        "cwd": root,
+    }
+
+
+def run_in_image(image: dict[str, Any], script: str, entry_point: str, argv: list[str] | None = None) -> Any:
+    """Import a console script's entry point (and call it with argv, when given) seeing only the image."""
+    config = {**{k: v for k, v in image.items() if k not in ("cwd", "packages")}, "entry_point": entry_point}
+    config |= {"script": script, "argv": argv}
+    environment = {"PATH": os.environ.get("PATH", ""), "HOME": str(image["cwd"]), "COLUMNS": "120"}
+    return subprocess.run(
+        [sys.executable, "-I", "-S", "-c", _IMAGE_INTERPRETER, json.dumps(config)],
+        cwd=image["cwd"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def commands_the_image_runs(compose: dict[str, Any]) -> dict[str, list[str]]:
+    """Each container's command, each health probe and the image's default command (its CMD)."""
+    commands = {}
+    for file_name in COMPOSE_FILES:
+        for name, spec in load_yaml(file_name)["services"].items():
+            if "command" in spec and (name in SUITE or "build" in spec):
+                commands[f"{file_name}: {name}"] = list(spec["command"])
+            test = (spec.get("healthcheck") or {}).get("test")
+            if isinstance(test, list) and test[:1] == ["CMD"] and name in SUITE:
+                commands[f"{file_name}: {name} healthcheck"] = test[1:]
+    for instruction in dockerfile_instructions():
+        if instruction.startswith("CMD "):
+            commands["Dockerfile CMD"] = json.loads(instruction.removeprefix("CMD "))
+    return commands
+
+
+def test_the_rebuilt_image_has_the_project_packages_but_not_what_dockerignore_leaves_out(image: dict[str, Any]) -> None:
+    site = Path(image["image"])
+    assert {"orchestrator", "svckit", "inventory_svc", "sagasuite.orchestrator.v1"} <= set(image["packages"])
+    assert "bench" not in image["packages"] and not (site / "bench").exists()
+    assert not list(site.rglob("__pycache__")) and not list(site.rglob("*.db"))
+    assert (site / "inventory_svc" / "catalogue.json").is_file(), "package data is installed too"
+    # Development-only distributions are kept from the child; runtime ones are not.
+    assert {"pytest", "hypothesis", "cryptography"} <= set(image["blocked"])
+    assert not {"grpc", "typer", "rich", "sqlalchemy", "pydantic"} & set(image["blocked"])
+
+
+def test_the_image_check_refuses_what_the_image_lacks(image: dict[str, Any]) -> None:
+    """Guards the check itself: a module outside the image's files, and a development-only one, do not import."""
+    left_out = run_in_image(image, "bench", "bench.cli:bench_command")
+    assert left_out.returncode != 0 and "No module named 'bench'" in left_out.stderr, left_out.stderr
+    dev_only = run_in_image(image, "devcerts", "svckit.devcerts:make_ca")
+    assert dev_only.returncode != 0 and "No module named 'cryptography'" in dev_only.stderr, dev_only.stderr
+    assert _NOT_RUNTIME_HINT in dev_only.stderr
+
+
+def test_every_command_the_image_runs_starts_from_the_image_alone(
+    compose: dict[str, Any], scripts: dict[str, str], image: dict[str, Any]
+) -> None:
+    commands = commands_the_image_runs(compose)
+    assert {"Dockerfile CMD", "compose.yaml: orchestrator", "compose.yaml: payment healthcheck"} <= set(commands)
+    places: dict[tuple[str, ...], list[str]] = {}
+    for place, command in commands.items():
+        assert command[0] in scripts, f"{place}: {command[0]} is not a console script of the project"
+        places.setdefault(tuple(command), []).append(place)
+    failures = []
+    for (script, *argv), where in places.items():
+        # The servers would serve forever: importing their entry point is what they do at startup
+        # before reading settings. The CLI is run for real, with the arguments the image gives it.
+        run = run_in_image(image, script, scripts[script], argv if script == "saga" else None)
+        if run.returncode != 0:
+            failures.append(f"{shlex.join([script, *argv])} ({', '.join(where)}) exits {run.returncode}:\n{run.stderr}")
+    assert not failures, "\n\n".join(failures)
+
+
+@pytest.mark.parametrize("command", ["bench", "chaos"])
+def test_saga_commands_whose_package_the_image_leaves_out_say_so_in_one_line(
+    command: str, scripts: dict[str, str], image: dict[str, Any]
+) -> None:
+    listed = run_in_image(image, "saga", scripts["saga"], ["--help"])
+    assert listed.returncode == 0 and command in listed.stdout, listed.stderr
+    run = run_in_image(image, "saga", scripts["saga"], [command, "--help"])
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.startswith(f"saga: error: saga {command} needs the 'bench' package"), run.stderr
+
+
+def test_saga_version_prints_the_installed_version(scripts: dict[str, str], image: dict[str, Any]) -> None:
+    run = run_in_image(image, "saga", scripts["saga"], ["--version"])
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == f"sagasuite {importlib.metadata.version('sagasuite')}\n"
 
 
 # -- the topology ---------------------------------------------------------------------------------
@@ -177,7 +479,7 @@ def test_every_dependency_waits_for_a_health_check_that_exists(compose: dict[str
     assert waits >= {"postgres", "consul", *SUITE_SERVICES}
 
 
-# -- environment variables: read by the code, set by compose, documented in the README ---------------------
+# -- environment variables: read by the code, set by compose, documented in README.md or docs/ -------------
 
 
 def _module_constants(trees: list[ast.Module]) -> dict[str, str]:
@@ -288,23 +590,80 @@ def test_compose_sets_only_variables_the_code_reads(compose: dict[str, Any]) -> 
                 )
 
 
-def _readme_words() -> set[str]:
-    readme = ROOT / "README.md"
-    return set(re.findall(r"[A-Z][A-Z0-9_]+", readme.read_text())) if readme.exists() else set()
+# A variable is documented where a table row names it, in backticks, in its first cell: a row gives it a
+# default and a meaning. A name that only appears in prose or in an example does not count.
+_FIRST_CELL = re.compile(r"^\s*\|([^|]*)\|")
+_CODE_NAME = re.compile(r"`([A-Z][A-Z0-9_]+)`")
 
 
-def test_every_variable_the_code_reads_is_documented_in_the_readme() -> None:
-    documented = _readme_words()
+def documentation_files() -> list[Path]:
+    """The front page and every page under docs/: where the settings are documented."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def table_variables(markdown: str) -> set[str]:
+    """Names in backticks in the first cell of a table row, outside fenced code blocks."""
+    names: set[str] = set()
+    fenced = False
+    for line in markdown.splitlines():
+        if line.lstrip().startswith(("```", "~~~")):
+            fenced = not fenced
+        elif not fenced and (cell := _FIRST_CELL.match(line)):
+            names |= set(_CODE_NAME.findall(cell.group(1)))
+    return names
+
+
+def documented_variables() -> dict[str, str]:
+    """Every documented variable, with the first page (relative to the repository) whose table names it."""
+    documented: dict[str, str] = {}
+    for path in documentation_files():
+        for name in sorted(table_variables(path.read_text())):
+            documented.setdefault(name, str(path.relative_to(ROOT)))
+    return documented
+
+
+def test_the_documentation_check_counts_table_rows_only() -> None:
+    """Guards the check itself: a first cell counts; prose, other cells and code blocks do not."""
+    sample = "\n".join(
+        [
+            "`IN_PROSE` is mentioned here, and IN_PLAIN_TEXT too.",
+            "| variable | default | meaning |",
+            "|---|---|---|",
+            "| `FIRST`, `SECOND` (and `_TRACES_` forms) | `OTHER_CELL` | see `ALSO_OTHER` |",
+            "```sh",
+            "| `IN_A_CODE_BLOCK` | x |",
+            "```",
+            "  | `INDENTED_ROW` | y |",
+        ]
+    )
+    assert table_variables(sample) == {"FIRST", "SECOND", "INDENTED_ROW"}
+    pages = {str(path.relative_to(ROOT)) for path in documentation_files()}
+    assert {"README.md", "docs/configuration.md", "docs/cli.md"} <= pages, sorted(pages)
+    assert {"CONSUL_HTTP_ADDR", "MAX_WATCHERS"} <= table_variables((ROOT / "docs/configuration.md").read_text())
+    assert "SAGA_ADDRESS" in table_variables((ROOT / "docs/cli.md").read_text())
+
+
+def _not_documented(names: dict[str, str]) -> str:
+    return (
+        "not named in the first column of a table in README.md or docs/*.md (add a row to docs/configuration.md):\n"
+        + "\n".join(f"  {name} ({where})" for name, where in sorted(names.items()))
+    )
+
+
+def test_every_variable_the_code_reads_is_documented() -> None:
+    documented = documented_variables()
     missing = {name: where for name, where in variables_the_code_reads().items() if name not in documented}
-    assert not missing, "not in README.md:\n" + "\n".join(f"  {n} ({w})" for n, w in sorted(missing.items()))
+    assert not missing, _not_documented(missing)
 
 
-def test_every_variable_compose_sets_is_documented_in_the_readme() -> None:
-    documented = _readme_words()
-    missing = set()
+def test_every_variable_compose_sets_is_documented() -> None:
+    documented = documented_variables()
+    missing: dict[str, str] = {}
     for file_name in COMPOSE_FILES:
-        for spec in load_yaml(file_name)["services"].values():
-            missing |= {variable for variable in environment(spec) if variable not in documented}
+        for service, spec in load_yaml(file_name)["services"].items():
+            for variable in environment(spec):
+                if variable not in documented:
+                    missing.setdefault(variable, f"{file_name}: {service}")
     # The images' own settings (POSTGRES_*, COLLECTOR_*) are documented by their images.
-    missing = {name for name in missing if not name.startswith(("POSTGRES_", "COLLECTOR_"))}
-    assert not missing, f"set in compose but not in README.md: {sorted(missing)}"
+    missing = {name: where for name, where in missing.items() if not name.startswith(("POSTGRES_", "COLLECTOR_"))}
+    assert not missing, _not_documented(missing)

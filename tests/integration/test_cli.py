@@ -24,7 +24,7 @@ from orchestrator.cli import app
 from orchestrator.stack import LocalStack
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
-from tests.orchestrator_helpers import new_order_id, start_stack
+from tests.orchestrator_helpers import frozen, new_order_id, start_stack
 
 TOKEN = "cli-test-token-0123456789abcdef"
 FAULTS = {
@@ -257,19 +257,23 @@ def test_ls_lists_newest_first_filters_and_pages(saga: Any, stub: Any) -> None:
     assert "not a duration" in ok(saga("ls", "--since", "5 parsecs"), code=2).stderr
 
 
-def test_stats_counts_by_status_with_latencies_and_the_oldest_in_flight(saga: Any, stub: Any) -> None:
-    _, saga_id = placed(saga, "cli-slow-stats")
-    stats = as_json(ok(saga("stats", "--json")))
-    listed = as_json(ok(saga("ls", "--all", "--json")))["sagas"]
-    by_status: dict[str, int] = {}
-    for found in listed:
-        by_status[found["status"]] = by_status.get(found["status"], 0) + 1
-    assert stats["counts"] == by_status and stats["total"] == len(listed)
-    assert stats["in_flight"] == 1 and stats["oldest_in_flight"]["saga_id"] == saga_id
-    assert 0 < stats["completion_ms"]["p50"] <= stats["completion_ms"]["p95"] <= stats["completion_ms"]["p99"]
-    text = ok(saga("stats")).stdout
-    assert re.search(r"completion latency\s+p50 [\d.]+ ms\s+p95 [\d.]+ ms\s+p99 [\d.]+ ms", text), text
-    assert f"oldest in flight    {saga_id}" in text and re.search(r"COMPLETED\s*│\s*\d+", text)
+def test_stats_counts_by_status_with_latencies_and_the_oldest_in_flight(
+    saga: Any, stub: Any, stack: LocalStack
+) -> None:
+    # Inventory is frozen: the saga stays in flight, and nothing moves between stats and ls.
+    with frozen(stack.services["inventory"]):
+        _, saga_id = placed(saga, "cli-slow-stats")
+        stats = as_json(ok(saga("stats", "--json")))
+        listed = as_json(ok(saga("ls", "--all", "--json")))["sagas"]
+        by_status: dict[str, int] = {}
+        for found in listed:
+            by_status[found["status"]] = by_status.get(found["status"], 0) + 1
+        assert stats["counts"] == by_status and stats["total"] == len(listed)
+        assert stats["in_flight"] == 1 and stats["oldest_in_flight"]["saga_id"] == saga_id
+        assert 0 < stats["completion_ms"]["p50"] <= stats["completion_ms"]["p95"] <= stats["completion_ms"]["p99"]
+        text = ok(saga("stats")).stdout
+        assert re.search(r"completion latency\s+p50 [\d.]+ ms\s+p95 [\d.]+ ms\s+p99 [\d.]+ ms", text), text
+        assert f"oldest in flight    {saga_id}" in text and re.search(r"COMPLETED\s*│\s*\d+", text)
     wait_status(stub, saga_id, ENDED)
     assert as_json(ok(saga("stats", "--since", "1s", "--json")))["total"] <= stats["total"]
 
@@ -277,13 +281,15 @@ def test_stats_counts_by_status_with_latencies_and_the_oldest_in_flight(saga: An
 # -- operating -------------------------------------------------------------------------------------
 
 
-def test_pause_and_resume_one_saga_with_the_operator_token(saga: Any, stub: Any) -> None:
-    order_id, saga_id = placed(saga, "cli-slow-pause")
-    missing = ok(saga("pause", saga_id, token=None), code=4)
-    assert "UNAUTHENTICATED" in missing.stderr and missing.stderr.count("\n") == 1
-    assert "INVALID_TOKEN" in ok(saga("pause", saga_id, token="x" * 20), code=4).stderr
+def test_pause_and_resume_one_saga_with_the_operator_token(saga: Any, stub: Any, stack: LocalStack) -> None:
+    # Inventory is frozen: the saga cannot get past its first step before it is paused.
+    with frozen(stack.services["inventory"]):
+        order_id, saga_id = placed(saga, "cli-slow-pause")
+        missing = ok(saga("pause", saga_id, token=None), code=4)
+        assert "UNAUTHENTICATED" in missing.stderr and missing.stderr.count("\n") == 1
+        assert "INVALID_TOKEN" in ok(saga("pause", saga_id, token="x" * 20), code=4).stderr
 
-    text = ok(saga("pause", order_id, "--reason", "checking the address")).stdout
+        text = ok(saga("pause", order_id, "--reason", "checking the address")).stdout
     assert text == f"pause: saga {saga_id} (order {order_id}) is now PAUSED\n"
     assert "ILLEGAL_STATE_FOR_PAUSE" in ok(saga("pause", saga_id), code=4).stderr
     shown = as_json(ok(saga("show", saga_id, "--json")))
@@ -312,21 +318,25 @@ def test_retry_of_a_saga_that_needs_attention_as_a_batch(saga: Any, stub: Any) -
     assert nothing == {"operation": "retry", "matched": 0, "succeeded": 0, "failed": 0, "results": []}
 
 
-def test_batch_cancel_and_terminate_ask_first_and_report_each_saga(saga: Any, stub: Any) -> None:
-    first = [placed(saga, "cli-slow-batch")[1] for _ in range(2)]
-    declined = ok(saga("cancel", "--status", "running", "--reason", "dup", input="n\n"), code=1)
-    assert "cancel 2 saga(s)?" in declined.stderr and "nothing done" in declined.stderr
-    assert all(sid in declined.stderr for sid in first)
-    assert {status(get(stub, sid)) for sid in first} <= {"RUNNING"}
+def test_batch_cancel_and_terminate_ask_first_and_report_each_saga(saga: Any, stub: Any, stack: LocalStack) -> None:
+    inventory = stack.services["inventory"]
+    # Inventory is frozen: the sagas cannot get past their first step while the batch runs.
+    with frozen(inventory):
+        first = [placed(saga, "cli-slow-batch")[1] for _ in range(2)]
+        declined = ok(saga("cancel", "--status", "running", "--reason", "dup", input="n\n"), code=1)
+        assert "cancel 2 saga(s)?" in declined.stderr and "nothing done" in declined.stderr
+        assert all(sid in declined.stderr for sid in first)
+        assert {status(get(stub, sid)) for sid in first} <= {"RUNNING"}
 
-    report = as_json(ok(saga("cancel", "--status", "running", "--reason", "dup", "--yes", "--json")))
+        report = as_json(ok(saga("cancel", "--status", "running", "--reason", "dup", "--yes", "--json")))
     assert (report["matched"], report["succeeded"], report["failed"]) == (2, 2, 0)
     assert sorted(r["saga_id"] for r in report["results"]) == sorted(first)
     for sid in first:
         assert status(wait_status(stub, sid, ENDED)) == "COMPENSATED"
 
-    second = [placed(saga, "cli-slow-batch")[1] for _ in range(2)]
-    text = ok(saga("terminate", "--all", "--reason", "handled by hand", input="y\n")).stdout
+    with frozen(inventory):
+        second = [placed(saga, "cli-slow-batch")[1] for _ in range(2)]
+        text = ok(saga("terminate", "--all", "--reason", "handled by hand", input="y\n")).stdout
     assert "terminate: 2 done, 0 refused" in text and all(f"✓ {sid} → TERMINATED" in text for sid in second)
     assert {status(get(stub, sid)) for sid in second} == {"TERMINATED"}
     assert "--reason" in ok(saga("terminate", second[0]), code=2).stderr

@@ -14,14 +14,12 @@ from sagasuite.common.v1.common_pb2 import Money
 from sagasuite.payment.v1 import payment_service_pb2 as payment_pb
 from svckit.launcher import ManagedProcess
 from tests.grpc_helpers import keyed
-from tests.orchestrator_helpers import connect, new_order_id, order_request, wait_for, wait_until
+from tests.orchestrator_helpers import connect, frozen, new_order_id, order_request, wait_for, wait_until
 
 _METRICS_PORT = re.compile(r"METRICS port=(\d+)")
-# The first confirmation of a "flaky-" order fails once and is retried; a "slow-" order's
-# shipment takes a while, so its call can be seen on the wire.
+# The first confirmation of a "flaky-" order fails once and is retried.
 FAULTS = {
     "notify": "SendConfirmation:fail_first=1,order_contains=flaky-",
-    "shipping": "CreateShipment:latency_ms=1500,order_contains=slow-",
 }
 
 
@@ -144,7 +142,6 @@ async def test_a_service_counts_idempotent_replays(stack: LocalStack) -> None:
 
 async def test_outbox_and_in_flight_gauges_follow_a_call_on_the_wire(stack: LocalStack) -> None:
     async with connect(stack) as clients:
-        saga_id = await clients.place(order_request(new_order_id("slow")))
 
         async def on_the_wire() -> bool:
             scrape = Scrape(stack.processes()["orchestrator"])
@@ -154,7 +151,10 @@ async def test_outbox_and_in_flight_gauges_follow_a_call_on_the_wire(stack: Loca
                 and scrape.value("sagasuite_outbox_oldest_due_age_seconds") > 0
             )
 
-        await wait_until(on_the_wire, "the slow shipment call in the orchestrator's gauges")
+        # Shipping is frozen: the shipment call stays on the wire (and is retried) until the gauges show it.
+        with frozen(stack.services["shipping"]):
+            saga_id = await clients.place(order_request(new_order_id("slow")))
+            await wait_until(on_the_wire, "the stuck shipment call in the orchestrator's gauges")
         await wait_for(clients, saga_id, {"COMPLETED"})
 
         async def drained() -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -20,6 +19,7 @@ from tests.grpc_helpers import error_reason
 from tests.orchestrator_helpers import (
     Clients,
     connect,
+    frozen,
     ledger_kinds,
     new_order_id,
     order_request,
@@ -173,8 +173,10 @@ async def test_the_right_token_carries_the_call_out_and_names_the_operator(
     await wait_for_audit(stack, saga_id, r"audit actor=alice action=retry saga=\S+ outcome=ok peer=")
 
     # A token from the file works as well; a granted call that the saga's state refuses is audited as failed.
-    slow_id = await clients.place(order_request(new_order_id("slow-auth")))
-    paused = await bare.PauseSaga(pb.PauseSagaRequest(saga_id=slow_id, reason="incident 42"), metadata=bearer(BOB))
+    # Inventory is frozen: the saga cannot get past its first step before it is paused.
+    with frozen(stack.services["inventory"]):
+        slow_id = await clients.place(order_request(new_order_id("slow-auth")))
+        paused = await bare.PauseSaga(pb.PauseSagaRequest(saga_id=slow_id, reason="incident 42"), metadata=bearer(BOB))
     assert status_name(paused.saga.status) == "PAUSED"
     error = await refused(bare.PauseSaga(pb.PauseSagaRequest(saga_id=slow_id), metadata=bearer(BOB)))
     assert (error.code(), error_reason(error)) == (grpc.StatusCode.FAILED_PRECONDITION, "ILLEGAL_STATE_FOR_PAUSE")
@@ -193,7 +195,7 @@ async def test_the_right_token_carries_the_call_out_and_names_the_operator(
 
 
 async def test_a_rotated_tokens_file_takes_effect_without_a_restart(
-    tokens_file: Path, clients: Clients, bare: pb_grpc.OrchestratorServiceStub
+    stack: LocalStack, tokens_file: Path, clients: Clients, bare: pb_grpc.OrchestratorServiceStub
 ) -> None:
     """Authenticated calls on a completed saga are refused by its state; unauthenticated ones earlier."""
     saga_id = await clients.place(order_request(new_order_id("rotate")))
@@ -221,8 +223,10 @@ async def test_a_rotated_tokens_file_takes_effect_without_a_restart(
     assert await answer(CAROL_NEW) == accepted
     # A botched edit keeps the tokens read last; a deleted file revokes its tokens.
     write_atomically(tokens_file, f"bob:{BOB}\ncarol:short\n")
-    await asyncio.sleep(0.05)
     assert await answer(CAROL_NEW) == accepted
+    # The file is looked at on every call: the one above saw the botched edit and kept the old tokens.
+    assert stack.orchestrator is not None
+    assert "was changed but is invalid, keeping the tokens read last" in stack.orchestrator.log_path.read_text()
     remove(tokens_file)
     await becomes(BOB, rejected)
     assert await answer(ALICE) == accepted  # OPERATOR_TOKENS are not affected

@@ -40,7 +40,7 @@ SERVICE_FAULTS = {
 }
 # LEASE_SECONDS stays at its default (30 s), longer than any wait below: a saga finishes after a
 # restart only because the restarted replica takes back its own leases at once.
-WAIT_LIMIT = 15.0
+WAIT_LIMIT = 25.0
 
 
 def new_order(kind: str) -> str:

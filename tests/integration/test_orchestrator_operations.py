@@ -24,6 +24,7 @@ from tests.orchestrator_helpers import (
     connect,
     events,
     fresh_postgres_database,
+    frozen,
     ledger_kinds,
     new_order_id,
     order_request,
@@ -120,25 +121,37 @@ def pause(saga_id: str, reason: str = "") -> pb.PauseSagaRequest:
 # -- pause and resume ----------------------------------------------------------------------
 
 
-async def test_pause_holds_the_saga_after_its_current_call_and_resume_completes_it(clients: Clients) -> None:
+async def test_pause_holds_the_saga_after_its_current_call_and_resume_completes_it(
+    clients: Clients, stack: LocalStack
+) -> None:
     orchestrator = clients.orchestrator
     order_id = new_order_id("slow-pause")
-    saga_id = await clients.place(order_request(order_id))
-    paused = (await orchestrator.PauseSaga(pause(saga_id, "checking the address"))).saga
+    # Inventory is frozen: the pause lands while the first step's call is on the wire.
+    with frozen(stack.services["inventory"]):
+        saga_id = await clients.place(order_request(order_id))
+        paused = (await orchestrator.PauseSaga(pause(saga_id, "checking the address"))).saga
     assert status_name(paused.status) == "PAUSED"
 
-    # The call on the wire finishes and is recorded; then nothing more is sent.
+    # The call on the wire finishes (or times out, if the freeze outlasted its deadline) and is
+    # recorded; then nothing more is sent.
     def current_call_recorded(saga: pb.Saga) -> bool:
         after_pause = types(saga)[types(saga).index("SagaPaused") + 1 :]
-        return "StepSucceeded" in after_pause
+        return "StepSucceeded" in after_pause or "StepFailed" in after_pause
 
     saga = await wait_for(clients, saga_id, current_call_recorded)
     await asyncio.sleep(QUIET_SECONDS)
     held = await clients.saga(saga_id)
     assert status_name(held.status) == "PAUSED", render(held)
     assert list(held.history) == list(saga.history), render(held)
-    after_pause = types(held)[types(held).index("SagaPaused") :]
-    assert after_pause == ["SagaPaused", "StepSucceeded"], render(held)
+    after_pause = events(held)[types(held).index("SagaPaused") :]
+    assert after_pause in (
+        [("SagaPaused", "", ""), ("StepSucceeded", "reserve_stock", "OK")],
+        [
+            ("SagaPaused", "", ""),
+            ("StepFailed", "reserve_stock", "DEADLINE_EXCEEDED"),
+            ("StepRetryScheduled", "reserve_stock", ""),
+        ],
+    ), render(held)
     assert held.current_step == V1_STEPS[len(succeeded_steps(held))]
     listed = await orchestrator.ListSagas(pb.ListSagasRequest(statuses=[pb.SAGA_STATUS_PAUSED], business_key=order_id))
     assert [s.saga_id for s in listed.sagas] == [saga_id]
@@ -210,15 +223,18 @@ async def test_cancel_of_a_paused_saga_compensates_at_once(clients: Clients) -> 
     await assert_compensated_what_succeeded(clients, saga, order_id)
 
 
-async def test_cancel_after_the_pivot_is_refused_and_the_order_completes(clients: Clients) -> None:
-    order_id = new_order_id("confirm-retrying")
-    saga_id = await clients.place(order_request(order_id))
-    await wait_for(clients, saga_id, has_event("StepFailed", "send_confirmation"))
-    error = await assert_refused(
-        clients.orchestrator.CancelSaga(pb.CancelSagaRequest(saga_id=saga_id, reason="too late")),
-        grpc.StatusCode.FAILED_PRECONDITION,
-        "ILLEGAL_STATE_FOR_CANCEL",
-    )
+async def test_cancel_after_the_pivot_is_refused_and_the_order_completes(clients: Clients, stack: LocalStack) -> None:
+    order_id = new_order_id("past-pivot")
+    # Notify is frozen: past the pivot, the saga retries its confirmation, and cannot complete before
+    # the cancel is refused.
+    with frozen(stack.services["notify"]):
+        saga_id = await clients.place(order_request(order_id))
+        await wait_for(clients, saga_id, has_event("StepSucceeded", "create_shipment"))
+        error = await assert_refused(
+            clients.orchestrator.CancelSaga(pb.CancelSagaRequest(saga_id=saga_id, reason="too late")),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "ILLEGAL_STATE_FOR_CANCEL",
+        )
     assert "status RUNNING" in (error.details() or "")
     saga = await wait_for(clients, saga_id, ENDED)
     assert status_name(saga.status) == "COMPLETED", render(saga)
@@ -238,6 +254,8 @@ async def test_terminate_stops_a_running_saga_without_compensating(clients: Clie
     saga_id = await clients.place(order_request(order_id))
     terminated = await orchestrator.TerminateSaga(pb.TerminateSagaRequest(saga_id=saga_id, reason="fraud review"))
     assert status_name(terminated.saga.status) == "TERMINATED"
+    # The reserve call is on the wire: its effect may stand, and terminate says so.
+    assert list(terminated.steps_maybe_applied) == ["reserve_stock"]
     for reason in ("", "   "):
         error = await refused(orchestrator.TerminateSaga(pb.TerminateSagaRequest(saga_id=saga_id, reason=reason)))
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -251,11 +269,13 @@ async def test_terminate_stops_a_running_saga_without_compensating(clients: Clie
             return False
 
     await wait_until(reserved, "the in-flight reservation to land")
+    await wait_for(clients, saga_id, has_event("EffectAfterTerminate", "reserve_stock"))
     await asyncio.sleep(QUIET_SECONDS)
     saga = await clients.saga(saga_id)
     assert status_name(saga.status) == "TERMINATED", render(saga)
-    assert types(saga) == ["SagaStarted", "SagaTerminated"], render(saga)
-    event = saga.history[-1]
+    assert types(saga) == ["SagaStarted", "SagaTerminated", "EffectAfterTerminate"], render(saga)
+    assert saga.history[-1].message == "effect applied after terminate; not compensated"
+    event = saga.history[-2]
     assert (event.message, event.actor) == ("fraud review", "operator")
     assert "fraud review" in saga.last_error and saga.HasField("ended_at")
     await assert_no_payment(clients, order_id)
@@ -313,14 +333,18 @@ def operator_calls(orchestrator: Any, saga_id: str) -> dict[str, Callable[[], Aw
     }
 
 
-async def test_operator_calls_in_illegal_states_are_refused_and_change_nothing(clients: Clients) -> None:
+async def test_operator_calls_in_illegal_states_are_refused_and_change_nothing(
+    clients: Clients, stack: LocalStack
+) -> None:
     completed_id = await clients.place(order_request(new_order_id("done")))
     compensated_id = await clients.place(order_request(new_order_id("declined"), token="tok_declined"))
-    running_id = await clients.place(order_request(new_order_id("slow-running")))
-    # While running: nothing to resume or retry.
-    for operation in ("RESUME", "RETRY"):
-        call = operator_calls(clients.orchestrator, running_id)[operation]
-        await assert_refused(call(), grpc.StatusCode.FAILED_PRECONDITION, f"ILLEGAL_STATE_FOR_{operation}")
+    # While running (inventory is frozen, so it cannot get past its first step): nothing to resume or retry.
+    with frozen(stack.services["inventory"]):
+        running_id = await clients.place(order_request(new_order_id("slow-running")))
+        for operation in ("RESUME", "RETRY"):
+            call = operator_calls(clients.orchestrator, running_id)[operation]
+            error = await assert_refused(call(), grpc.StatusCode.FAILED_PRECONDITION, f"ILLEGAL_STATE_FOR_{operation}")
+            assert "status RUNNING" in (error.details() or ""), error.details()
     for saga_id, status in ((completed_id, "COMPLETED"), (compensated_id, "COMPENSATED"), (running_id, "COMPLETED")):
         before = await wait_for(clients, saga_id, ENDED)
         assert status_name(before.status) == status, render(before)
@@ -501,14 +525,16 @@ async def test_running_sagas_finish_on_their_version_after_a_new_one_is_deployed
     clients: Clients, stack: LocalStack
 ) -> None:
     old_orders = [new_order_id("slow-v1") for _ in range(3)]
-    old = [await clients.place(order_request(order_id)) for order_id in old_orders]
-    for saga_id in old:
-        saga = await clients.saga(saga_id)
-        assert (status_name(saga.status), saga.definition_version) == ("RUNNING", 1), render(saga)
-    # The next test, if any, restarts the orchestrator without v2 (see the clients fixture).
-    restart_orchestrator(stack, f"{GIFT_CARD},{ORDER_V2}")
-    new_order = new_order_id("v2")
-    new = await clients.place(order_request(new_order))
+    # Inventory is frozen until v2 is deployed: the v1 sagas cannot get past their first step before.
+    with frozen(stack.services["inventory"]):
+        old = [await clients.place(order_request(order_id)) for order_id in old_orders]
+        for saga_id in old:
+            saga = await clients.saga(saga_id)
+            assert (status_name(saga.status), saga.definition_version) == ("RUNNING", 1), render(saga)
+        # The next test, if any, restarts the orchestrator without v2 (see the clients fixture).
+        restart_orchestrator(stack, f"{GIFT_CARD},{ORDER_V2}")
+        new_order = new_order_id("v2")
+        new = await clients.place(order_request(new_order))
     for saga_id in old:
         saga = await wait_for(clients, saga_id, ENDED)
         assert (status_name(saga.status), saga.definition_version) == ("COMPLETED", 1), render(saga)

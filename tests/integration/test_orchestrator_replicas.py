@@ -140,7 +140,7 @@ async def test_killed_replica_sagas_are_finished_by_the_survivor(
         orphaned = await leased_by(database, "replica-a")
         assert orphaned, "replica-a held no command when it was killed; the takeover was not exercised"
 
-        ended = await wait_ended(clients.orchestrator, list(saga_ids.values()), 30.0)
+        ended = await wait_ended(clients.orchestrator, list(saga_ids.values()), 60.0)
         # Every step ran once: one StepSucceeded per step in each history, and the ledgers agree.
         await audit(clients, {order: ended[saga_id] for order, saga_id in saga_ids.items()}, stock_before, orders)
         assert orphaned <= {saga.saga_id for saga in ended.values()}

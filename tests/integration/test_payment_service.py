@@ -17,7 +17,7 @@ from sagasuite.common.v1.common_pb2 import Money
 from sagasuite.payment.v1 import payment_service_pb2 as pb
 from sagasuite.payment.v1 import payment_service_pb2_grpc as pb_grpc
 from svckit.launcher import ManagedProcess
-from tests.grpc_helpers import bad_request_fields, error_reason, keyed
+from tests.grpc_helpers import bad_request_fields, call_logged, error_reason, keyed
 
 SERVICE = "sagasuite.payment.v1.PaymentService"
 
@@ -341,13 +341,16 @@ async def test_call_past_its_deadline_leaves_no_effect(start_process) -> None:  
     async with grpc.aio.insecure_channel(slow.address) as channel:
         stub = pb_grpc.PaymentServiceStub(channel)
         charged, tombstoned = new_id("late"), new_id("late")
-        timed_out = await refused(stub.Charge(charge_request(charged), metadata=keyed(new_id("c")), timeout=0.2))
+        charge_key, refund_key = new_id("c"), new_id("r")
+        timed_out = await refused(stub.Charge(charge_request(charged), metadata=keyed(charge_key), timeout=0.2))
         assert timed_out.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         timed_out = await refused(
-            stub.Refund(pb.RefundRequest(order_id=tombstoned), metadata=keyed(new_id("r")), timeout=0.2)
+            stub.Refund(pb.RefundRequest(order_id=tombstoned), metadata=keyed(refund_key), timeout=0.2)
         )
         assert timed_out.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        await asyncio.sleep(0.5)  # the server has finished (and rolled back) its work by now
+        # The server has finished (and rolled back) its work.
+        await call_logged(slow, "Charge", charge_key)
+        await call_logged(slow, "Refund", refund_key)
         await assert_no_payment(stub, charged)
         await assert_no_payment(stub, tombstoned)
 

@@ -18,7 +18,7 @@ from sagasuite.common.v1.common_pb2 import Address, LineItem
 from sagasuite.shipping.v1 import shipping_service_pb2 as pb
 from sagasuite.shipping.v1 import shipping_service_pb2_grpc as pb_grpc
 from svckit.launcher import ManagedProcess
-from tests.grpc_helpers import bad_request_fields, error_reason, keyed
+from tests.grpc_helpers import bad_request_fields, call_logged, error_reason, keyed
 
 SERVICE_NAME = "sagasuite.shipping.v1.ShippingService"
 TRACKING_NUMBER = re.compile(r"SS[A-Z0-9]{12}")
@@ -315,7 +315,7 @@ async def test_call_past_its_deadline_leaves_no_effect(start_process) -> None:  
         with pytest.raises(grpc.aio.AioRpcError) as timed_out:
             await stub.CreateShipment(create_request("order-late"), metadata=keyed("d-1"), timeout=0.2)
         assert timed_out.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        await asyncio.sleep(0.5)  # the server has finished (and rolled back) its work by now
+        await call_logged(slow, "CreateShipment", "d-1")  # the server has finished (and rolled back) its work
         await assert_no_shipment(stub, "order-late")
         # Nothing was recorded under the key: a retry with time to spare does the work.
         created = await stub.CreateShipment(create_request("order-late"), metadata=keyed("d-1"), timeout=5)
@@ -323,18 +323,20 @@ async def test_call_past_its_deadline_leaves_no_effect(start_process) -> None:  
 
 
 async def test_sigterm_drains_in_flight_calls(start_process) -> None:  # type: ignore[no-untyped-def]
-    slow = start_process("shipping_svc", FAULTS="CreateShipment:latency_ms=600")
+    slow = start_process("shipping_svc", FAULTS="CreateShipment:latency_ms=2000")
     async with grpc.aio.insecure_channel(slow.address) as channel:
         stub = pb_grpc.ShippingServiceStub(channel)
         await assert_no_shipment(stub, "order-drain")
         in_flight = asyncio.ensure_future(
-            stub.CreateShipment(create_request("order-drain"), metadata=keyed("t-1"), timeout=5)
+            stub.CreateShipment(create_request("order-drain"), metadata=keyed("t-1"), timeout=30)
         )
-        await asyncio.sleep(0.2)
+        # Calls on one connection reach the server in order: once a later one is answered, the slow
+        # one (2 s long) is being served.
+        await assert_no_shipment(stub, "order-drain-probe")
         slow.popen.send_signal(signal.SIGTERM)
         response = await in_flight
         assert response.shipment.status == pb.SHIPMENT_STATUS_CREATED
-    assert await asyncio.to_thread(slow.popen.wait, 10) == 0
+    assert await asyncio.to_thread(slow.popen.wait, 30) == 0
 
 
 async def test_store_on_postgresql_makes_one_shipment_per_order(start_process, postgres_url) -> None:  # type: ignore[no-untyped-def]

@@ -23,6 +23,7 @@ from svckit.launcher import ManagedProcess
 from tests.orchestrator_helpers import (
     Clients,
     connect,
+    definitions_env,
     events,
     new_order_id,
     order_request,
@@ -42,9 +43,10 @@ STEPS = {
     "send_confirmation": ("notify", "/sagasuite.notify.v1.NotifyService/SendConfirmation"),
 }
 RELEASE_STOCK = "/sagasuite.inventory.v1.InventoryService/ReleaseStock"
-# The shipment of a "slowship-" order is created at once, but its first reply is held back:
-# the orchestrator can be killed while that call is on the wire.
-SLOW_SHIPPING = "CreateShipment:reply_delay_ms=1800,reply_delay_first=1,order_contains=slowship-"
+# The shipment of a "slowship-" order is created at once, but its first reply is held back for
+# 15 s, which the stack's order saga allows it (PATIENT_SHIPPING_ORDER_SAGA): the
+# orchestrator is killed while that call is on the wire, however long the test takes to get there.
+SLOW_SHIPPING = "CreateShipment:reply_delay_ms=15000,reply_delay_first=1,order_contains=slowship-"
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +60,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, receiver: OtlpReceiver) -> I
     config = StackConfig(
         tmp_path_factory.mktemp("traced"),
         common_env={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "50"},
+        orchestrator_env=definitions_env("PATIENT_SHIPPING_ORDER_SAGA"),
         service_env={"shipping": {"FAULTS": SLOW_SHIPPING}},
     )
     with LocalStack(config) as started:
@@ -270,11 +273,16 @@ async def test_saga_resumed_after_kill_9_continues_its_trace(
         ("StepSucceeded", "send_confirmation", "OK"),
     ], history
 
-    spans = receiver.wait_for(
-        has("step create_shipment", "step send_confirmation", "saga OrderSaga outcome"),
-        trace_id=trace_id,
-        what="the spans of the resumed saga",
-    )
+    def resent_call_traced(got: list[ReceivedSpan]) -> bool:
+        """The restarted orchestrator's spans and the shipping server span of its resent call (each
+        process exports on its own schedule)."""
+        tree = Tree(got)
+        method = STEPS["create_shipment"][1]
+        resent = [s for s in tree.named("step create_shipment") if s.instance != first_instance]
+        server_spans = [server for s in resent for c in tree.children(s, method) for server in tree.children(c, method)]
+        return has("step send_confirmation", "saga OrderSaga outcome")(got) and bool(server_spans)
+
+    spans = receiver.wait_for(resent_call_traced, trace_id=trace_id, what="the spans of the resumed saga")
     tree = Tree(spans)
     saga_span = assert_saga_root(tree, saga_id, order_id)
     assert saga_span.instance == first_instance, history
@@ -301,9 +309,11 @@ async def test_a_streaming_call_works_and_is_traced(
         request = pb.WatchSagaRequest(saga_id=saga_id)
         types = [response.event.type async for response in clients.orchestrator.WatchSaga(request)]
     assert types[0] == "SagaStarted" and types[-1] == "SagaCompleted", types
-    spans = receiver.wait_for(
-        lambda got: any(s.name == watch and s.service == "orchestrator" for s in got), what="the WatchSaga spans"
-    )
+
+    def both_ends(got: list[ReceivedSpan]) -> bool:
+        return {s.service for s in got if s.name == watch} >= {"orchestrator", CLIENT_SERVICE}
+
+    spans = receiver.wait_for(both_ends, what="the WatchSaga spans")
     (server,) = [s for s in spans if s.name == watch and s.service == "orchestrator"]
     (client,) = [s for s in spans if s.span_id == server.parent_span_id]
     assert (client.service, client.kind, server.kind) == (CLIENT_SERVICE, KIND_CLIENT, KIND_SERVER)
