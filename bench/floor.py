@@ -11,8 +11,10 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Mapping
+from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 
 from bench.loadgen import CHANNEL_OPTIONS, COMPLETED, SagaTiming, bench_order
 from orchestrator.order_saga import REASON
@@ -20,18 +22,21 @@ from sagasuite.inventory.v1 import inventory_service_pb2 as inventory
 from sagasuite.notify.v1 import notify_service_pb2 as notify
 from sagasuite.payment.v1 import payment_service_pb2 as payment
 from sagasuite.shipping.v1 import shipping_service_pb2 as shipping
-from svckit.server import IDEMPOTENCY_HEADER
+from svckit.idempotency_key import IDEMPOTENCY_HEADER, step_key
 
 __all__ = ["STEP_TIMEOUT", "FloorTarget"]
 
 STEP_TIMEOUT = 2.0
 
 
-def _method(channel: grpc.aio.Channel, path: str, response: type | None = None) -> grpc.aio.UnaryUnaryMultiCallable:
+def _method(
+    channel: grpc.aio.Channel, path: str, response: type[Message] | None = None
+) -> grpc.aio.UnaryUnaryMultiCallable[Message, Any]:
+    """A unary call of path; its response decoded as `response`, or left as bytes without one."""
     return channel.unary_unary(
         path,
         request_serializer=lambda message: message.SerializeToString(deterministic=True),
-        response_deserializer=response.FromString if response is not None else None,  # type: ignore[attr-defined]
+        response_deserializer=response.FromString if response is not None else None,
     )
 
 
@@ -75,7 +80,7 @@ class FloorTarget:
         saga_id = uuid.uuid4().hex
 
         def key(step: str, direction: str = "action") -> tuple[tuple[str, str]]:
-            return ((IDEMPOTENCY_HEADER, f"{saga_id}/{step}/{direction}"),)
+            return ((IDEMPOTENCY_HEADER, step_key(saga_id, step, direction)),)
 
         await self._reserve(
             inventory.ReserveStockRequest(order_id=order.order_id, items=order.items),

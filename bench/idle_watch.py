@@ -80,7 +80,7 @@ async def _measure(address: str, pid: int, streams: int, window: float) -> float
         return used / elapsed
     finally:
         for channel in channels:
-            await channel.close()
+            await channel.close(None)
 
 
 def main() -> None:

@@ -210,7 +210,7 @@ class OrchestratorTarget:
         self._address = address
         self._pids = pids
         self._channel: grpc.aio.Channel | None = None
-        self._stub: pb_grpc.OrchestratorServiceStub | None = None
+        self._stub: pb_grpc.OrchestratorServiceAsyncStub | None = None
         self.after_seq = 0
 
     async def open(self) -> None:

@@ -39,12 +39,12 @@ from tests.otlp_receiver import OtlpReceiver
 ENDED = {pb.SAGA_STATUS_COMPLETED, pb.SAGA_STATUS_COMPENSATED, pb.SAGA_STATUS_NEEDS_ATTENTION}
 
 
-async def _ended(stub: pb_grpc.OrchestratorServiceStub) -> int:
+async def _ended(stub: pb_grpc.OrchestratorServiceAsyncStub) -> int:
     stats = await stub.GetSagaStats(pb.GetSagaStatsRequest())
     return sum(c.count for c in stats.counts if c.status in ENDED)
 
 
-async def _wait_ended(stub: pb_grpc.OrchestratorServiceStub, count: int) -> None:
+async def _wait_ended(stub: pb_grpc.OrchestratorServiceAsyncStub, count: int) -> None:
     while await _ended(stub) < count:  # noqa: ASYNC110 - the orchestrator is polled over gRPC
         await asyncio.sleep(0.02)
 

@@ -13,7 +13,20 @@ from inventory_svc.store import ReservationRecord
 from svckit.errors import FailedPrecondition, NotFound
 from svckit.validation import Line, Violations, decode_lines, encode_lines, quote
 
-__all__ = ["RELEASED", "RESERVED", "TOMBSTONE", "Reservation", "StockLevel", "UnknownSku", "release", "reserve"]
+__all__ = [
+    "RELEASED",
+    "RESERVED",
+    "TOMBSTONE",
+    "OrderAlreadyReserved",
+    "OrderReleased",
+    "OutOfStock",
+    "Reservation",
+    "ReservationNotFound",
+    "StockLevel",
+    "UnknownSku",
+    "release",
+    "reserve",
+]
 
 RESERVED, RELEASED, TOMBSTONE = "RESERVED", "RELEASED", "TOMBSTONE"
 
@@ -45,6 +58,51 @@ class UnknownSku(NotFound):
         self.sku = sku
 
 
+class ReservationNotFound(NotFound):
+    """The order has no reservation."""
+
+    def __init__(self, order_id: str) -> None:
+        super().__init__("RESERVATION_NOT_FOUND", f"order {order_id} has no reservation", {"order_id": order_id})
+        self.order_id = order_id
+
+
+class OrderReleased(FailedPrecondition):
+    """The order's stock was released (or released in advance, a tombstone): it cannot reserve again."""
+
+    def __init__(self, order_id: str) -> None:
+        super().__init__(
+            "ORDER_RELEASED", f"order {order_id} was released; it cannot reserve stock again", {"order_id": order_id}
+        )
+        self.order_id = order_id
+
+
+class OrderAlreadyReserved(FailedPrecondition):
+    """The order holds a reservation already: one reservation per order."""
+
+    def __init__(self, order_id: str, reservation_id: str) -> None:
+        super().__init__(
+            "ORDER_ALREADY_RESERVED",
+            f"order {order_id} already holds reservation {reservation_id}",
+            {"order_id": order_id, "reservation_id": reservation_id},
+        )
+        self.order_id = order_id
+        self.reservation_id = reservation_id
+
+
+class OutOfStock(FailedPrecondition):
+    """A line asks for more of a SKU than is free; nothing of the order is held."""
+
+    def __init__(self, sku: str, available: int, requested: int) -> None:
+        super().__init__(
+            "OUT_OF_STOCK",
+            f"SKU {sku} has {available} free, {requested} requested",
+            {"sku": sku, "requested": str(requested)},
+        )
+        self.sku = sku
+        self.available = available
+        self.requested = requested
+
+
 def _view(row: ReservationRecord) -> Reservation:
     return Reservation(row.reservation_id, row.order_id, row.status, decode_lines(row.items), row.created_at)
 
@@ -68,16 +126,8 @@ def reserve(connection: Connection, order_id: str, lines: list[Line]) -> Reserva
     existing = store.get_reservation(connection, order_id)
     if existing is not None:
         if existing.status in (RELEASED, TOMBSTONE):
-            raise FailedPrecondition(
-                "ORDER_RELEASED",
-                f"order {order_id} was released; it cannot reserve stock again",
-                {"order_id": order_id},
-            )
-        raise FailedPrecondition(
-            "ORDER_ALREADY_RESERVED",
-            f"order {order_id} already holds reservation {existing.reservation_id}",
-            {"order_id": order_id, "reservation_id": existing.reservation_id},
-        )
+            raise OrderReleased(order_id)
+        raise OrderAlreadyReserved(order_id, existing.reservation_id)
     unknown = sorted({line.sku for line in lines} - store.known_skus(connection, [line.sku for line in lines]))
     if unknown:
         raise UnknownSku(unknown[0])
@@ -86,11 +136,7 @@ def reserve(connection: Connection, order_id: str, lines: list[Line]) -> Reserva
     for line in sorted(lines, key=lambda line: line.sku):
         if not store.take(connection, line.sku, line.quantity):
             # The caller's savepoint rolls back the lines already taken: all or nothing.
-            raise FailedPrecondition(
-                "OUT_OF_STOCK",
-                f"SKU {line.sku} has {store.available(connection, line.sku)} free, {line.quantity} requested",
-                {"sku": line.sku, "requested": str(line.quantity)},
-            )
+            raise OutOfStock(line.sku, store.available(connection, line.sku), line.quantity)
     row = ReservationRecord(
         order_id=order_id,
         reservation_id="res_" + uuid.uuid4().hex[:20],
@@ -131,7 +177,7 @@ def release(connection: Connection, order_id: str) -> tuple[Reservation, bool]:
 def get_reservation(connection: Connection, order_id: str) -> Reservation:
     existing = store.get_reservation(connection, order_id)
     if existing is None:
-        raise NotFound("RESERVATION_NOT_FOUND", f"order {order_id} has no reservation", {"order_id": order_id})
+        raise ReservationNotFound(order_id)
     return _view(existing)
 
 

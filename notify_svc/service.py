@@ -18,6 +18,7 @@ from sqlalchemy import Connection
 
 from notify_svc import store
 from notify_svc.store import DeliveryRecord, NotificationRecord
+from svckit.page_token import encode_sequence
 from svckit.validation import Line, Money, Violations
 
 __all__ = [
@@ -197,5 +198,9 @@ def list_notifications(
     # One row more than the page tells whether another page follows, without a count query.
     rows = store.newest_first(connection, order_id, before_seq, state, page_size + 1)
     page, more = rows[:page_size], len(rows) > page_size
-    next_token = str(page[-1][0].seq) if more else ""
+    next_token = ""
+    if more:
+        last_seq = page[-1][0].seq
+        assert last_seq is not None  # read back from the table, so the database numbered it
+        next_token = encode_sequence(last_seq)
     return NotificationPage([_view(row, delivery) for row, delivery in page], next_token)

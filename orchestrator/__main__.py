@@ -6,6 +6,8 @@ import asyncio
 import importlib
 import logging
 
+import grpc
+
 from orchestrator import store
 from orchestrator.auth import AccessControl
 from orchestrator.config import OrchestratorSettings
@@ -73,7 +75,7 @@ async def serve(settings: OrchestratorSettings) -> None:
     )
     holder: dict[str, Dispatcher] = {}
 
-    def add_services(server):  # type: ignore[no-untyped-def]
+    def add_services(server: grpc.aio.Server) -> list[str]:
         return [pb.DESCRIPTOR.services_by_name["OrchestratorService"].full_name]
 
     async def on_started(port: int) -> None:
@@ -95,7 +97,7 @@ async def serve(settings: OrchestratorSettings) -> None:
             await announcer.stop()  # leave discovery before draining
         await holder["dispatcher"].stop(settings.grace_seconds)
 
-    def add_services_with_dispatcher(server):  # type: ignore[no-untyped-def]
+    def add_services_with_dispatcher(server: grpc.aio.Server) -> list[str]:
         port_hint = settings.port
         dispatcher = Dispatcher(
             database,

@@ -11,7 +11,7 @@ import re
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import grpc
 
@@ -259,7 +259,7 @@ class AccessControl:
             return True
         return (self.read_access if kind == "read" else self.place_order_access) == "token"
 
-    def authorize(self, context: grpc.aio.ServicerContext, kind: Kind, action: str, saga_id: str = "") -> str:
+    def authorize(self, context: grpc.aio.ServicerContext[Any, Any], kind: Kind, action: str, saga_id: str = "") -> str:
         """The caller's name when the call may proceed; otherwise audits and raises the refusal.
 
         Open calls return "anonymous" without looking at any metadata.
@@ -280,7 +280,7 @@ class AccessControl:
             raise
         return credential.name
 
-    def _authenticate(self, context: grpc.aio.ServicerContext, kind: Kind) -> Credential:
+    def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any], kind: Kind) -> Credential:
         if kind == "operate" and not self.tokens.credentials():
             raise PermissionDenied(
                 "OPERATOR_CALLS_DISABLED",
@@ -306,14 +306,14 @@ class AccessControl:
         return credential
 
 
-def _metadata(context: grpc.aio.ServicerContext, name: str) -> str | None:
+def _metadata(context: grpc.aio.ServicerContext[Any, Any], name: str) -> str | None:
     for key, value in context.invocation_metadata() or ():
         if key == name:
             return value.decode(errors="replace") if isinstance(value, bytes) else value
     return None
 
 
-def _peer(context: grpc.aio.ServicerContext) -> str:
+def _peer(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     try:
         return context.peer() or ""
     except Exception:

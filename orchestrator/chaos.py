@@ -427,10 +427,10 @@ def check_stock(before: StockLevels, after: StockLevels, records: Iterable[Order
 class ServiceStubs(Protocol):
     """Stubs of the four services, as the harness and the integration tests' audit both hold them."""
 
-    inventory: inventory_grpc.InventoryServiceStub
-    payment: payment_grpc.PaymentServiceStub
-    shipping: shipping_grpc.ShippingServiceStub
-    notify: notify_grpc.NotifyServiceStub
+    inventory: inventory_grpc.InventoryServiceAsyncStub
+    payment: payment_grpc.PaymentServiceAsyncStub
+    shipping: shipping_grpc.ShippingServiceAsyncStub
+    notify: notify_grpc.NotifyServiceAsyncStub
 
 
 async def _retrying(call: Callable[[], Awaitable[T]], limit: float = 60.0) -> T:
@@ -505,7 +505,7 @@ async def read_service_records(stubs: ServiceStubs, record: OrderRecord) -> None
     record.deliveries = [_DELIVERY.get(n.delivery.state, str(n.delivery.state)) for n in notes.notifications]
 
 
-async def _pending_deliveries(stub: notify_grpc.NotifyServiceStub) -> set[str]:
+async def _pending_deliveries(stub: notify_grpc.NotifyServiceAsyncStub) -> set[str]:
     """Order ids of every notification whose delivery is still PENDING."""
     pending: set[str] = set()
     token = ""
@@ -520,7 +520,9 @@ async def _pending_deliveries(stub: notify_grpc.NotifyServiceStub) -> set[str]:
             return pending
 
 
-async def wait_delivered(stub: notify_grpc.NotifyServiceStub, order_ids: Iterable[str], limit: float) -> float | None:
+async def wait_delivered(
+    stub: notify_grpc.NotifyServiceAsyncStub, order_ids: Iterable[str], limit: float
+) -> float | None:
     """Wait until no notification of these orders is PENDING; the seconds it took, or None after limit."""
     wanted = set(order_ids)
     began = time.monotonic()
@@ -702,7 +704,7 @@ class _Clients:
         self.notify = notify_grpc.NotifyServiceStub(opened["notify"])
         self._next = 0
 
-    def orchestrator(self) -> pb_grpc.OrchestratorServiceStub:
+    def orchestrator(self) -> pb_grpc.OrchestratorServiceAsyncStub:
         """Replicas in turn, so a call that failed on one is retried on the other."""
         self._next += 1
         return self.orchestrators[self._next % len(self.orchestrators)]
@@ -762,7 +764,8 @@ def _refusal_detail(error: grpc.aio.AioRpcError) -> str:
             if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
                 info = error_details_pb2.ErrorInfo()
                 detail.Unpack(info)
-                return info.reason
+                reason: str = info.reason  # google.rpc ships no type information
+                return reason
             if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
                 bad = error_details_pb2.BadRequest()
                 detail.Unpack(bad)
@@ -787,7 +790,9 @@ async def _start_every_way(clients: _Clients, order: _Order) -> list[StartAnswer
     packed = any_pb2.Any()
     packed.Pack(request)
 
-    def start_saga(stub: pb_grpc.OrchestratorServiceStub, key: str, body: any_pb2.Any) -> Callable[[], Awaitable[Any]]:
+    def start_saga(
+        stub: pb_grpc.OrchestratorServiceAsyncStub, key: str, body: any_pb2.Any
+    ) -> Callable[[], Awaitable[Any]]:
         start = pb.StartSagaRequest(saga_type="OrderSaga", business_key=key, input=body)
         return lambda: stub.StartSaga(start, timeout=5)
 

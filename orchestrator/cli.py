@@ -1155,7 +1155,7 @@ Reason_ = Annotated[str, typer.Option(help="why, recorded in the saga's history 
 
 def _operation_epilog(operation: str, reason: str = "") -> str:
     # The status's own name, not orchestrator.render's: building the help must not import the server stack.
-    applies = ", ".join(pb.SagaStatus.Name(s).removeprefix("SAGA_STATUS_").lower() for s in APPLIES_TO[operation])  # type: ignore[arg-type]
+    applies = ", ".join(pb.SagaStatus.Name(s).removeprefix("SAGA_STATUS_").lower() for s in APPLIES_TO[operation])
     return (
         f"A batch (filters instead of an ID) lists the matching sagas, asks for confirmation (--yes skips it) "
         f"and runs the call on each; without --status it picks the sagas the call applies to ({applies}). "

@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.rpc import error_details_pb2
@@ -56,6 +56,9 @@ _REFUSED = {
     grpc.StatusCode.ALREADY_EXISTS,
 }
 
+RequestT = TypeVar("RequestT")
+ResponseT = TypeVar("ResponseT")
+
 # Operator call name -> (RPC name, request type, whether the request takes a reason).
 OPERATIONS: dict[str, tuple[str, Any, bool]] = {
     "retry": ("RetrySaga", pb.RetrySagaRequest, False),
@@ -93,7 +96,7 @@ def _one_line(text: str) -> str:
 
 def _details(error: grpc.RpcError) -> tuple[str, str]:
     """The ErrorInfo reason (or the BadRequest fields) carried by a refusal, and its message."""
-    message = _one_line(error.details() or "")  # type: ignore[attr-defined]
+    message = _one_line(error.details() or "")
     try:
         status = rpc_status.from_call(error)  # type: ignore[arg-type]
     except ValueError:
@@ -108,7 +111,7 @@ def _details(error: grpc.RpcError) -> tuple[str, str]:
 
 def classify(error: grpc.RpcError, address: str, timeout: float | None) -> ClientError:
     """Turn a failed call into a ClientError: unreachable (3), refused (4) or failed (1)."""
-    code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
+    code = error.code()
     reason, message = _details(error)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         within = f" within {timeout:g}s" if timeout else ""
@@ -175,21 +178,26 @@ class SagaClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
-        """A unary call by RPC name; failures become ClientError."""
+    def call(
+        self,
+        method: grpc.UnaryUnaryMultiCallable[RequestT, ResponseT],
+        request: RequestT,
+        timeout: float | None = None,
+    ) -> ResponseT:
+        """A unary call (a method of self.stub); failures become ClientError."""
         timeout = timeout or self.config.timeout
         try:
-            return getattr(self.stub, method)(request, timeout=timeout, metadata=self._metadata)
+            return method(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as error:
             raise classify(error, self.config.address, timeout) from None
 
     # -- reading -------------------------------------------------------------------------------
 
     def get_saga(self, saga_id: str) -> pb.Saga:
-        return self.call("GetSaga", pb.GetSagaRequest(saga_id=saga_id)).saga
+        return self.call(self.stub.GetSaga, pb.GetSagaRequest(saga_id=saga_id)).saga
 
     def list_sagas(self, request: pb.ListSagasRequest) -> pb.ListSagasResponse:
-        return self.call("ListSagas", request)
+        return self.call(self.stub.ListSagas, request)
 
     def list_all(self, request: pb.ListSagasRequest) -> Iterator[pb.Saga]:
         """Every saga the filter matches, newest first, page after page."""
@@ -203,7 +211,7 @@ class SagaClient:
             page.page_token = response.next_page_token
 
     def stats(self, request: pb.GetSagaStatsRequest) -> pb.GetSagaStatsResponse:
-        return self.call("GetSagaStats", request)
+        return self.call(self.stub.GetSagaStats, request)
 
     def resolve(self, reference: str) -> pb.Saga:
         """The saga with this id or, failing that, the only saga with this business key (order id)."""
@@ -240,22 +248,24 @@ class SagaClient:
                     yield response
                 return
             except grpc.RpcError as error:
-                if not opened or error.code() != grpc.StatusCode.UNAVAILABLE:  # type: ignore[attr-defined]
+                if not opened or error.code() != grpc.StatusCode.UNAVAILABLE:
                     raise classify(error, self.config.address, None) from None
                 broken_since = broken_since or time.monotonic()
                 if time.monotonic() - broken_since > reconnect_seconds:
                     raise classify(error, self.config.address, None) from None
                 time.sleep(0.5)
             finally:
-                stream.cancel()
+                stream.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves cancel() unannotated
 
     # -- writing -------------------------------------------------------------------------------
 
     def place_order(self, request: pb.PlaceOrderRequest) -> pb.PlaceOrderResponse:
-        return self.call("PlaceOrder", request)
+        return self.call(self.stub.PlaceOrder, request)
 
     def operate(self, operation: str, saga_id: str, reason: str = "") -> pb.Saga:
         """Run an operator call (retry, pause, resume, cancel, terminate); returns the saga after it."""
         method, request_type, takes_reason = OPERATIONS[operation]
         request = request_type(saga_id=saga_id, reason=reason) if takes_reason else request_type(saga_id=saga_id)
-        return self.call(method, request).saga
+        # Looked up by name, so the response type is not known here; every operator call's carries the saga.
+        saga: pb.Saga = self.call(getattr(self.stub, method), request).saga
+        return saga

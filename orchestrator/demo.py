@@ -53,7 +53,7 @@ def demo_orders(run_id: str) -> list[tuple[str, pb.PlaceOrderRequest]]:
     ]
 
 
-async def _follow(stub: pb_grpc.OrchestratorServiceStub, saga_id: str) -> pb.Saga:
+async def _follow(stub: pb_grpc.OrchestratorServiceAsyncStub, saga_id: str) -> pb.Saga:
     async for _ in stub.WatchSaga(pb.WatchSagaRequest(saga_id=saga_id), timeout=60):
         pass
     return (await stub.GetSaga(pb.GetSagaRequest(saga_id=saga_id), timeout=10)).saga

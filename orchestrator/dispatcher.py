@@ -18,31 +18,23 @@ from sqlalchemy import Connection
 
 from orchestrator import store
 from orchestrator.definition import DefinitionMissing, DefinitionRegistry, SagaDefinition, StepKind
-from orchestrator.engine import (
-    ACTION,
-    EFFECT_AFTER_TERMINATE,
-    Command,
-    Engine,
-    Event,
-    Outcome,
-    SagaState,
-    Status,
-    Transition,
-)
-from orchestrator.store import EventRecord
+from orchestrator.engine import Command, Engine, Event, Outcome, SagaState, Transition
+from orchestrator.errors import BusinessKeyConflict, SagaNotFound
+from orchestrator.status import Direction, EventType, OperatorCall, SagaStatus
+from orchestrator.store import EventRecord, PendingCommand
 from orchestrator.watch import WatchHub
 from svckit.channels import ChannelPool, NoHealthyInstance
 from svckit.db import Database, is_retryable_conflict, savepoint
-from svckit.errors import DomainError, FailedPrecondition, NotFound, RetryableError
-from svckit.server import IDEMPOTENCY_HEADER
+from svckit.errors import DomainError, FailedPrecondition, RetryableError
+from svckit.idempotency_key import IDEMPOTENCY_HEADER
 
 __all__ = ["OPERATIONS", "DispatchObserver", "Dispatcher", "NotRecorded"]
 
 log = logging.getLogger("sagasuite.dispatcher")
 
-OPERATIONS = ("pause", "resume", "cancel", "terminate", "retry")
+OPERATIONS = tuple(OperatorCall)
 # Operator calls that make a saga send calls again: they need its definition.
-_RUNS_THE_SAGA = frozenset({"resume", "cancel", "retry"})
+_RUNS_THE_SAGA = frozenset({OperatorCall.RESUME, OperatorCall.CANCEL, OperatorCall.RETRY})
 # Tries of one unit alone (a start, an outcome, an operator call) against transient conflicts.
 _UNIT_ATTEMPTS = 3
 # The longest wait between two tries to record an outcome whose unit failed.
@@ -103,7 +95,7 @@ class _Park:
 
 @dataclass
 class _Operate:
-    operation: str
+    operation: OperatorCall
     saga_id: str
     actor: str
     reason: str
@@ -174,9 +166,19 @@ class Dispatcher:
         self._wake_poller = asyncio.Event()
         self._stopping = False
         self._watches: WatchHub | None = None
-        self._callables: dict[tuple[grpc.aio.Channel, str], grpc.aio.UnaryUnaryMultiCallable] = {}
+        self._callables: dict[tuple[grpc.aio.Channel, str], grpc.aio.UnaryUnaryMultiCallable[Message, bytes]] = {}
         self.observer = observer or DispatchObserver()
         self._wrap_call = wrap_call
+        # Each operator call's transition, given the saga, its pending command (if any) and the call.
+        self._operations: dict[
+            OperatorCall, Callable[[SagaState, PendingCommand | None, _Operate, float], Transition]
+        ] = {
+            OperatorCall.PAUSE: self._pause,
+            OperatorCall.RESUME: self._resume,
+            OperatorCall.CANCEL: self._cancel,
+            OperatorCall.TERMINATE: self._terminate,
+            OperatorCall.RETRY: self._retry,
+        }
         self._validate_leases()
 
     def _validate_leases(self) -> None:
@@ -216,7 +218,7 @@ class Dispatcher:
         parked: list[SagaState] = []
         event_rows: list[dict[str, Any]] = []
         for saga in found:
-            if saga.status == Status.NEEDS_ATTENTION:
+            if saga.status == SagaStatus.NEEDS_ATTENTION:
                 continue
             pending = store.load_pending(connection, saga.saga_id)
             if pending is not None:
@@ -300,10 +302,10 @@ class Dispatcher:
         return await reply
 
     async def operate(self, operation: str, saga_id: str, actor: str, reason: str = "") -> SagaState:
-        if operation not in OPERATIONS:
-            raise ValueError(operation)
+        """Apply an operator call (an OperatorCall or its value; anything else is a ValueError)."""
+        call = OperatorCall(operation)
         reply: asyncio.Future[SagaState] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Operate(operation, saga_id, actor, reason, reply))
+        await self._queue.put(_Operate(call, saga_id, actor, reason, reply))
         return await reply
 
     def feed_watches(self, hub: WatchHub) -> None:
@@ -505,9 +507,7 @@ class Dispatcher:
             else:
                 saga = sagas.get(item.saga_id)
                 if saga is None:
-                    batch.replies.append(
-                        (item.reply, NotFound("SAGA_NOT_FOUND", f"no saga {item.saga_id}", {"saga_id": item.saga_id}))
-                    )
+                    batch.replies.append((item.reply, SagaNotFound(item.saga_id)))
                     continue
                 try:
                     transition = self._apply_operation(connection, saga, item, now)
@@ -531,7 +531,7 @@ class Dispatcher:
                 f"outcome unknown after terminate (step index {item.command.step_index} {item.command.direction}: "
                 f"{item.detail}); the effect may stand; not compensated"
             )
-            return Transition([Event(EFFECT_AFTER_TERMINATE, now, code="UNKNOWN", message=message)])
+            return Transition([Event(EventType.EFFECT_AFTER_TERMINATE, now, code="UNKNOWN", message=message)])
         return self._engine.definition_missing(saga, item.detail, now)
 
     def _apply_start(
@@ -542,17 +542,8 @@ class Dispatcher:
         if found is not None:
             existing, existing_hash = found
             if existing_hash != input_hash:
-                batch.replies.append(
-                    (
-                        item.reply,
-                        FailedPrecondition(
-                            "BUSINESS_KEY_CONFLICT",
-                            f"{item.definition.name} {item.business_key!r} already exists with a different payload "
-                            f"(saga {existing.saga_id})",
-                            {"saga_id": existing.saga_id, "business_key": item.business_key},
-                        ),
-                    )
-                )
+                conflict = BusinessKeyConflict(item.definition.name, item.business_key, existing.saga_id)
+                batch.replies.append((item.reply, conflict))
             else:
                 batch.replies.append((item.reply, (existing, False)))
             return
@@ -562,7 +553,7 @@ class Dispatcher:
             version=item.definition.version,
             business_key=item.business_key,
             input=item.input_payload,
-            status=Status.RUNNING,
+            status=SagaStatus.RUNNING,
             deadline_at=now + item.deadline_seconds,
             created_at=now,
             updated_at=now,
@@ -582,23 +573,8 @@ class Dispatcher:
             self.definition_of(saga)
         pending = store.load_pending(connection, saga.saga_id)
         command = pending.command if pending else None
-        if item.operation == "pause":
-            transition = self._engine.pause(saga, command, item.actor, item.reason, now)
-        elif item.operation == "resume":
-            transition = self._engine.resume(saga, command, item.actor, now)
-        elif item.operation == "cancel":
-            in_flight = pending is not None and pending.in_flight(now)
-            if command is not None and pending is not None and pending.lease_owner is not None:
-                # It was handed to a dispatcher once: treat its outcome as unknown.
-                command.uncertain = True
-            transition = self._engine.cancel(
-                self.definition_of(saga), saga, command, in_flight, item.actor, item.reason, now
-            )
-        elif item.operation == "terminate":
-            transition = self._engine.terminate(saga, item.actor, item.reason, now)
-        else:
-            transition = self._engine.retry(saga, item.actor, now)
-        if item.operation == "terminate" and pending is not None and pending.lease_owner is not None:
+        transition = self._operations[item.operation](saga, pending, item, now)
+        if item.operation is OperatorCall.TERMINATE and pending is not None and pending.lease_owner is not None:
             # Handed to a dispatcher, so the call may be on the wire (or was, when its holder
             # died). Its row stays: the outcome is recorded when it returns, as an effect after
             # terminate, or found unknown once the lease expires. Nothing new is sent.
@@ -610,6 +586,28 @@ class Dispatcher:
         elif pending is not None:
             store.delete_command(connection, saga.saga_id)
         return transition
+
+    # -- the operator calls, one transition each (looked up in self._operations) --------------
+
+    def _pause(self, saga: SagaState, pending: PendingCommand | None, item: _Operate, now: float) -> Transition:
+        return self._engine.pause(saga, pending.command if pending else None, item.actor, item.reason, now)
+
+    def _resume(self, saga: SagaState, pending: PendingCommand | None, item: _Operate, now: float) -> Transition:
+        return self._engine.resume(saga, pending.command if pending else None, item.actor, now)
+
+    def _cancel(self, saga: SagaState, pending: PendingCommand | None, item: _Operate, now: float) -> Transition:
+        command = pending.command if pending else None
+        in_flight = pending is not None and pending.in_flight(now)
+        if command is not None and pending is not None and pending.lease_owner is not None:
+            # It was handed to a dispatcher once: treat its outcome as unknown.
+            command.uncertain = True
+        return self._engine.cancel(self.definition_of(saga), saga, command, in_flight, item.actor, item.reason, now)
+
+    def _terminate(self, saga: SagaState, pending: PendingCommand | None, item: _Operate, now: float) -> Transition:
+        return self._engine.terminate(saga, item.actor, item.reason, now)
+
+    def _retry(self, saga: SagaState, pending: PendingCommand | None, item: _Operate, now: float) -> Transition:
+        return self._engine.retry(saga, item.actor, now)
 
     def _record(
         self,
@@ -722,11 +720,11 @@ class Dispatcher:
 
     async def _make_call(self, definition: SagaDefinition, command: Command, saga: SagaState) -> Outcome:
         step = definition.steps[command.step_index]
-        call = step.action if command.direction == ACTION else step.compensation
+        call = step.action if command.direction == Direction.ACTION else step.compensation
         assert call is not None
         started = time.time()
         timeout = step.timeout
-        if command.direction == ACTION and step.kind is StepKind.COMPENSATABLE:
+        if command.direction == Direction.ACTION and step.kind is StepKind.COMPENSATABLE:
             time_left = saga.deadline_at - started
             if time_left <= 0:
                 return Outcome(

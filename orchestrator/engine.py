@@ -8,7 +8,17 @@ from dataclasses import dataclass, field
 import grpc
 
 from orchestrator.definition import SagaDefinition, Step, StepKind
-from svckit.errors import FailedPrecondition
+from orchestrator.errors import IllegalState
+from orchestrator.status import (
+    ENDED_STATUSES,
+    IN_FLIGHT_STATUSES,
+    Direction,
+    EventType,
+    OperatorCall,
+    SagaStatus,
+    effective_status,
+)
+from svckit.idempotency_key import step_key
 
 __all__ = [
     "ACTION",
@@ -25,28 +35,12 @@ __all__ = [
     "Transition",
 ]
 
-ACTION, COMPENSATION = "action", "compensation"
-
-# History event of a call that was on the wire when its saga was terminated and then took effect
-# (or ended without a known outcome): the effect stands, and nothing undoes it.
-EFFECT_AFTER_TERMINATE = "EffectAfterTerminate"
+# Short names of the vocabulary (orchestrator.status) the engine and its tests use throughout.
+ACTION, COMPENSATION = Direction.ACTION, Direction.COMPENSATION
+EFFECT_AFTER_TERMINATE = EventType.EFFECT_AFTER_TERMINATE
+Status = SagaStatus
 # Reason (event code) of a saga stopped because its definition is not loaded in this replica.
 DEFINITION_MISSING = "DEFINITION_MISSING"
-
-
-class Status:
-    """Stored saga statuses; PAUSED is reported from the paused flag, not stored here."""
-
-    RUNNING = "RUNNING"
-    COMPENSATING = "COMPENSATING"
-    COMPLETED = "COMPLETED"
-    COMPENSATED = "COMPENSATED"
-    NEEDS_ATTENTION = "NEEDS_ATTENTION"
-    TERMINATED = "TERMINATED"
-
-
-ENDED_STATUSES = frozenset({Status.COMPLETED, Status.COMPENSATED, Status.TERMINATED})
-IN_FLIGHT_STATUSES = frozenset({Status.RUNNING, Status.COMPENSATING})
 
 
 @dataclass
@@ -58,7 +52,7 @@ class SagaState:
     version: int
     business_key: str
     input: bytes
-    status: str
+    status: SagaStatus
     deadline_at: float
     created_at: float
     updated_at: float
@@ -76,6 +70,11 @@ class SagaState:
     def ended(self) -> bool:
         return self.status in ENDED_STATUSES
 
+    @property
+    def effective_status(self) -> SagaStatus:
+        """The status it reports: PAUSED while paused and not ended, else the stored status."""
+        return effective_status(self.status, self.paused)
+
 
 @dataclass
 class Command:
@@ -83,7 +82,7 @@ class Command:
 
     saga_id: str
     step_index: int
-    direction: str
+    direction: Direction
     attempt: int
     first_attempt_at: float
     uncertain: bool = False
@@ -91,7 +90,7 @@ class Command:
 
     def idempotency_key(self, step_name: str) -> str:
         # Independent of the attempt: a resend is the same command, and the service replays it.
-        return f"{self.saga_id}/{step_name}/{self.direction}"
+        return step_key(self.saga_id, step_name, self.direction)
 
 
 @dataclass(frozen=True)
@@ -117,7 +116,7 @@ class Outcome:
 class Event:
     """One history entry to append."""
 
-    type: str
+    type: EventType
     at: float
     step: str = ""
     attempt: int = 0
@@ -144,7 +143,9 @@ class Engine:
     # -- forward and backward ------------------------------------------------------------
 
     def start(self, definition: SagaDefinition, saga: SagaState, now: float) -> Transition:
-        transition = Transition([Event("SagaStarted", now, message=f"{definition.name} v{definition.version}")])
+        transition = Transition(
+            [Event(EventType.SAGA_STARTED, now, message=f"{definition.name} v{definition.version}")]
+        )
         transition.next_command = self._schedule(saga, Command(saga.saga_id, 0, ACTION, 1, now), now)
         return transition
 
@@ -168,7 +169,7 @@ class Engine:
             assert outcome.response is not None
             saga.results[step.name] = outcome.response
             transition.events.append(
-                Event("StepSucceeded", now, step.name, command.attempt, "OK", duration_ms=outcome.duration_ms)
+                Event(EventType.STEP_SUCCEEDED, now, step.name, command.attempt, "OK", duration_ms=outcome.duration_ms)
             )
             if saga.cancel_requested and command.step_index <= definition.pivot_index:
                 self._begin_compensation(definition, saga, command.step_index + 1, transition, now, "cancelled")
@@ -187,7 +188,13 @@ class Engine:
         saga.last_error = f"{step.name}: {outcome.code.name}: {outcome.message}"
         transition.events.append(
             Event(
-                "StepFailed", now, step.name, command.attempt, outcome.code.name, outcome.message, outcome.duration_ms
+                EventType.STEP_FAILED,
+                now,
+                step.name,
+                command.attempt,
+                outcome.code.name,
+                outcome.message,
+                outcome.duration_ms,
             )
         )
         compensatable = step.kind is StepKind.COMPENSATABLE
@@ -206,7 +213,9 @@ class Engine:
                 saga.saga_id, command.step_index, ACTION, command.attempt + 1, command.first_attempt_at, uncertain
             )
             transition.events.append(
-                Event("StepRetryScheduled", now, step.name, retry.attempt, message=f"in {delay * 1000:.0f} ms")
+                Event(
+                    EventType.STEP_RETRY_SCHEDULED, now, step.name, retry.attempt, message=f"in {delay * 1000:.0f} ms"
+                )
             )
             transition.next_command = self._schedule(saga, retry, now + delay)
             return transition
@@ -231,7 +240,14 @@ class Engine:
         transition = Transition()
         if outcome.ok:
             transition.events.append(
-                Event("CompensationSucceeded", now, step.name, command.attempt, "OK", duration_ms=outcome.duration_ms)
+                Event(
+                    EventType.COMPENSATION_SUCCEEDED,
+                    now,
+                    step.name,
+                    command.attempt,
+                    "OK",
+                    duration_ms=outcome.duration_ms,
+                )
             )
             saga.compensations = saga.compensations[1:]
             self._next_compensation(saga, transition, now)
@@ -239,7 +255,7 @@ class Engine:
         saga.last_error = f"{step.name} compensation: {outcome.code.name}: {outcome.message}"
         transition.events.append(
             Event(
-                "CompensationFailed",
+                EventType.COMPENSATION_FAILED,
                 now,
                 step.name,
                 command.attempt,
@@ -258,7 +274,13 @@ class Engine:
                 saga.saga_id, command.step_index, COMPENSATION, command.attempt + 1, command.first_attempt_at
             )
             transition.events.append(
-                Event("CompensationRetryScheduled", now, step.name, retry.attempt, message=f"in {delay * 1000:.0f} ms")
+                Event(
+                    EventType.COMPENSATION_RETRY_SCHEDULED,
+                    now,
+                    step.name,
+                    retry.attempt,
+                    message=f"in {delay * 1000:.0f} ms",
+                )
             )
             transition.next_command = self._schedule(saga, retry, now + delay)
             return transition
@@ -271,13 +293,13 @@ class Engine:
         """Record what a call on the wire at terminate did; nothing more is sent and nothing is undone."""
         code = outcome.code.name
 
-        def recorded(event_type: str, message: str) -> Transition:
+        def recorded(event_type: EventType, message: str) -> Transition:
             return Transition([Event(event_type, now, step.name, command.attempt, code, message, outcome.duration_ms)])
 
         if command.direction == COMPENSATION:
             if outcome.ok:
-                return recorded("CompensationSucceeded", "after terminate: the step's effect is undone")
-            return recorded("CompensationFailed", f"after terminate: {outcome.message}")
+                return recorded(EventType.COMPENSATION_SUCCEEDED, "after terminate: the step's effect is undone")
+            return recorded(EventType.COMPENSATION_FAILED, f"after terminate: {outcome.message}")
         if outcome.ok:
             assert outcome.response is not None
             saga.results[step.name] = outcome.response
@@ -287,7 +309,7 @@ class Engine:
                 EFFECT_AFTER_TERMINATE,
                 f"outcome unknown after terminate ({outcome.message}); the effect may stand; not compensated",
             )
-        return recorded("StepFailed", outcome.message)
+        return recorded(EventType.STEP_FAILED, outcome.message)
 
     def _begin_compensation(
         self, definition: SagaDefinition, saga: SagaState, upto: int, transition: Transition, now: float, reason: str
@@ -300,7 +322,7 @@ class Engine:
             for i in range(min(upto, definition.pivot_index + 1) - 1, -1, -1)
             if definition.steps[i].kind is StepKind.COMPENSATABLE
         ]
-        transition.events.append(Event("CompensationStarted", now, message=reason))
+        transition.events.append(Event(EventType.COMPENSATION_STARTED, now, message=reason))
         self._next_compensation(saga, transition, now)
 
     def _next_compensation(self, saga: SagaState, transition: Transition, now: float) -> None:
@@ -316,19 +338,18 @@ class Engine:
         command.due_at = None if saga.paused else due_at
         return command
 
-    def _end(self, saga: SagaState, status: str, now: float, transition: Transition) -> None:
+    def _end(self, saga: SagaState, status: SagaStatus, now: float, transition: Transition) -> None:
         saga.status = status
         saga.ended_at = now
         saga.paused = False
-        event_type = {Status.COMPLETED: "SagaCompleted", Status.COMPENSATED: "SagaCompensated"}[status]
-        transition.events.append(Event(event_type, now))
+        transition.events.append(Event(_END_EVENTS[status], now))
 
     def _need_attention(self, saga: SagaState, now: float, transition: Transition) -> None:
         saga.status = Status.NEEDS_ATTENTION
         # Like an end, it waits for an operator: a pause made while its last call was on the
         # wire would otherwise report it as PAUSED and hide it from a NEEDS_ATTENTION listing.
         saga.paused = False
-        transition.events.append(Event("SagaNeedsAttention", now, message=saga.last_error))
+        transition.events.append(Event(EventType.SAGA_NEEDS_ATTENTION, now, message=saga.last_error))
 
     # -- operator calls --------------------------------------------------------------------
     # Each takes the saga's pending command (None when there is none) and whether that command
@@ -336,10 +357,10 @@ class Engine:
 
     def pause(self, saga: SagaState, pending: Command | None, actor: str, reason: str, now: float) -> Transition:
         if saga.status not in IN_FLIGHT_STATUSES or saga.paused:
-            raise _illegal(saga, "pause", "only a running or compensating saga that is not paused")
+            raise _illegal(saga, OperatorCall.PAUSE)
         saga.paused = True
         saga.updated_at = now
-        transition = Transition([Event("SagaPaused", now, message=reason, actor=actor)])
+        transition = Transition([Event(EventType.SAGA_PAUSED, now, message=reason, actor=actor)])
         if pending is not None:
             pending.due_at = None
         transition.next_command = pending
@@ -347,12 +368,12 @@ class Engine:
 
     def resume(self, saga: SagaState, pending: Command | None, actor: str, now: float) -> Transition:
         if not saga.paused:
-            raise _illegal(saga, "resume", "only a paused saga")
+            raise _illegal(saga, OperatorCall.RESUME)
         saga.paused = False
         saga.updated_at = now
         if pending is not None and pending.due_at is None:
             pending.due_at = now
-        return Transition([Event("SagaResumed", now, actor=actor)], pending)
+        return Transition([Event(EventType.SAGA_RESUMED, now, actor=actor)], pending)
 
     def cancel(
         self,
@@ -365,10 +386,10 @@ class Engine:
         now: float,
     ) -> Transition:
         if saga.status != Status.RUNNING or saga.step_index > definition.pivot_index:
-            raise _illegal(saga, "cancel", "only a running saga before its pivot step has succeeded")
+            raise _illegal(saga, OperatorCall.CANCEL)
         saga.paused = False
         saga.updated_at = now
-        transition = Transition([Event("SagaCancelRequested", now, message=reason, actor=actor)])
+        transition = Transition([Event(EventType.SAGA_CANCEL_REQUESTED, now, message=reason, actor=actor)])
         if in_flight:
             # The call on the wire decides: its outcome starts the compensation.
             saga.cancel_requested = True
@@ -383,13 +404,13 @@ class Engine:
 
     def terminate(self, saga: SagaState, actor: str, reason: str, now: float) -> Transition:
         if saga.ended:
-            raise _illegal(saga, "terminate", "only a saga that has not ended")
+            raise _illegal(saga, OperatorCall.TERMINATE)
         saga.status = Status.TERMINATED
         saga.ended_at = now
         saga.updated_at = now
         saga.paused = False
         saga.last_error = f"terminated: {reason}"
-        return Transition([Event("SagaTerminated", now, message=reason, actor=actor)], None)
+        return Transition([Event(EventType.SAGA_TERMINATED, now, message=reason, actor=actor)], None)
 
     def definition_missing(self, saga: SagaState, detail: str, now: float) -> Transition:
         """Stop a saga this replica cannot run, for an operator: its definition is not loaded."""
@@ -397,11 +418,11 @@ class Engine:
         saga.paused = False
         saga.updated_at = now
         saga.last_error = f"{DEFINITION_MISSING}: {detail}"
-        return Transition([Event("SagaNeedsAttention", now, code=DEFINITION_MISSING, message=detail)])
+        return Transition([Event(EventType.SAGA_NEEDS_ATTENTION, now, code=DEFINITION_MISSING, message=detail)])
 
     def retry(self, saga: SagaState, actor: str, now: float) -> Transition:
         if saga.status != Status.NEEDS_ATTENTION:
-            raise _illegal(saga, "retry", "only a saga that needs attention")
+            raise _illegal(saga, OperatorCall.RETRY)
         saga.updated_at = now
         if saga.compensations:
             saga.status = Status.COMPENSATING
@@ -410,14 +431,20 @@ class Engine:
             saga.status = Status.RUNNING
             command = Command(saga.saga_id, saga.step_index, ACTION, 1, now, due_at=now)
         return Transition(
-            [Event("SagaRetried", now, message=f"from step index {command.step_index}", actor=actor)], command
+            [Event(EventType.SAGA_RETRIED, now, message=f"from step index {command.step_index}", actor=actor)], command
         )
 
 
-def _illegal(saga: SagaState, operation: str, allowed: str) -> FailedPrecondition:
-    status = "PAUSED" if saga.paused and not saga.ended else saga.status
-    return FailedPrecondition(
-        f"ILLEGAL_STATE_FOR_{operation.upper()}",
-        f"cannot {operation} saga {saga.saga_id} in status {status}: {operation} applies to {allowed}",
-        {"saga_id": saga.saga_id, "status": status},
-    )
+_END_EVENTS = {SagaStatus.COMPLETED: EventType.SAGA_COMPLETED, SagaStatus.COMPENSATED: EventType.SAGA_COMPENSATED}
+# What each operator call applies to, as its refusal says.
+_APPLIES_TO = {
+    OperatorCall.PAUSE: "only a running or compensating saga that is not paused",
+    OperatorCall.RESUME: "only a paused saga",
+    OperatorCall.CANCEL: "only a running saga before its pivot step has succeeded",
+    OperatorCall.TERMINATE: "only a saga that has not ended",
+    OperatorCall.RETRY: "only a saga that needs attention",
+}
+
+
+def _illegal(saga: SagaState, operation: OperatorCall) -> IllegalState:
+    return IllegalState(operation, saga.saga_id, saga.effective_status, _APPLIES_TO[operation])

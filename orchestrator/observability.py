@@ -43,9 +43,10 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from orchestrator import store
 from orchestrator.dispatcher import Dispatcher, DispatchObserver
-from orchestrator.engine import ACTION, Outcome, SagaState, Transition
-from orchestrator.engine import Status as SagaStatus
+from orchestrator.engine import Outcome, SagaState, Transition
+from orchestrator.status import Direction, EventType, SagaStatus
 from svckit.db import Database
+from svckit.idempotency_key import step_key
 from svckit.metrics import LATENCY_BUCKETS
 from svckit.telemetry import Tracing
 
@@ -93,10 +94,10 @@ SAGAS_DEFINITION_MISSING = Gauge(
 )
 
 _ENDING_EVENTS = {
-    "SagaCompleted": SagaStatus.COMPLETED,
-    "SagaCompensated": SagaStatus.COMPENSATED,
-    "SagaTerminated": SagaStatus.TERMINATED,
-    "SagaNeedsAttention": SagaStatus.NEEDS_ATTENTION,
+    EventType.SAGA_COMPLETED: SagaStatus.COMPLETED,
+    EventType.SAGA_COMPENSATED: SagaStatus.COMPENSATED,
+    EventType.SAGA_TERMINATED: SagaStatus.TERMINATED,
+    EventType.SAGA_NEEDS_ATTENTION: SagaStatus.NEEDS_ATTENTION,
 }
 _COUNTERS = {
     SagaStatus.COMPLETED: SAGAS_COMPLETED,
@@ -104,7 +105,10 @@ _COUNTERS = {
     SagaStatus.TERMINATED: SAGAS_TERMINATED,
     SagaStatus.NEEDS_ATTENTION: SAGAS_NEEDS_ATTENTION,
 }
-_RETRY_EVENTS = {"StepRetryScheduled": "action", "CompensationRetryScheduled": "compensation"}
+_RETRY_EVENTS = {
+    EventType.STEP_RETRY_SCHEDULED: Direction.ACTION,
+    EventType.COMPENSATION_RETRY_SCHEDULED: Direction.COMPENSATION,
+}
 _START_METHODS = frozenset({"PlaceOrder", "StartSaga"})
 _PROPAGATOR = TraceContextTextMapPropagator()
 
@@ -222,10 +226,10 @@ class Observability(DispatchObserver):
                 "saga.id": saga.saga_id,
                 "saga.step": step,
                 "saga.attempt": attempt,
-                "idempotency.key": f"{saga.saga_id}/{step}/{direction}",
+                "idempotency.key": step_key(saga.saga_id, step, direction),
             }
         )
-        name = f"step {step}" if direction == ACTION else f"compensate {step}"
+        name = f"step {step}" if direction == Direction.ACTION else f"compensate {step}"
         return self._tracer.start_as_current_span(
             name, context=self._saga_context(saga), kind=SpanKind.INTERNAL, attributes=attributes
         )

@@ -43,7 +43,7 @@ STATUS_STYLE = {
 
 
 def status_name(status: int) -> str:
-    return pb.SagaStatus.Name(status).removeprefix("SAGA_STATUS_")  # type: ignore[arg-type]
+    return pb.SagaStatus.Name(status).removeprefix("SAGA_STATUS_")
 
 
 def _seconds(stamp: Timestamp) -> float:

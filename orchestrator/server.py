@@ -6,19 +6,21 @@ import contextlib
 import json
 import logging
 import math
-import re
 from collections.abc import AsyncIterator
 
 import grpc
 from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError, Message
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from orchestrator import store
 from orchestrator.auth import AccessControl, TokenSource, audit
 from orchestrator.definition import DefinitionRegistry, SagaDefinition
 from orchestrator.dispatcher import Dispatcher
 from orchestrator.engine import SagaState
+from orchestrator.errors import SagaNotFound
 from orchestrator.observability import Observability
+from orchestrator.status import OperatorCall, SagaStatus
 from orchestrator.store import EventRecord
 from orchestrator.views import STATUS_FROM_PB, STATUS_TO_PB, StatusTracker, api_status, event_pb, saga_pb
 from orchestrator.watch import WatchHub
@@ -26,7 +28,8 @@ from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
 from svckit.convert import address_from_pb, lines_from_pb, money_from_pb
 from svckit.db import Database
-from svckit.errors import DomainError, InvalidArgument, NotFound, RetryableError, status_from_error
+from svckit.errors import DomainError, InvalidArgument, RetryableError, abort_call
+from svckit.page_token import decode_cursor, encode_cursor
 from svckit.server import CallContext, rpc
 from svckit.validation import Violations, quote
 
@@ -42,13 +45,10 @@ MAX_SAGA_TYPE_LENGTH = 100
 MAX_BUSINESS_KEY_LENGTH = 200
 MAX_OPERATOR_REASON_LENGTH = 500
 MAX_STATUS_FILTERS = 16
-MAX_PAGE_TOKEN_LENGTH = 100
 MAX_TYPE_URL_LENGTH = 256
 # A saga's input is stored with it and read for every step: PlaceOrder's request, or StartSaga's
 # packed input, serialized. A valid order is far smaller (about 12 KiB with every field at its limit).
 MAX_SAGA_INPUT_BYTES = 64 * 1024
-# "<created_at as repr(float)>_<saga_id>", as ListSagas writes next_page_token.
-_PAGE_TOKEN = re.compile(r"([0-9]+(?:\.[0-9]+)?(?:e[-+]?[0-9]+)?)_([A-Za-z0-9][A-Za-z0-9._:\-]{0,63})")
 
 
 def validate_place_order(request: pb.PlaceOrderRequest) -> None:
@@ -82,7 +82,7 @@ def _created_bound(violations: Violations, owner: Message, field_name: str) -> f
     """A Timestamp filter as seconds since the epoch, None when unset; out of range is a violation."""
     if not owner.HasField(field_name):
         return None
-    stamp = getattr(owner, field_name)
+    stamp: Timestamp = getattr(owner, field_name)
     violations.timestamp(field_name, stamp)
     if violations.failed(f"{field_name}.seconds") or violations.failed(f"{field_name}.nanos"):
         return None
@@ -94,17 +94,6 @@ def _saga_id(value: str) -> str:
     violations.identifier("saga_id", value)
     violations.raise_if_any()
     return value
-
-
-def _page_token(token: str) -> tuple[float, str] | None:
-    if not token:
-        return None
-    # Length and shape first: the saga id part goes into a query, and PostgreSQL refuses a NUL there.
-    found = _PAGE_TOKEN.fullmatch(token) if len(token) <= MAX_PAGE_TOKEN_LENGTH else None
-    value = float(found.group(1)) if found is not None else math.nan
-    if found is None or not math.isfinite(value):
-        raise InvalidArgument.of("page_token", "is not a token returned by a previous page")
-    return value, found.group(2)
 
 
 class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
@@ -164,7 +153,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         definition = self._registry.latest("OrderSaga")
         business_key = definition.business_key_of(request)
         saga, created = await self._start(definition, business_key, request, request.deadline_seconds, call)
-        return pb.PlaceOrderResponse(saga_id=saga.saga_id, status=api_status(saga), created=created)  # type: ignore[arg-type]
+        return pb.PlaceOrderResponse(saga_id=saga.saga_id, status=api_status(saga), created=created)
 
     @rpc(mutating=False)
     async def StartSaga(self, request: pb.StartSagaRequest, call: CallContext) -> pb.StartSagaResponse:
@@ -216,7 +205,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         def work(connection):  # type: ignore[no-untyped-def]
             sagas = store.load_sagas(connection, [saga_id])
             if saga_id not in sagas:
-                raise NotFound("SAGA_NOT_FOUND", f"no saga {saga_id}", {"saga_id": saga_id})
+                raise SagaNotFound(saga_id)
             return sagas[saga_id], store.load_events(connection, saga_id), store.load_pending(connection, saga_id)
 
         return await self._database.transaction(work)
@@ -251,11 +240,12 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         created_after = _created_bound(violations, request, "created_after")
         created_before = _created_bound(violations, request, "created_before")
         violations.raise_if_any()
-        after = _page_token(request.page_token)
+        # "<created_at>_<saga_id>" of the previous page's last saga (svckit.page_token cursor).
+        after = decode_cursor(request.page_token)
         names = {STATUS_FROM_PB[s] for s in request.statuses}
         saga_filter = store.SagaFilter(
-            statuses=tuple(sorted(names - {"PAUSED"})),
-            include_paused="PAUSED" in names,
+            statuses=tuple(sorted(names - {SagaStatus.PAUSED})),
+            include_paused=SagaStatus.PAUSED in names,
             saga_type=request.saga_type,
             business_key=request.business_key,
             created_after=created_after,
@@ -268,7 +258,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         response = pb.ListSagasResponse(sagas=[saga_pb(s, self._definition(s)) for s in sagas[:limit]])
         if len(sagas) > limit:
             last = sagas[limit - 1]
-            response.next_page_token = f"{last.created_at!r}_{last.saga_id}"
+            response.next_page_token = encode_cursor(last.created_at, last.saga_id)
         return response
 
     @rpc(mutating=False)
@@ -287,7 +277,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
 
         counts, latencies, oldest = await self._database.transaction(work)
         response = pb.GetSagaStatsResponse(
-            counts=[pb.StatusCount(status=STATUS_TO_PB[name], count=n) for name, n in sorted(counts.items())]  # type: ignore[arg-type]
+            counts=[pb.StatusCount(status=STATUS_TO_PB[name], count=n) for name, n in sorted(counts.items())]
         )
         if latencies:
             ordered = sorted(latencies)
@@ -299,7 +289,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         return response
 
     async def WatchSaga(
-        self, request: pb.WatchSagaRequest, context: grpc.aio.ServicerContext
+        self, request: pb.WatchSagaRequest, context: grpc.aio.ServicerContext[pb.WatchSagaRequest, pb.WatchSagaResponse]
     ) -> AsyncIterator[pb.WatchSagaResponse]:
         try:
             self._access.authorize(context, "read", "WatchSaga", request.saga_id)
@@ -308,9 +298,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
                 raise InvalidArgument.of("after_seq", "must not be negative")
             # Valid requests only take a slot; past MAX_WATCHERS this raises WatchersExhausted.
             subscription = self._watches.subscribe(saga_id)
-        except DomainError as error:
-            failure = status_from_error(error)
-            await context.abort(failure.code, failure.details, failure.trailing_metadata)  # type: ignore[attr-defined]
+        except (DomainError, RetryableError) as error:
+            await abort_call(context, error)
             return
         try:
             tracker = StatusTracker()
@@ -319,8 +308,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
                     view = event_pb(event)
                     yield pb.WatchSagaResponse(event=view, status=tracker.after(view, api_status(saga)))
         except (DomainError, RetryableError) as error:
-            failure = status_from_error(error)
-            await context.abort(failure.code, failure.details, failure.trailing_metadata)  # type: ignore[attr-defined]
+            await abort_call(context, error)
         finally:
             # Ended, refused or cancelled by the client: the slot is free again.
             subscription.close()
@@ -328,7 +316,13 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
     # -- operating ---------------------------------------------------------------------------
 
     async def _operate(
-        self, operation: str, saga_id: str, call: CallContext, reason: str = "", *, reason_required: bool | None = None
+        self,
+        operation: OperatorCall,
+        saga_id: str,
+        call: CallContext,
+        reason: str = "",
+        *,
+        reason_required: bool | None = None,
     ) -> pb.Saga:
         """Authorize first (a refused caller learns nothing about the saga), then validate, act and audit."""
         context = call.grpc_context
@@ -347,25 +341,25 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
 
     @rpc(mutating=False)
     async def RetrySaga(self, request: pb.RetrySagaRequest, call: CallContext) -> pb.RetrySagaResponse:
-        return pb.RetrySagaResponse(saga=await self._operate("retry", request.saga_id, call))
+        return pb.RetrySagaResponse(saga=await self._operate(OperatorCall.RETRY, request.saga_id, call))
 
     @rpc(mutating=False)
     async def PauseSaga(self, request: pb.PauseSagaRequest, call: CallContext) -> pb.PauseSagaResponse:
-        saga = await self._operate("pause", request.saga_id, call, request.reason, reason_required=False)
+        saga = await self._operate(OperatorCall.PAUSE, request.saga_id, call, request.reason, reason_required=False)
         return pb.PauseSagaResponse(saga=saga)
 
     @rpc(mutating=False)
     async def ResumeSaga(self, request: pb.ResumeSagaRequest, call: CallContext) -> pb.ResumeSagaResponse:
-        return pb.ResumeSagaResponse(saga=await self._operate("resume", request.saga_id, call))
+        return pb.ResumeSagaResponse(saga=await self._operate(OperatorCall.RESUME, request.saga_id, call))
 
     @rpc(mutating=False)
     async def CancelSaga(self, request: pb.CancelSagaRequest, call: CallContext) -> pb.CancelSagaResponse:
-        saga = await self._operate("cancel", request.saga_id, call, request.reason, reason_required=False)
+        saga = await self._operate(OperatorCall.CANCEL, request.saga_id, call, request.reason, reason_required=False)
         return pb.CancelSagaResponse(saga=saga)
 
     @rpc(mutating=False)
     async def TerminateSaga(self, request: pb.TerminateSagaRequest, call: CallContext) -> pb.TerminateSagaResponse:
-        saga = await self._operate("terminate", request.saga_id, call, request.reason, reason_required=True)
+        saga = await self._operate(OperatorCall.TERMINATE, request.saga_id, call, request.reason, reason_required=True)
         return pb.TerminateSagaResponse(saga=saga, steps_maybe_applied=saga.steps_maybe_applied)
 
 

@@ -12,8 +12,9 @@ from typing import Any
 
 from sqlalchemy import Connection, and_, bindparam, delete, func, insert, not_, or_, select, update
 
-from orchestrator.engine import IN_FLIGHT_STATUSES, Command, Event, SagaState, Status
+from orchestrator.engine import Command, Event, SagaState
 from orchestrator.models import SCHEMA_VERSION, OutboxRow, SagaEventRow, SagaRow, SchemaVersionRow
+from orchestrator.status import IN_FLIGHT_STATUSES, Direction, SagaStatus, effective_status
 from svckit.db import Database, Prepared
 
 __all__ = [
@@ -87,7 +88,7 @@ def saga_from_row(row: Any) -> SagaState:
         version=m["version"],
         business_key=m["business_key"],
         input=bytes(m["input"]),
-        status=m["status"],
+        status=SagaStatus(m["status"]),
         deadline_at=m["deadline_at"],
         created_at=m["created_at"],
         updated_at=m["updated_at"],
@@ -147,7 +148,9 @@ def insert_saga(connection: Connection, saga: SagaState, input_hash: str) -> Non
 _UPDATE_SAGA = Prepared(
     update(SAGA)
     .where(SAGA.c.saga_id == bindparam("key_saga_id"))
-    .values({name: bindparam(name) for name in _mutable_values(SagaState("", "", 0, "", b"", "", 0, 0, 0))})
+    .values(
+        {name: bindparam(name) for name in _mutable_values(SagaState("", "", 0, "", b"", SagaStatus.RUNNING, 0, 0, 0))}
+    )
 )
 _SELECT_SAGA = select(*[SAGA.c[name] for name in _SAGA_COLUMNS]).where(SAGA.c.saga_id == bindparam("saga_id"))
 _LOAD_SAGA = Prepared(_SELECT_SAGA)
@@ -181,7 +184,7 @@ def find_by_business_key(connection: Connection, saga_type: str, business_key: s
     return saga_from_row(row), row[_SAGA_COLUMNS.index("input_hash")]
 
 
-_WAITING_STATUSES = (*sorted(IN_FLIGHT_STATUSES), Status.NEEDS_ATTENTION)
+_WAITING_STATUSES = (*sorted(IN_FLIGHT_STATUSES), SagaStatus.NEEDS_ATTENTION)
 
 
 def in_flight_without_definition(
@@ -261,7 +264,7 @@ def count_by_status(connection: Connection, created_after: float | None) -> dict
     query = select(SAGA.c.status, SAGA.c.paused, func.count()).where(*conditions).group_by(SAGA.c.status, SAGA.c.paused)
     counts: dict[str, int] = {}
     for status, paused, count in connection.execute(query):
-        label = "PAUSED" if paused else status
+        label = effective_status(status, bool(paused))
         counts[label] = counts.get(label, 0) + int(count)
     return counts
 
@@ -359,7 +362,7 @@ def _command_from_row(row: Any) -> Command:
     return Command(
         saga_id=m["saga_id"],
         step_index=m["step_index"],
-        direction=m["direction"],
+        direction=Direction(m["direction"]),
         attempt=m["attempt"],
         first_attempt_at=m["first_attempt_at"],
         uncertain=bool(m["uncertain"]),

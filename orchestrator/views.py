@@ -7,7 +7,8 @@ from typing import Any
 import grpc
 
 from orchestrator.definition import SagaDefinition, Step
-from orchestrator.engine import ACTION, COMPENSATION, EFFECT_AFTER_TERMINATE, SagaState, Status
+from orchestrator.engine import SagaState
+from orchestrator.status import Direction, EventType, SagaStatus
 from orchestrator.store import EventRecord, PendingCommand
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 from svckit.convert import timestamp
@@ -23,31 +24,23 @@ __all__ = [
     "trace_id_of",
 ]
 
-STATUS_TO_PB: dict[str, Any] = {
-    Status.RUNNING: pb.SAGA_STATUS_RUNNING,
-    Status.COMPENSATING: pb.SAGA_STATUS_COMPENSATING,
-    Status.COMPLETED: pb.SAGA_STATUS_COMPLETED,
-    Status.COMPENSATED: pb.SAGA_STATUS_COMPENSATED,
-    Status.NEEDS_ATTENTION: pb.SAGA_STATUS_NEEDS_ATTENTION,
-    Status.TERMINATED: pb.SAGA_STATUS_TERMINATED,
-    "PAUSED": pb.SAGA_STATUS_PAUSED,
-}
+# The API's SagaStatus numbers by the same names: SAGA_STATUS_<status>.
+STATUS_TO_PB: dict[SagaStatus, Any] = {status: pb.SagaStatus.Value(f"SAGA_STATUS_{status}") for status in SagaStatus}
 STATUS_FROM_PB = {number: name for name, number in STATUS_TO_PB.items()}
 
-_ATTEMPT_EVENTS = {
-    "StepSucceeded": ACTION,
-    "StepFailed": ACTION,
-    "CompensationSucceeded": COMPENSATION,
-    "CompensationFailed": COMPENSATION,
-    EFFECT_AFTER_TERMINATE: ACTION,
+# Keyed by str: a stored event's type is read back as its text.
+_ATTEMPT_EVENTS: dict[str, Direction] = {
+    EventType.STEP_SUCCEEDED: Direction.ACTION,
+    EventType.STEP_FAILED: Direction.ACTION,
+    EventType.COMPENSATION_SUCCEEDED: Direction.COMPENSATION,
+    EventType.COMPENSATION_FAILED: Direction.COMPENSATION,
+    EventType.EFFECT_AFTER_TERMINATE: Direction.ACTION,
 }
 
 
 def api_status(saga: SagaState) -> Any:
     """The API status: PAUSED while the paused flag is set, else the stored status."""
-    if saga.paused and not saga.ended:
-        return pb.SAGA_STATUS_PAUSED
-    return STATUS_TO_PB[saga.status]
+    return STATUS_TO_PB[saga.effective_status]
 
 
 def trace_id_of(trace_context: str) -> str:
@@ -90,15 +83,15 @@ def _steps(
                 message=event.message,
             )
         )
-        if event.type == "StepSucceeded":
+        if event.type == EventType.STEP_SUCCEEDED:
             succeeded.add(event.step)
             failed.discard(event.step)
-        elif event.type == "StepFailed":
+        elif event.type == EventType.STEP_FAILED:
             failed.add(event.step)
             steps[event.step].last_error = f"{event.code}: {event.message}"
-        elif event.type == "CompensationSucceeded":
+        elif event.type == EventType.COMPENSATION_SUCCEEDED:
             compensated.add(event.step)
-        elif event.type == EFFECT_AFTER_TERMINATE:
+        elif event.type == EventType.EFFECT_AFTER_TERMINATE:
             # The call was on the wire at terminate: what it did stands, and is said so.
             (succeeded if event.code == "OK" else failed).add(event.step)
             steps[event.step].last_error = event.message
@@ -107,7 +100,7 @@ def _steps(
     on_wire = definition.steps[pending.command.step_index].name if pending else None
     for name, view in steps.items():
         if name == on_wire and pending is not None:
-            view.state = "running" if pending.command.direction == ACTION else "compensating"
+            view.state = "running" if pending.command.direction == Direction.ACTION else "compensating"
         elif name in compensated:
             view.state = "compensated"
         elif name in succeeded:
@@ -130,13 +123,13 @@ def steps_maybe_applied(
         step = by_name.get(event.step)
         if step is None:
             continue
-        if event.type in ("StepSucceeded", EFFECT_AFTER_TERMINATE):
+        if event.type in (EventType.STEP_SUCCEEDED, EventType.EFFECT_AFTER_TERMINATE):
             may_stand[step.name] = event.code == "OK" or _may_have_happened(step, event.code, True)
-        elif event.type == "StepFailed":
+        elif event.type == EventType.STEP_FAILED:
             may_stand[step.name] = _may_have_happened(step, event.code, may_stand.get(step.name, False))
-        elif event.type == "CompensationSucceeded":
+        elif event.type == EventType.COMPENSATION_SUCCEEDED:
             may_stand[step.name] = False
-    if pending is not None and pending.lease_owner is not None and pending.command.direction == ACTION:
+    if pending is not None and pending.lease_owner is not None and pending.command.direction == Direction.ACTION:
         may_stand[definition.steps[pending.command.step_index].name] = True
     return [step.name for step in definition.steps if may_stand.get(step.name)]
 
@@ -169,22 +162,22 @@ def saga_pb(
     if saga.ended_at is not None:
         view.ended_at.CopyFrom(timestamp(saga.ended_at))
     if definition is not None:
-        if not saga.ended or saga.status == Status.NEEDS_ATTENTION:
+        if not saga.ended or saga.status == SagaStatus.NEEDS_ATTENTION:
             view.current_step = definition.steps[saga.step_index].name
         if events is not None:
             view.steps.extend(_steps(definition, saga, events, pending))
-            if saga.status == Status.TERMINATED:
+            if saga.status == SagaStatus.TERMINATED:
                 view.steps_maybe_applied.extend(steps_maybe_applied(definition, events, pending))
     if include_history and events is not None:
         view.history.extend(event_pb(event) for event in events)
     return view
 
 
-_ENDING_EVENTS = {
-    "SagaCompleted": pb.SAGA_STATUS_COMPLETED,
-    "SagaCompensated": pb.SAGA_STATUS_COMPENSATED,
-    "SagaNeedsAttention": pb.SAGA_STATUS_NEEDS_ATTENTION,
-    "SagaTerminated": pb.SAGA_STATUS_TERMINATED,
+_ENDING_EVENTS: dict[str, Any] = {
+    EventType.SAGA_COMPLETED: pb.SAGA_STATUS_COMPLETED,
+    EventType.SAGA_COMPENSATED: pb.SAGA_STATUS_COMPENSATED,
+    EventType.SAGA_NEEDS_ATTENTION: pb.SAGA_STATUS_NEEDS_ATTENTION,
+    EventType.SAGA_TERMINATED: pb.SAGA_STATUS_TERMINATED,
 }
 
 
@@ -203,15 +196,15 @@ class StatusTracker:
 
     def after(self, event: pb.HistoryEvent, reported: Any) -> Any:
         kind = event.type
-        if kind == "SagaStarted":
+        if kind == EventType.SAGA_STARTED:
             self._known = True
-        elif kind == "CompensationStarted":
+        elif kind == EventType.COMPENSATION_STARTED:
             self._compensating = True
-        elif kind == "SagaPaused":
+        elif kind == EventType.SAGA_PAUSED:
             self._paused = True
-        elif kind in ("SagaResumed", "SagaCancelRequested"):
+        elif kind in (EventType.SAGA_RESUMED, EventType.SAGA_CANCEL_REQUESTED):
             self._paused = False
-        elif kind == "SagaRetried":
+        elif kind == EventType.SAGA_RETRIED:
             self._ended = None
         elif kind in _ENDING_EVENTS:
             self._ended = _ENDING_EVENTS[kind]

@@ -16,16 +16,15 @@ import asyncio
 import logging
 from collections.abc import AsyncGenerator
 
-import grpc
-from google.protobuf import any_pb2
-from google.rpc import error_details_pb2
 from sqlalchemy import Connection, select
 
 from orchestrator import store
-from orchestrator.engine import ENDED_STATUSES, SagaState, Status
+from orchestrator.engine import SagaState
+from orchestrator.errors import SagaNotFound
+from orchestrator.status import ENDED_STATUSES, SagaStatus
 from orchestrator.store import EventRecord
 from svckit.db import Database
-from svckit.errors import DOMAIN, DomainError, NotFound
+from svckit.errors import ResourceExhausted
 
 __all__ = ["DEFAULT_MAX_WATCHERS", "Subscription", "WatchHub", "WatchersExhausted"]
 
@@ -33,30 +32,22 @@ log = logging.getLogger("sagasuite.watch")
 
 DEFAULT_MAX_WATCHERS = 1000
 # Statuses after which a watched saga makes no progress without an operator: its stream ends.
-_WATCH_STOP = ENDED_STATUSES | {Status.NEEDS_ATTENTION}
+_WATCH_STOP = ENDED_STATUSES | {SagaStatus.NEEDS_ATTENTION}
 
 Update = tuple[SagaState, list[EventRecord]]
 
 
-class WatchersExhausted(DomainError):
+class WatchersExhausted(ResourceExhausted):
     """This process already serves MAX_WATCHERS WatchSaga streams."""
-
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
     def __init__(self, limit: int) -> None:
         super().__init__(
+            "WATCHERS_EXHAUSTED",
             f"this orchestrator already serves {limit} WatchSaga streams (MAX_WATCHERS); "
-            "retry later, or watch through another replica"
+            "retry later, or watch through another replica",
+            {"max_watchers": str(limit)},
         )
         self.limit = limit
-
-    def details(self) -> list[any_pb2.Any]:
-        info = error_details_pb2.ErrorInfo(
-            reason="WATCHERS_EXHAUSTED", domain=DOMAIN, metadata={"max_watchers": str(self.limit)}
-        )
-        packed = any_pb2.Any()
-        packed.Pack(info)
-        return [packed]
 
 
 class Subscription:
@@ -85,7 +76,7 @@ class Subscription:
 
     async def events(self, after_seq: int) -> AsyncGenerator[tuple[SagaState, EventRecord], None]:
         """The saga's events after after_seq, each with the saga as it stood then, in order and each once;
-        ends when the saga ended or needs attention. Raises NotFound for an unknown saga."""
+        ends when the saga ended or needs attention. Raises SagaNotFound for an unknown saga."""
         after = after_seq
         read_store = True
         latest: SagaState | None = None
@@ -94,7 +85,7 @@ class Subscription:
                 self._take()  # what the read below returns supersedes anything queued before it
                 saga, events = await self._hub._read(self.saga_id, after)
                 if saga is None:
-                    raise NotFound("SAGA_NOT_FOUND", f"no saga {self.saga_id}", {"saga_id": self.saga_id})
+                    raise SagaNotFound(self.saga_id)
                 self._hub._observed(self.saga_id, saga.event_seq)
                 updates = [(saga, events)]
             else:

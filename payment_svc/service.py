@@ -26,6 +26,7 @@ from sqlalchemy import Connection
 from payment_svc import store
 from payment_svc.store import LedgerEntryRecord, PaymentRecord
 from svckit.errors import FailedPrecondition, NotFound
+from svckit.page_token import encode_sequence
 from svckit.validation import MAX_PAYMENT_TOKEN_LENGTH, PAYMENT_TOKEN_PREFIX, Money, Violations
 
 __all__ = [
@@ -38,10 +39,15 @@ __all__ = [
     "REFUNDED",
     "TOKEN_PREFIX",
     "TOMBSTONE",
+    "CardDeclined",
+    "InsufficientFunds",
     "LedgerEntry",
     "LedgerPage",
     "LedgerQuery",
+    "OrderAlreadyCharged",
+    "OrderRefunded",
     "Payment",
+    "PaymentNotFound",
     "charge",
     "get_payment",
     "ledger_page",
@@ -57,16 +63,67 @@ CHARGE, REFUND = "CHARGE", "REFUND"
 
 TOKEN_PREFIX = PAYMENT_TOKEN_PREFIX
 MAX_TOKEN_LENGTH = MAX_PAYMENT_TOKEN_LENGTH
-# Test tokens that decline, with the refusal reason and message each one produces.
-DECLINING_TOKENS: dict[str, tuple[str, str]] = {
-    "tok_declined": ("CARD_DECLINED", "the card was declined"),
-    "tok_insufficient_funds": ("INSUFFICIENT_FUNDS", "the card has insufficient funds"),
+
+
+class PaymentNotFound(NotFound):
+    """The order has no payment."""
+
+    def __init__(self, order_id: str) -> None:
+        super().__init__("PAYMENT_NOT_FOUND", f"order {order_id} has no payment", {"order_id": order_id})
+        self.order_id = order_id
+
+
+class OrderRefunded(FailedPrecondition):
+    """The order was refunded (or refunded in advance, a tombstone): it cannot be charged again."""
+
+    def __init__(self, order_id: str, payment_id: str) -> None:
+        super().__init__(
+            "ORDER_REFUNDED",
+            f"order {order_id} was refunded; it cannot be charged again",
+            {"order_id": order_id, "payment_id": payment_id},
+        )
+        self.order_id = order_id
+        self.payment_id = payment_id
+
+
+class OrderAlreadyCharged(FailedPrecondition):
+    """The order has a charge already: one charge per order."""
+
+    def __init__(self, order_id: str, payment_id: str) -> None:
+        super().__init__(
+            "ORDER_ALREADY_CHARGED",
+            f"order {order_id} was already charged by payment {payment_id}",
+            {"order_id": order_id, "payment_id": payment_id},
+        )
+        self.order_id = order_id
+        self.payment_id = payment_id
+
+
+class CardDeclined(FailedPrecondition):
+    """The card was declined; no payment is left, so the order may be charged later with another token."""
+
+    REASON = "CARD_DECLINED"
+    DETAIL = "the card was declined"
+
+    def __init__(self, order_id: str) -> None:
+        super().__init__(self.REASON, f"order {order_id}: {self.DETAIL}", {"order_id": order_id})
+        self.order_id = order_id
+
+
+class InsufficientFunds(CardDeclined):
+    """The card was declined for insufficient funds."""
+
+    REASON = "INSUFFICIENT_FUNDS"
+    DETAIL = "the card has insufficient funds"
+
+
+# Test tokens that decline, with the refusal each one produces.
+DECLINING_TOKENS: dict[str, type[CardDeclined]] = {
+    "tok_declined": CardDeclined,
+    "tok_insufficient_funds": InsufficientFunds,
 }
 
 DEFAULT_PAGE_SIZE = 100
-# A page token is the entry id the previous page ended at; 18 digits stay inside a signed 64-bit integer.
-_MAX_TOKEN_DIGITS = 18
-_BAD_PAGE_TOKEN = "is not a token returned by a previous page"
 
 
 @dataclass(frozen=True)
@@ -151,15 +208,8 @@ def parse_ledger_query(order_id: str, page_size: int, page_token: str) -> Ledger
     if order_id:
         violations.identifier("order_id", order_id)
     violations.page_size("page_size", page_size)
-    before_entry_id: int | None = None
-    if page_token:
-        # isascii() too: str.isdigit() accepts digits such as "²" that int() refuses.
-        if not (page_token.isascii() and page_token.isdigit()) or len(page_token) > _MAX_TOKEN_DIGITS:
-            violations.add("page_token", _BAD_PAGE_TOKEN)
-        elif int(page_token) < 1:
-            violations.add("page_token", _BAD_PAGE_TOKEN)
-        else:
-            before_entry_id = int(page_token)
+    # The entry id the previous page ended at (see svckit.page_token).
+    before_entry_id = violations.sequence_token("page_token", page_token)
     violations.raise_if_any()
     return LedgerQuery(order_id, page_size or DEFAULT_PAGE_SIZE, before_entry_id)
 
@@ -169,20 +219,11 @@ def charge(connection: Connection, order_id: str, amount: Money, payment_token: 
     existing = store.get_payment(connection, order_id)
     if existing is not None:
         if existing.status in (REFUNDED, TOMBSTONE):
-            raise FailedPrecondition(
-                "ORDER_REFUNDED",
-                f"order {order_id} was refunded; it cannot be charged again",
-                {"order_id": order_id, "payment_id": existing.payment_id},
-            )
-        raise FailedPrecondition(
-            "ORDER_ALREADY_CHARGED",
-            f"order {order_id} was already charged by payment {existing.payment_id}",
-            {"order_id": order_id, "payment_id": existing.payment_id},
-        )
+            raise OrderRefunded(order_id, existing.payment_id)
+        raise OrderAlreadyCharged(order_id, existing.payment_id)
     declined = DECLINING_TOKENS.get(payment_token)
     if declined is not None:
-        reason, message = declined
-        raise FailedPrecondition(reason, f"order {order_id}: {message}", {"order_id": order_id})
+        raise declined(order_id)
     now = time.time()
     row = PaymentRecord(
         order_id=order_id,
@@ -249,7 +290,7 @@ def refund(connection: Connection, order_id: str) -> tuple[Payment, bool]:
 def get_payment(connection: Connection, order_id: str) -> Payment:
     existing = store.get_payment(connection, order_id)
     if existing is None:
-        raise NotFound("PAYMENT_NOT_FOUND", f"order {order_id} has no payment", {"order_id": order_id})
+        raise PaymentNotFound(order_id)
     return _view(existing)
 
 
@@ -258,5 +299,5 @@ def ledger_page(connection: Connection, query: LedgerQuery) -> LedgerPage:
     # One row more than the page tells whether another page follows, in the same round trip.
     rows = store.list_entries(connection, query.order_id, query.before_entry_id, query.page_size + 1)
     entries = [_entry(row) for row in rows[: query.page_size]]
-    next_page_token = str(entries[-1].entry_id) if len(rows) > query.page_size else ""
+    next_page_token = encode_sequence(entries[-1].entry_id) if len(rows) > query.page_size else ""
     return LedgerPage(entries, next_page_token)

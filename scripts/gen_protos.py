@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import sysconfig
 from pathlib import Path
 
 import grpc_tools
@@ -12,10 +13,14 @@ from grpc_tools import protoc
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = REPO_ROOT / "proto"
 WELL_KNOWN_TYPES = Path(grpc_tools.__file__).parent / "_proto"
+# mypy-protobuf's plugin types the gRPC stubs (grpc_tools leaves *_pb2_grpc.py untyped), async stubs included.
+MYPY_GRPC_PLUGIN = Path(sysconfig.get_path("scripts")) / "protoc-gen-mypy_grpc"
 
 
 def generate(out_dir: Path) -> None:
     """Run protoc on every contract, writing messages, stubs and type hints under out_dir."""
+    if not MYPY_GRPC_PLUGIN.exists():
+        raise SystemExit(f"{MYPY_GRPC_PLUGIN} not found: install the dev extra (pip install -e '.[dev]')")
     out_dir.mkdir(parents=True, exist_ok=True)
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
     args = [
@@ -25,6 +30,9 @@ def generate(out_dir: Path) -> None:
         f"--python_out={out_dir}",
         f"--pyi_out={out_dir}",
         f"--grpc_python_out={out_dir}",
+        f"--plugin=protoc-gen-mypy_grpc={MYPY_GRPC_PLUGIN}",
+        "--mypy_grpc_opt=quiet",
+        f"--mypy_grpc_out={out_dir}",
         *protos,
     ]
     if protoc.main(args) != 0:

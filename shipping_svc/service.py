@@ -19,7 +19,10 @@ __all__ = [
     "CANCELLED",
     "CREATED",
     "TOMBSTONE",
+    "OrderAlreadyShipped",
+    "OrderCancelled",
     "Shipment",
+    "ShipmentNotFound",
     "cancel_shipment",
     "create_shipment",
     "get_shipment",
@@ -45,6 +48,39 @@ class Shipment:
     address: PostalAddress | None
     items: list[Line]
     created_at: float
+
+
+class ShipmentNotFound(NotFound):
+    """The order has no shipment."""
+
+    def __init__(self, order_id: str) -> None:
+        super().__init__("SHIPMENT_NOT_FOUND", f"order {order_id} has no shipment", {"order_id": order_id})
+        self.order_id = order_id
+
+
+class OrderCancelled(FailedPrecondition):
+    """The order's shipment was cancelled (or cancelled in advance, a tombstone): it cannot be shipped again."""
+
+    def __init__(self, order_id: str) -> None:
+        super().__init__(
+            "ORDER_CANCELLED",
+            f"order {order_id} had its shipment cancelled; it cannot be shipped again",
+            {"order_id": order_id},
+        )
+        self.order_id = order_id
+
+
+class OrderAlreadyShipped(FailedPrecondition):
+    """The order has a shipment already: one shipment per order."""
+
+    def __init__(self, order_id: str, shipment_id: str) -> None:
+        super().__init__(
+            "ORDER_ALREADY_SHIPPED",
+            f"order {order_id} already has shipment {shipment_id}",
+            {"order_id": order_id, "shipment_id": shipment_id},
+        )
+        self.order_id = order_id
+        self.shipment_id = shipment_id
 
 
 def _view(row: ShipmentRecord, status: str | None = None) -> Shipment:
@@ -96,16 +132,8 @@ def create_shipment(connection: Connection, order_id: str, address: PostalAddres
     existing = store.get_shipment(connection, order_id)
     if existing is not None:
         if existing.status in (CANCELLED, TOMBSTONE):
-            raise FailedPrecondition(
-                "ORDER_CANCELLED",
-                f"order {order_id} had its shipment cancelled; it cannot be shipped again",
-                {"order_id": order_id},
-            )
-        raise FailedPrecondition(
-            "ORDER_ALREADY_SHIPPED",
-            f"order {order_id} already has shipment {existing.shipment_id}",
-            {"order_id": order_id, "shipment_id": existing.shipment_id},
-        )
+            raise OrderCancelled(order_id)
+        raise OrderAlreadyShipped(order_id, existing.shipment_id)
     row = ShipmentRecord(
         order_id=order_id,
         shipment_id=_new_shipment_id(),
@@ -158,5 +186,5 @@ def cancel_shipment(connection: Connection, order_id: str) -> tuple[Shipment, bo
 def get_shipment(connection: Connection, order_id: str) -> Shipment:
     existing = store.get_shipment(connection, order_id)
     if existing is None:
-        raise NotFound("SHIPMENT_NOT_FOUND", f"order {order_id} has no shipment", {"order_id": order_id})
+        raise ShipmentNotFound(order_id)
     return _view(existing)

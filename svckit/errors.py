@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, descriptor_pool, message_factory
@@ -26,9 +27,11 @@ __all__ = [
     "MalformedRequest",
     "NotFound",
     "PermissionDenied",
+    "ResourceExhausted",
     "RetryableError",
     "TransactionConflict",
     "Unauthenticated",
+    "abort_call",
     "error_from_status",
     "status_from_error",
 ]
@@ -166,6 +169,12 @@ class Unauthenticated(_ReasonedError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
+class ResourceExhausted(_ReasonedError):
+    """A limit of this process is reached (a refusal of now, not of the request): retry later or elsewhere."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class RetryableError(Exception):
     """A transient failure: the same request may succeed later."""
 
@@ -223,6 +232,12 @@ def status_from_error(error: DomainError | RetryableError) -> grpc.Status:
     message = _clip(error.message, _MAX_MESSAGE_WIRE_BYTES, _wire_size)
     status = status_pb2.Status(code=error.code.value[0], message=message, details=_bounded_details(details))
     return rpc_status.to_status(status)
+
+
+async def abort_call(context: grpc.aio.ServicerContext[Any, Any], error: DomainError | RetryableError) -> None:
+    """End a call with the status of error, for handlers the rpc wrapper does not wrap (streams); always raises."""
+    failure = status_from_error(error)
+    await context.abort(failure.code, failure.details, failure.trailing_metadata)
 
 
 # A status travels in trailers: the message twice (grpc-message, percent-encoded, and inside

@@ -47,7 +47,7 @@ def check(address: str, settings: HealthcheckSettings, service: str = "", timeou
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
             )
     except grpc.RpcError as error:
-        return False, f"{error.code().name}: {error.details()}"  # type: ignore[attr-defined]
+        return False, f"{error.code().name}: {error.details()}"
     except ValueError as error:
         return False, f"configuration error: {error}"
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)

@@ -149,11 +149,15 @@ class IdempotencyStore:
         self, connection: Connection, key: str, lock: int, lock_name: str
     ) -> tuple[str, str, int, bytes] | None:
         """The stored record of key, once this transaction holds the call's lock (PostgreSQL)."""
+        # A DBAPI cursor's rows are untyped; _SELECT's columns are (method, request_hash, code, response).
+        row: tuple[str, str, int, bytes] | None
         if not self._locks:
-            return _SELECT.execute(connection, {"key": key}).fetchone()
+            row = _SELECT.execute(connection, {"key": key}).fetchone()
+            return row
         if may_wait_for_locks(connection):
             _LOCK.execute(connection, {"lock": lock})
-            return _SELECT.execute(connection, {"key": key}).fetchone()
+            row = _SELECT.execute(connection, {"key": key}).fetchone()
+            return row
         # Inside a batch a wait could close a cycle with another process's batch: try, and if the
         # lock is taken run again alone after the batch (the database layer does that for KeyBusy).
         claimed, method, request_hash, code, response = _TRY_LOCK_AND_SELECT.execute(

@@ -12,31 +12,37 @@ import time
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from google.protobuf import any_pb2, descriptor_pool, message_factory
 from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # grpc-stubs lacks the aio module
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 
 from svckit.config import ServiceSettings
 from svckit.errors import DomainError, InvalidArgument, MalformedRequest, RetryableError, status_from_error
 from svckit.faults import FaultInjector, parse_faults
+from svckit.idempotency_key import IDEMPOTENCY_HEADER
 from svckit.metrics import RpcMetrics, serve_metrics
 from svckit.telemetry import configure_tracing, server_interceptors, shutdown_tracing
 
 __all__ = ["IDEMPOTENCY_HEADER", "CallContext", "RequestGuard", "RpcServer", "rpc", "run_server"]
 
-IDEMPOTENCY_HEADER = "idempotency-key"
 _MAX_KEY_LENGTH = 200
 
 log = logging.getLogger("sagasuite.rpc")
 
 ServicerT = TypeVar("ServicerT")
+
+if TYPE_CHECKING:
+    # Generic only in the stubs (subscripting it at run time raises); the guard serves every method's messages.
+    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    _ServerInterceptor = grpc.aio.ServerInterceptor
 
 
 @dataclass
@@ -46,18 +52,18 @@ class CallContext:
     method: str
     idempotency_key: str
     deadline: float | None
-    grpc_context: grpc.aio.ServicerContext
+    grpc_context: grpc.aio.ServicerContext[Any, Any]
     notes: dict[str, Any] = field(default_factory=dict)
 
 
-def _metadata_value(context: grpc.aio.ServicerContext, name: str) -> str | bytes | None:
+def _metadata_value(context: grpc.aio.ServicerContext[Any, Any], name: str) -> str | bytes | None:
     for key, value in context.invocation_metadata() or ():
         if key == name:
             return value
     return None
 
 
-def _idempotency_key(context: grpc.aio.ServicerContext, required: bool) -> str:
+def _idempotency_key(context: grpc.aio.ServicerContext[Any, Any], required: bool) -> str:
     if _metadata_value(context, IDEMPOTENCY_HEADER + "-bin") is not None:
         raise InvalidArgument.of(IDEMPOTENCY_HEADER, "must be printable ASCII text, not a binary header")
     raw = _metadata_value(context, IDEMPOTENCY_HEADER)
@@ -92,7 +98,7 @@ def rpc(*, mutating: bool) -> Callable[[Callable[..., Awaitable[Any]]], Callable
         method = handler.__name__
 
         @functools.wraps(handler)
-        async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
             key = ""
             replayed = False
@@ -124,7 +130,7 @@ def rpc(*, mutating: bool) -> Callable[[Callable[..., Awaitable[Any]]], Callable
                     RetryableError(f"internal error, reference {reference}", grpc.StatusCode.INTERNAL)
                 )
             elapsed_ms = (time.perf_counter() - started) * 1000
-            code_name = failure.code.name if failure else "OK"  # type: ignore[attr-defined]
+            code_name = failure.code.name if failure else "OK"
             log.info(
                 "method=%s key=%s code=%s ms=%.1f%s",
                 method,
@@ -137,9 +143,9 @@ def rpc(*, mutating: bool) -> Callable[[Callable[..., Awaitable[Any]]], Callable
                 observer(method, code_name, elapsed_ms, replayed)
             if failure is not None:
                 await context.abort(
-                    failure.code,  # type: ignore[attr-defined]
-                    failure.details,  # type: ignore[attr-defined]
-                    trailing_metadata=failure.trailing_metadata,  # type: ignore[attr-defined]
+                    failure.code,
+                    failure.details,
+                    trailing_metadata=failure.trailing_metadata,
                 )
             return response
 
@@ -155,7 +161,7 @@ class _Malformed:
 _MALFORMED = _Malformed()
 
 
-class RequestGuard(grpc.aio.ServerInterceptor):
+class RequestGuard(_ServerInterceptor):
     """Refuses request bytes that are not a valid message, and drops unknown fields from those that are.
 
     grpc decodes a request with the handler's deserializer before any servicer code runs, so a
@@ -171,13 +177,13 @@ class RequestGuard(grpc.aio.ServerInterceptor):
 
     def __init__(self) -> None:
         # method path -> (the handler found, its guarded copy): a method's handler is built once.
-        self._guarded: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._guarded: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler  # no such method: grpc answers UNIMPLEMENTED
@@ -191,7 +197,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         return guarded
 
 
-def _guard(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+def _guard(handler: grpc.RpcMethodHandler[Any, Any], method: str) -> grpc.RpcMethodHandler[Any, Any]:
     """handler with a deserializer that never raises and a behaviour that refuses what it could not decode."""
     behavior, factory = _behavior_and_factory(handler)
     deserializer = handler.request_deserializer
@@ -203,13 +209,15 @@ def _guard(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler
     message_name = _request_message_name(deserializer, method)
     decode = _tolerant(deserializer)
 
-    async def refuse(context: grpc.aio.ServicerContext) -> None:
+    async def refuse(context: grpc.aio.ServicerContext[Any, Any]) -> None:
         await _refuse_malformed(context, method, message_name)
 
     guarded: Callable[..., Any]
     if handler.request_streaming:
 
-        async def checked(requests: AsyncIterable[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def checked(
+            requests: AsyncIterable[Any], context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
             async for request in requests:
                 if request is _MALFORMED:
                     await refuse(context)
@@ -217,19 +225,21 @@ def _guard(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler
 
         if inspect.isasyncgenfunction(behavior):
 
-            async def guarded(requests: AsyncIterable[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async def guarded(
+                requests: AsyncIterable[Any], context: grpc.aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
                 async with contextlib.aclosing(handle(checked(requests, context), context)) as responses:
                     async for response in responses:
                         yield response
 
         else:
 
-            async def guarded(requests: AsyncIterable[Any], context: grpc.aio.ServicerContext) -> Any:
+            async def guarded(requests: AsyncIterable[Any], context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 return await handle(checked(requests, context), context)
 
     elif inspect.isasyncgenfunction(behavior):
 
-        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             if request is _MALFORMED:
                 await refuse(context)
                 return
@@ -240,7 +250,7 @@ def _guard(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler
 
     else:
 
-        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             if request is _MALFORMED:
                 await refuse(context)
             return await handle(request, context)
@@ -248,7 +258,9 @@ def _guard(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler
     return factory(guarded, request_deserializer=decode, response_serializer=handler.response_serializer)
 
 
-def _behavior_and_factory(handler: grpc.RpcMethodHandler) -> tuple[Callable[..., Any] | None, Callable[..., Any]]:
+def _behavior_and_factory(
+    handler: grpc.RpcMethodHandler[Any, Any],
+) -> tuple[Callable[..., Any] | None, Callable[..., grpc.RpcMethodHandler[Any, Any]]]:
     if handler.request_streaming and handler.response_streaming:
         return handler.stream_stream, grpc.stream_stream_rpc_method_handler
     if handler.request_streaming:
@@ -348,7 +360,7 @@ def _request_message_name(deserializer: Callable[[bytes], Any], method: str) -> 
         return "request message"
 
 
-async def _refuse_malformed(context: grpc.aio.ServicerContext, method: str, message_name: str) -> None:
+async def _refuse_malformed(context: grpc.aio.ServicerContext[Any, Any], method: str, message_name: str) -> None:
     """Abort the call with INVALID_ARGUMENT; logged like any other refusal, at INFO, with no traceback."""
     short_name = method.rsplit("/", 1)[-1]
     log.info("method=%s key=- code=INVALID_ARGUMENT ms=0.0 request is not a valid %s", short_name, message_name)

@@ -133,15 +133,22 @@ class Tracing:
     def tracer(self, name: str) -> trace.Tracer:
         return self.provider.get_tracer(name)
 
-    def server_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+    def server_interceptors(self) -> list[grpc.aio.ServerInterceptor[Any, Any]]:
         from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
-        return [aio_server_interceptor(tracer_provider=self.provider, filter_=self._filter)]
+        # The instrumentation leaves its factories unannotated.
+        interceptor = aio_server_interceptor(  # type: ignore[no-untyped-call]
+            tracer_provider=self.provider, filter_=self._filter
+        )
+        return [interceptor]
 
     def client_interceptors(self) -> list[grpc.aio.ClientInterceptor]:
         from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
-        return list(aio_client_interceptors(tracer_provider=self.provider, filter_=self._filter))
+        interceptors = aio_client_interceptors(  # type: ignore[no-untyped-call]  # unannotated, as above
+            tracer_provider=self.provider, filter_=self._filter
+        )
+        return list(interceptors)
 
     def shutdown(self) -> None:
         """Export the spans still queued, then stop the exporters."""
@@ -174,7 +181,7 @@ def current_tracing() -> Tracing | None:
     return _current
 
 
-def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
+def server_interceptors() -> list[grpc.aio.ServerInterceptor[Any, Any]]:
     """The tracing server interceptor, or nothing when tracing is off."""
     return _current.server_interceptors() if _current is not None else []
 

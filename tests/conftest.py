@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
+import pluggy
 import pytest
 
 from svckit.launcher import ManagedProcess
@@ -16,7 +17,9 @@ POSTGRES_ADMIN_URL = os.environ.get("SAGASUITE_TEST_POSTGRES", "postgresql+psyco
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pluggy.Result[pytest.TestReport], None]:
     outcome = yield
     report = outcome.get_result()
     if REQUIRE_ALL and report.skipped and not hasattr(report, "wasxfail"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 
 import grpc
 import pytest
@@ -12,16 +13,23 @@ from grpc_status import rpc_status
 
 from svckit.launcher import ManagedProcess
 
-__all__ = ["bad_request_fields", "call_logged", "error_reason", "keyed"]
+__all__ = ["bad_request_fields", "call_logged", "error_reason", "keyed", "trailers"]
 
 
 def keyed(key: str) -> tuple[tuple[str, str], ...]:
     return (("idempotency-key", key),)
 
 
+def trailers(error: grpc.aio.AioRpcError) -> list[tuple[str, str | bytes]]:
+    """The trailing metadata of a failed call, as (key, value) pairs."""
+    # A grpc.aio.Metadata of pairs at run time; grpc-stubs types it as a tuple of opaque _Metadatum.
+    pairs: Iterable[tuple[str, str | bytes]] = error.trailing_metadata() or ()  # type: ignore[assignment]
+    return list(pairs)
+
+
 def _status(error: grpc.aio.AioRpcError) -> status_pb2.Status | None:
-    for key, value in error.trailing_metadata() or ():
-        if key == rpc_status.GRPC_DETAILS_METADATA_KEY:
+    for key, value in trailers(error):
+        if key == rpc_status.GRPC_DETAILS_METADATA_KEY:  # type: ignore[attr-defined]  # not in grpc-stubs
             return status_pb2.Status.FromString(value)
     return None
 
@@ -45,7 +53,8 @@ def error_reason(error: grpc.aio.AioRpcError) -> str:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
             detail.Unpack(info)
-            return info.reason
+            reason: str = info.reason  # google.rpc ships no type information
+            return reason
     return ""
 
 

@@ -149,11 +149,11 @@ class Clients:
     """Stubs for the orchestrator and for each service's own read API (their ledgers)."""
 
     stack: LocalStack
-    orchestrator: pb_grpc.OrchestratorServiceStub
-    inventory: inventory_grpc.InventoryServiceStub
-    payment: payment_grpc.PaymentServiceStub
-    shipping: shipping_grpc.ShippingServiceStub
-    notify: notify_grpc.NotifyServiceStub
+    orchestrator: pb_grpc.OrchestratorServiceAsyncStub
+    inventory: inventory_grpc.InventoryServiceAsyncStub
+    payment: payment_grpc.PaymentServiceAsyncStub
+    shipping: shipping_grpc.ShippingServiceAsyncStub
+    notify: notify_grpc.NotifyServiceAsyncStub
 
     async def saga(self, saga_id: str) -> pb.Saga:
         return (await self.orchestrator.GetSaga(pb.GetSagaRequest(saga_id=saga_id))).saga
@@ -186,7 +186,8 @@ class Clients:
         return level
 
 
-class BearerAuth(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
+# The bases are generic only in grpc-stubs (subscripting them at run time raises).
+class BearerAuth(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
     """Adds `authorization: Bearer <token>` to every call of the channel it is installed on."""
 
     def __init__(self, token: str) -> None:
@@ -239,7 +240,7 @@ async def refused(call: Awaitable[Any]) -> grpc.aio.AioRpcError:
 
 
 def status_name(status: int) -> str:
-    return pb.SagaStatus.Name(status).removeprefix("SAGA_STATUS_")  # type: ignore[arg-type]
+    return pb.SagaStatus.Name(status).removeprefix("SAGA_STATUS_")
 
 
 def render(saga: pb.Saga) -> str:
@@ -259,7 +260,7 @@ def events(saga: pb.Saga, *types: str) -> list[tuple[str, str, str]]:
 def ledger_kinds(entries: Iterable[payment_pb.LedgerEntry]) -> list[str]:
     """Ledger entry kinds oldest first, as "CHARGE" / "REFUND"."""
     ordered = sorted(entries, key=lambda entry: entry.entry_id)
-    return [payment_pb.LedgerEntryKind.Name(e.kind).removeprefix("LEDGER_ENTRY_KIND_") for e in ordered]  # type: ignore[arg-type]
+    return [payment_pb.LedgerEntryKind.Name(e.kind).removeprefix("LEDGER_ENTRY_KIND_") for e in ordered]
 
 
 async def wait_for(

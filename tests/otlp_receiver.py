@@ -101,7 +101,10 @@ class OtlpReceiver:
         self._lock = threading.Lock()
         self._spans: list[ReceivedSpan] = []
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceService(self), self._server)
+        # opentelemetry-proto's gRPC module is unannotated.
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            _TraceService(self), self._server
+        )
         self.port = self._server.add_insecure_port("127.0.0.1:0")
 
     @property

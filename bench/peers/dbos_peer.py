@@ -24,7 +24,7 @@ from sagasuite.payment.v1 import payment_service_pb2 as payment
 from sagasuite.payment.v1 import payment_service_pb2_grpc as payment_grpc
 from sagasuite.shipping.v1 import shipping_service_pb2 as shipping
 from sagasuite.shipping.v1 import shipping_service_pb2_grpc as shipping_grpc
-from svckit.server import IDEMPOTENCY_HEADER
+from svckit.idempotency_key import IDEMPOTENCY_HEADER
 
 __all__ = ["DbosTarget"]
 

@@ -204,7 +204,7 @@ def _activities(addresses: Mapping[str, str]) -> list[Any]:
     from sagasuite.payment.v1 import payment_service_pb2_grpc as payment_grpc
     from sagasuite.shipping.v1 import shipping_service_pb2 as shipping
     from sagasuite.shipping.v1 import shipping_service_pb2_grpc as shipping_grpc
-    from svckit.server import IDEMPOTENCY_HEADER
+    from svckit.idempotency_key import IDEMPOTENCY_HEADER
 
     stubs: dict[str, Any] = {}
 

@@ -86,11 +86,11 @@ def order_request(order_id: str, token: str = "tok_visa") -> pb.PlaceOrderReques
 class Clients:
     """Stubs for the orchestrator and the four services of one stack, on channels that reconnect fast."""
 
-    orchestrator: pb_grpc.OrchestratorServiceStub
-    inventory: inventory_grpc.InventoryServiceStub
-    payment: payment_grpc.PaymentServiceStub
-    shipping: shipping_grpc.ShippingServiceStub
-    notify: notify_grpc.NotifyServiceStub
+    orchestrator: pb_grpc.OrchestratorServiceAsyncStub
+    inventory: inventory_grpc.InventoryServiceAsyncStub
+    payment: payment_grpc.PaymentServiceAsyncStub
+    shipping: shipping_grpc.ShippingServiceAsyncStub
+    notify: notify_grpc.NotifyServiceAsyncStub
     channels: list[grpc.aio.Channel]
 
     @classmethod
@@ -124,7 +124,9 @@ async def _bounded(calls: Iterable[Callable[[], Awaitable[T]]], limit: int = 32)
     return await asyncio.gather(*(one(call) for call in calls))
 
 
-async def place_order(stub: pb_grpc.OrchestratorServiceStub, request: pb.PlaceOrderRequest, limit: float = 30.0) -> str:
+async def place_order(
+    stub: pb_grpc.OrchestratorServiceAsyncStub, request: pb.PlaceOrderRequest, limit: float = 30.0
+) -> str:
     """PlaceOrder, retried while the orchestrator is down: the order id dedups, so a retry finds the same saga."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + limit
@@ -145,7 +147,7 @@ def describe(saga: pb.Saga) -> str:
     return "\n".join(lines)
 
 
-async def _get_saga(stub: pb_grpc.OrchestratorServiceStub, saga_id: str) -> pb.Saga | None:
+async def _get_saga(stub: pb_grpc.OrchestratorServiceAsyncStub, saga_id: str) -> pb.Saga | None:
     try:
         return (await stub.GetSaga(pb.GetSagaRequest(saga_id=saga_id), timeout=5)).saga
     except grpc.aio.AioRpcError as error:
@@ -154,7 +156,7 @@ async def _get_saga(stub: pb_grpc.OrchestratorServiceStub, saga_id: str) -> pb.S
         raise
 
 
-async def _moving(stub: pb_grpc.OrchestratorServiceStub) -> set[str] | None:
+async def _moving(stub: pb_grpc.OrchestratorServiceAsyncStub) -> set[str] | None:
     """Ids of every saga still running, compensating or paused (one cheap listing); None while unreachable."""
     moving: set[str] = set()
     token = ""
@@ -174,7 +176,7 @@ async def _moving(stub: pb_grpc.OrchestratorServiceStub) -> set[str] | None:
 
 
 async def wait_ended(
-    stub: pb_grpc.OrchestratorServiceStub, saga_ids: Sequence[str], limit: float = 30.0
+    stub: pb_grpc.OrchestratorServiceAsyncStub, saga_ids: Sequence[str], limit: float = 30.0
 ) -> dict[str, pb.Saga]:
     """Wait until every saga has stopped (ended or needs attention) and return them with their histories.
 
@@ -198,7 +200,7 @@ async def wait_ended(
         await asyncio.sleep(0.2)
 
 
-async def stock_levels(stub: inventory_grpc.InventoryServiceStub) -> StockLevels:
+async def stock_levels(stub: inventory_grpc.InventoryServiceAsyncStub) -> StockLevels:
     response = await stub.GetStock(inventory.GetStockRequest(skus=SKUS), timeout=5)
     return {level.sku: (level.available, level.reserved) for level in response.levels}
 

@@ -325,7 +325,8 @@ class Target:
 
     def saga(self, saga_id: str) -> pb.Saga:
         request = pb.GetSagaRequest(saga_id=saga_id)
-        return self.stub("orchestrator").GetSaga(request, metadata=self.auth(), timeout=CALL_SECONDS).saga
+        saga: pb.Saga = self.stub("orchestrator").GetSaga(request, metadata=self.auth(), timeout=CALL_SECONDS).saga
+        return saga
 
     def wait_ended(self, saga_id: str, within: float = WAIT_SECONDS) -> pb.Saga:
         """The saga once it has ended (or needs attention), or as it stands after `within` seconds."""
@@ -348,7 +349,7 @@ class Target:
                 if answer.status != health_pb2.HealthCheckResponse.SERVING:
                     broken.append(f"{name}: {health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)}")
             except grpc.RpcError as error:
-                broken.append(f"{name}: health check {error.code().name}")  # type: ignore[attr-defined]
+                broken.append(f"{name}: health check {error.code().name}")
             if not self.stack.processes()[name].is_running():
                 broken.append(f"{name}: process exited")
         return broken
@@ -702,9 +703,9 @@ def _left_behind(target: Target, rpc: Rpc, key: str) -> str:
             found = target.stub("notify").ListNotifications(notify_pb.ListNotificationsRequest(order_id=key), timeout=t)
             return f"{len(found.notifications)} notifications" if found.notifications else ""
     except grpc.RpcError as error:
-        if error.code() == grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+        if error.code() == grpc.StatusCode.NOT_FOUND:
             return ""
-        return f"(the probe itself failed: {error.code().name})"  # type: ignore[attr-defined]
+        return f"(the probe itself failed: {error.code().name})"
     return ""
 
 

@@ -85,7 +85,7 @@ def get(stub: pb_grpc.OrchestratorServiceStub, saga_id: str) -> pb.Saga:
 
 
 def status(saga: pb.Saga) -> str:
-    return pb.SagaStatus.Name(saga.status).removeprefix("SAGA_STATUS_")  # type: ignore[arg-type]
+    return pb.SagaStatus.Name(saga.status).removeprefix("SAGA_STATUS_")
 
 
 def wait_status(stub: pb_grpc.OrchestratorServiceStub, saga_id: str, wanted: set[str]) -> pb.Saga:

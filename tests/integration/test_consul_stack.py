@@ -153,7 +153,8 @@ class ConsulAgent:
         entry = self.entry(name, instance_id)
         if entry is None:
             return None
-        return next(c["Status"] for c in entry["Checks"] if c["ServiceID"] == instance_id)
+        status: str = next(c["Status"] for c in entry["Checks"] if c["ServiceID"] == instance_id)
+        return status
 
     def passing_ids(self, name: str) -> set[str]:
         return {e["Service"]["ID"] for e in self.get(f"/v1/health/service/{name}?passing=true")}

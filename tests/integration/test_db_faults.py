@@ -310,7 +310,7 @@ async def test_batches_of_two_processes_take_shared_row_locks_in_one_order(postg
             _in_one_batch(first, [bump("x", then_wait=True), bump("y")]),
             _in_one_batch(second, [bump("y", then_wait=True), bump("x")]),
         )
-        assert results == [["x", "y"], ["y", "x"]]
+        assert list(results) == [["x", "y"], ["y", "x"]]
     finally:
         first.close()
         second.close()

@@ -28,9 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from svckit.channels import ChannelPool, NoHealthyInstance
 from svckit.discovery import ConsulRegistration, ConsulResolver, ConsulSettings
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from consul_standin import ConsulStandIn  # tests/ is not a package, hence the path insert
+from tests.consul_standin import ConsulStandIn
 
 STANDIN_SCRIPT = Path(__file__).resolve().parents[1] / "consul_standin.py"
 REAL_AGENT = bool(os.environ.get("CONSUL_HTTP_ADDR"))
@@ -167,7 +165,7 @@ class Instance:
     def __init__(self, name: str) -> None:
         self.name = name
         self.server = grpc.aio.server()
-        self.health = health.aio.HealthServicer()
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # grpc-stubs lacks health.aio
         self.port = 0
 
     @property
@@ -186,7 +184,7 @@ class Instance:
         await self.server.stop(None)
 
 
-def _whoami_handler(name: str) -> grpc.GenericRpcHandler:
+def _whoami_handler(name: str) -> grpc.GenericRpcHandler[bytes, bytes]:
     # No (de)serializers: requests and responses are raw bytes, so no generated code is needed.
     answer = name.encode()
     return grpc.method_handlers_generic_handler(
@@ -229,7 +227,8 @@ async def instances() -> AsyncIterator[Callable[[str], Awaitable[Instance]]]:
 
 
 async def whoami(pool: ChannelPool, service: str) -> str:
-    reply = await pool.channel(service).unary_unary(WHOAMI)(b"", timeout=2.0)
+    call = pool.channel(service).unary_unary(WHOAMI, request_serializer=None, response_deserializer=None)
+    reply = await call(b"", timeout=2.0)
     assert isinstance(reply, bytes)
     return reply.decode()
 

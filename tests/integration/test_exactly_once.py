@@ -7,7 +7,7 @@ import contextlib
 import io
 import re
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from concurrent import futures
 from typing import Any
 
@@ -58,7 +58,7 @@ ENDED = ("COMPLETED", "COMPENSATED", "NEEDS_ATTENTION", "TERMINATED")
 INTERNAL_MARKER = "internal-"
 
 
-class InternalAfterCharge(grpc.GenericRpcHandler):
+class InternalAfterCharge(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # generic only in grpc-stubs
     """A proxy in front of payment: forwards every call, then answers INTERNAL to the Charge of marked orders.
 
     The charge has committed in payment by then: INTERNAL is what a participant answers when its
@@ -69,7 +69,7 @@ class InternalAfterCharge(grpc.GenericRpcHandler):
         self._channel = grpc.insecure_channel(upstream)
         self.injected: list[str] = []
 
-    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[bytes, bytes]:
         method = handler_call_details.method
         forward = self._channel.unary_unary(method, request_serializer=None, response_deserializer=None)
 
@@ -78,8 +78,8 @@ class InternalAfterCharge(grpc.GenericRpcHandler):
                 response = forward(request, metadata=tuple(context.invocation_metadata()),
                                    timeout=context.time_remaining())  # fmt: skip
             except grpc.RpcError as error:
-                context.set_trailing_metadata(error.trailing_metadata() or ())  # type: ignore[attr-defined,arg-type]
-                context.abort(error.code(), error.details() or "")  # type: ignore[attr-defined]
+                context.set_trailing_metadata(error.trailing_metadata() or ())  # type: ignore[arg-type]  # opaque in grpc-stubs
+                context.abort(error.code(), error.details() or "")
             if method.endswith("/Charge"):
                 order_id = payment_pb.ChargeRequest.FromString(request).order_id
                 if INTERNAL_MARKER in order_id:
@@ -144,10 +144,11 @@ async def sagas_of(clients: Clients, order_id: str) -> list[pb.Saga]:
 
 
 def text_of(*renderables: Any) -> str:
-    console = Console(file=io.StringIO(), width=200, color_system=None)
+    text = io.StringIO()
+    console = Console(file=text, width=200, color_system=None)
     for renderable in renderables:
         console.print(renderable)
-    return console.file.getvalue()  # type: ignore[attr-defined]
+    return text.getvalue()
 
 
 # -- item 2: one saga per order -------------------------------------------------------------------
@@ -175,7 +176,7 @@ async def test_the_same_order_started_every_way_at_once_is_one_saga(stack: Local
     other = pb_grpc.OrchestratorServiceStub(channel) if channel is not None else clients.orchestrator
     try:
         orders = [new_order_id("every-way") for _ in range(6)]
-        calls = []
+        calls: list[Awaitable[pb.PlaceOrderResponse | pb.StartSagaResponse]] = []
         for order_id in orders:
             request = order_request(order_id)
             calls += [

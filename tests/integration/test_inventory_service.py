@@ -31,7 +31,7 @@ async def stub(inventory):  # type: ignore[no-untyped-def]
         yield pb_grpc.InventoryServiceStub(channel)
 
 
-async def stock_of(stub: pb_grpc.InventoryServiceStub, sku: str) -> pb.StockLevel:
+async def stock_of(stub: pb_grpc.InventoryServiceAsyncStub, sku: str) -> pb.StockLevel:
     response = await stub.GetStock(pb.GetStockRequest(skus=[sku]))
     return response.levels[0]
 

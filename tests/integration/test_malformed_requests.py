@@ -27,7 +27,7 @@ from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 from sagasuite.payment.v1 import payment_service_pb2 as payment_pb
 from sagasuite.shipping.v1 import shipping_service_pb2 as shipping_pb
 from svckit.launcher import ManagedProcess
-from tests.grpc_helpers import bad_request_fields, keyed
+from tests.grpc_helpers import bad_request_fields, keyed, trailers
 from tests.orchestrator_helpers import (
     Clients,
     connect,
@@ -138,7 +138,7 @@ def _log_since(process: ManagedProcess, offset: int) -> str:
 def _trailer_bytes(error: grpc.aio.AioRpcError) -> int:
     safe = "".join(chr(c) for c in range(0x20, 0x7F) if c != ord("%"))
     total = len(urllib.parse.quote(error.details() or "", safe=safe))
-    for key, value in error.trailing_metadata() or ():
+    for key, value in trailers(error):
         total += len(key) + (len(base64.b64encode(value)) if isinstance(value, bytes) else len(value))
     return total
 
@@ -273,7 +273,7 @@ async def test_a_refusal_quoting_a_huge_value_still_reaches_the_client(clients: 
 
     error = await refused(clients.orchestrator.StartSaga(request, timeout=CALL_TIMEOUT))
 
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, f"{error.code().name} {error.details()[:300]!r}"
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, f"{error.code().name} {(error.details() or '')[:300]!r}"
     assert "input" in bad_request_fields(error)
     assert _trailer_bytes(error) < METADATA_LIMIT - 2048
 
@@ -286,7 +286,7 @@ async def test_a_service_refusal_quoting_huge_skus_still_reaches_the_client(clie
 
     error = await refused(clients.inventory.ReserveStock(request, metadata=keyed("huge-sku"), timeout=CALL_TIMEOUT))
 
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, f"{error.code().name} {error.details()[:300]!r}"
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, f"{error.code().name} {(error.details() or '')[:300]!r}"
     assert any(field.startswith("items") for field in bad_request_fields(error))
     assert _trailer_bytes(error) < METADATA_LIMIT - 2048
 

@@ -92,12 +92,12 @@ def delivered(process: ManagedProcess, order_id: str | None = None) -> list[dict
     return [line for line in lines if order_id is None or line["order_id"] == order_id]
 
 
-async def listed(stub: pb_grpc.NotifyServiceStub, order_id: str = "") -> list[pb.Notification]:
+async def listed(stub: pb_grpc.NotifyServiceAsyncStub, order_id: str = "") -> list[pb.Notification]:
     response = await stub.ListNotifications(pb.ListNotificationsRequest(order_id=order_id, page_size=500))
     return list(response.notifications)
 
 
-async def settled(stub: pb_grpc.NotifyServiceStub, order_id: str = "") -> list[pb.Notification]:
+async def settled(stub: pb_grpc.NotifyServiceAsyncStub, order_id: str = "") -> list[pb.Notification]:
     """The listing once every notification in it (of one order, or all) shows DELIVERED."""
 
     async def all_delivered() -> bool:

@@ -42,7 +42,7 @@ FAULTS = {
     "notify": "SendConfirmation:fail_first=1,code=FAILED_PRECONDITION,order_contains=confirm-once",
 }
 ENDED = ("COMPLETED", "COMPENSATED", "NEEDS_ATTENTION", "TERMINATED")
-OPERATIONS: dict[str, Callable[[pb_grpc.OrchestratorServiceStub, str, Any], Awaitable[Any]]] = {
+OPERATIONS: dict[str, Callable[[pb_grpc.OrchestratorServiceAsyncStub, str, Any], Awaitable[Any]]] = {
     "retry": lambda stub, saga_id, md: stub.RetrySaga(pb.RetrySagaRequest(saga_id=saga_id), metadata=md),
     "pause": lambda stub, saga_id, md: stub.PauseSaga(pb.PauseSagaRequest(saga_id=saga_id), metadata=md),
     "resume": lambda stub, saga_id, md: stub.ResumeSaga(pb.ResumeSagaRequest(saga_id=saga_id), metadata=md),
@@ -99,7 +99,7 @@ async def clients(stack: LocalStack) -> AsyncIterator[Clients]:
 
 
 @pytest.fixture
-async def bare(stack: LocalStack) -> AsyncIterator[pb_grpc.OrchestratorServiceStub]:
+async def bare(stack: LocalStack) -> AsyncIterator[pb_grpc.OrchestratorServiceAsyncStub]:
     """A stub that sends only the metadata each call is given."""
     async with grpc.aio.insecure_channel(stack.address) as channel:
         yield pb_grpc.OrchestratorServiceStub(channel)
@@ -141,7 +141,7 @@ BAD_CREDENTIALS = {
 
 
 async def test_operator_calls_without_the_right_token_are_refused_and_change_nothing(
-    stack: LocalStack, clients: Clients, bare: pb_grpc.OrchestratorServiceStub
+    stack: LocalStack, clients: Clients, bare: pb_grpc.OrchestratorServiceAsyncStub
 ) -> None:
     order_id, saga_id = await saga_needing_attention(clients)
     before = await clients.saga(saga_id)
@@ -162,7 +162,7 @@ async def test_operator_calls_without_the_right_token_are_refused_and_change_not
 
 
 async def test_the_right_token_carries_the_call_out_and_names_the_operator(
-    stack: LocalStack, clients: Clients, bare: pb_grpc.OrchestratorServiceStub
+    stack: LocalStack, clients: Clients, bare: pb_grpc.OrchestratorServiceAsyncStub
 ) -> None:
     _, saga_id = await saga_needing_attention(clients)
     retried = await bare.RetrySaga(pb.RetrySagaRequest(saga_id=saga_id), metadata=bearer(ALICE))
@@ -195,7 +195,7 @@ async def test_the_right_token_carries_the_call_out_and_names_the_operator(
 
 
 async def test_a_rotated_tokens_file_takes_effect_without_a_restart(
-    stack: LocalStack, tokens_file: Path, clients: Clients, bare: pb_grpc.OrchestratorServiceStub
+    stack: LocalStack, tokens_file: Path, clients: Clients, bare: pb_grpc.OrchestratorServiceAsyncStub
 ) -> None:
     """Authenticated calls on a completed saga are refused by its state; unauthenticated ones earlier."""
     saga_id = await clients.place(order_request(new_order_id("rotate")))
@@ -235,7 +235,7 @@ async def test_a_rotated_tokens_file_takes_effect_without_a_restart(
 
 
 async def test_reads_and_orders_need_a_token_when_so_configured(
-    clients: Clients, bare: pb_grpc.OrchestratorServiceStub
+    clients: Clients, bare: pb_grpc.OrchestratorServiceAsyncStub
 ) -> None:
     order_id = new_order_id("needs-token")
     for metadata in ((), bearer("not-a-token-0123456789abcdef")):

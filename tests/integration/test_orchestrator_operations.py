@@ -15,6 +15,7 @@ from orchestrator.stack import LocalStack
 from sagasuite.common.v1.common_pb2 import Money
 from sagasuite.inventory.v1 import inventory_service_pb2 as inventory_pb
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
+from sagasuite.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
 from sagasuite.payment.v1 import payment_service_pb2 as payment_pb
 from sagasuite.shipping.v1 import shipping_service_pb2 as shipping_pb
 from tests.grpc_helpers import bad_request_fields, error_reason
@@ -323,7 +324,9 @@ async def test_retry_of_a_saga_that_needs_attention_finishes_it(clients: Clients
 # -- refusals ----------------------------------------------------------------------------------
 
 
-def operator_calls(orchestrator: Any, saga_id: str) -> dict[str, Callable[[], Awaitable[Any]]]:
+def operator_calls(
+    orchestrator: pb_grpc.OrchestratorServiceAsyncStub, saga_id: str
+) -> dict[str, Callable[[], Awaitable[Any]]]:
     return {
         "PAUSE": lambda: orchestrator.PauseSaga(pause(saga_id)),
         "RESUME": lambda: orchestrator.ResumeSaga(pb.ResumeSagaRequest(saga_id=saga_id)),
@@ -356,7 +359,10 @@ async def test_operator_calls_in_illegal_states_are_refused_and_change_nothing(
 
 async def test_unknown_or_malformed_saga_ids(clients: Clients) -> None:
     unknown = "0" * 32
-    calls = {**operator_calls(clients.orchestrator, unknown), "GET": lambda: clients.saga(unknown)}
+    calls: dict[str, Callable[[], Awaitable[Any]]] = {
+        **operator_calls(clients.orchestrator, unknown),
+        "GET": lambda: clients.saga(unknown),
+    }
     for name, call in calls.items():
         error = await assert_refused(call(), grpc.StatusCode.NOT_FOUND, "SAGA_NOT_FOUND")
         assert unknown in (error.details() or ""), name

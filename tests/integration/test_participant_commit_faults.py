@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import grpc
 import pytest
@@ -12,6 +12,7 @@ import sqlalchemy
 from sagasuite.common.v1.common_pb2 import Money
 from sagasuite.payment.v1 import payment_service_pb2 as pb
 from sagasuite.payment.v1 import payment_service_pb2_grpc as pb_grpc
+from svckit.launcher import ManagedProcess
 from tests.grpc_helpers import keyed
 from tests.pg_proxy import CommitFault, PgProxy
 
@@ -24,7 +25,7 @@ def charge_request(order_id: str, minor_units: int = 1250) -> pb.ChargeRequest:
     )
 
 
-async def charges_of(stub: pb_grpc.PaymentServiceStub, order_id: str) -> list[pb.LedgerEntry]:
+async def charges_of(stub: pb_grpc.PaymentServiceAsyncStub, order_id: str) -> list[pb.LedgerEntry]:
     response = await stub.ListPayments(pb.ListPaymentsRequest(order_id=order_id, page_size=100), timeout=CALL_TIMEOUT)
     return [entry for entry in response.entries if entry.kind == pb.LEDGER_ENTRY_KIND_CHARGE]
 
@@ -38,15 +39,15 @@ def proxy() -> Iterator[PgProxy]:
 
 @pytest.fixture
 async def payment_behind_proxy(
-    start_process, postgres_url: str, proxy: PgProxy
-) -> AsyncIterator[pb_grpc.PaymentServiceStub]:  # type: ignore[no-untyped-def]
+    start_process: Callable[..., ManagedProcess], postgres_url: str, proxy: PgProxy
+) -> AsyncIterator[pb_grpc.PaymentServiceAsyncStub]:
     payment = start_process("payment_svc", DATABASE_URL=proxy.url(postgres_url))
     async with grpc.aio.insecure_channel(payment.address) as channel:
         yield pb_grpc.PaymentServiceStub(channel)
 
 
 async def test_charge_whose_commit_reply_is_lost_is_unavailable_and_its_retry_replays(
-    payment_behind_proxy: pb_grpc.PaymentServiceStub, proxy: PgProxy
+    payment_behind_proxy: pb_grpc.PaymentServiceAsyncStub, proxy: PgProxy
 ) -> None:
     stub = payment_behind_proxy
     request = charge_request("lost-ack-1")
@@ -71,7 +72,7 @@ async def test_charge_whose_commit_reply_is_lost_is_unavailable_and_its_retry_re
     ids=["cut-before-commit", "cut-during-commit"],
 )
 async def test_charge_cut_at_its_commit_is_unavailable_and_its_retry_leaves_one_charge(
-    payment_behind_proxy: pb_grpc.PaymentServiceStub,
+    payment_behind_proxy: pb_grpc.PaymentServiceAsyncStub,
     proxy: PgProxy,
     fault: CommitFault,
     reached_the_server: bool | None,

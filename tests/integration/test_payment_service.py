@@ -43,7 +43,9 @@ async def refused(call: Awaitable[Any]) -> grpc.aio.AioRpcError:
     return info.value
 
 
-async def ledger(stub: pb_grpc.PaymentServiceStub, order_id: str = "", page_size: int = 500) -> list[pb.LedgerEntry]:
+async def ledger(
+    stub: pb_grpc.PaymentServiceAsyncStub, order_id: str = "", page_size: int = 500
+) -> list[pb.LedgerEntry]:
     """Every ledger entry (of one order, when given), newest first, walking all pages."""
     entries: list[pb.LedgerEntry] = []
     token = ""
@@ -64,7 +66,7 @@ def kinds(entries: list[pb.LedgerEntry]) -> list[int]:
     return [e.kind for e in entries]
 
 
-async def assert_no_payment(stub: pb_grpc.PaymentServiceStub, order_id: str) -> None:
+async def assert_no_payment(stub: pb_grpc.PaymentServiceAsyncStub, order_id: str) -> None:
     missing = await refused(stub.GetPayment(pb.GetPaymentRequest(order_id=order_id)))
     assert missing.code() == grpc.StatusCode.NOT_FOUND
     assert error_reason(missing) == "PAYMENT_NOT_FOUND"
@@ -82,7 +84,7 @@ def payment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedProcess
 
 
 @pytest.fixture
-async def stub(payment: ManagedProcess) -> AsyncIterator[pb_grpc.PaymentServiceStub]:
+async def stub(payment: ManagedProcess) -> AsyncIterator[pb_grpc.PaymentServiceAsyncStub]:
     async with grpc.aio.insecure_channel(payment.address) as channel:
         yield pb_grpc.PaymentServiceStub(channel)
 
@@ -98,7 +100,7 @@ async def test_health_and_reflection(payment: ManagedProcess) -> None:
         assert "grpc.health.v1.Health" in names
 
 
-async def test_charge_then_replay_executes_once(stub: pb_grpc.PaymentServiceStub) -> None:
+async def test_charge_then_replay_executes_once(stub: pb_grpc.PaymentServiceAsyncStub) -> None:
     order_id, key = new_id("order"), new_id("k")
     first = await stub.Charge(charge_request(order_id, 4999, "EUR"), metadata=keyed(key))
     again = await stub.Charge(charge_request(order_id, 4999, "EUR"), metadata=keyed(key))
@@ -112,7 +114,7 @@ async def test_charge_then_replay_executes_once(stub: pb_grpc.PaymentServiceStub
     assert entries[0].amount == first.payment.amount
 
 
-async def test_twenty_concurrent_identical_calls_make_one_effect(stub: pb_grpc.PaymentServiceStub) -> None:
+async def test_twenty_concurrent_identical_calls_make_one_effect(stub: pb_grpc.PaymentServiceAsyncStub) -> None:
     order_id, key = new_id("burst"), new_id("k")
     request = charge_request(order_id)
     responses = await asyncio.gather(*(stub.Charge(request, metadata=keyed(key)) for _ in range(20)))
@@ -120,7 +122,7 @@ async def test_twenty_concurrent_identical_calls_make_one_effect(stub: pb_grpc.P
     assert kinds(await ledger(stub, order_id)) == [pb.LEDGER_ENTRY_KIND_CHARGE]
 
 
-async def test_same_key_other_payload_is_refused(stub: pb_grpc.PaymentServiceStub) -> None:
+async def test_same_key_other_payload_is_refused(stub: pb_grpc.PaymentServiceAsyncStub) -> None:
     order_id, key = new_id("order"), new_id("k")
     await stub.Charge(charge_request(order_id, 100), metadata=keyed(key))
     error = await refused(stub.Charge(charge_request(order_id, 900), metadata=keyed(key)))
@@ -132,7 +134,7 @@ async def test_same_key_other_payload_is_refused(stub: pb_grpc.PaymentServiceStu
 
 @pytest.mark.parametrize("method", ["Charge", "Refund"])
 async def test_missing_key_is_invalid_argument_and_changes_nothing(
-    stub: pb_grpc.PaymentServiceStub, method: str
+    stub: pb_grpc.PaymentServiceAsyncStub, method: str
 ) -> None:
     order_id = new_id("nokey")
     request = charge_request(order_id) if method == "Charge" else pb.RefundRequest(order_id=order_id)
@@ -151,7 +153,7 @@ async def test_missing_key_is_invalid_argument_and_changes_nothing(
     ],
 )
 async def test_bad_idempotency_key_is_refused(
-    stub: pb_grpc.PaymentServiceStub, metadata: tuple[tuple[str, Any], ...], reason: str
+    stub: pb_grpc.PaymentServiceAsyncStub, metadata: tuple[tuple[str, Any], ...], reason: str
 ) -> None:
     order_id = new_id("badkey")
     error = await refused(stub.Charge(charge_request(order_id), metadata=metadata))
@@ -160,7 +162,7 @@ async def test_bad_idempotency_key_is_refused(
     await assert_no_payment(stub, order_id)
 
 
-async def test_concurrent_charges_with_different_keys_charge_once(stub: pb_grpc.PaymentServiceStub) -> None:
+async def test_concurrent_charges_with_different_keys_charge_once(stub: pb_grpc.PaymentServiceAsyncStub) -> None:
     order_id = new_id("race")
 
     async def attempt(n: int) -> bool:
@@ -176,7 +178,7 @@ async def test_concurrent_charges_with_different_keys_charge_once(stub: pb_grpc.
     assert kinds(await ledger(stub, order_id)) == [pb.LEDGER_ENTRY_KIND_CHARGE]
 
 
-async def test_second_charge_with_another_key_is_refused(stub: pb_grpc.PaymentServiceStub) -> None:
+async def test_second_charge_with_another_key_is_refused(stub: pb_grpc.PaymentServiceAsyncStub) -> None:
     order_id = new_id("twice")
     first = await stub.Charge(charge_request(order_id), metadata=keyed(new_id("k")))
     error = await refused(stub.Charge(charge_request(order_id), metadata=keyed(new_id("k"))))
@@ -190,7 +192,7 @@ async def test_second_charge_with_another_key_is_refused(stub: pb_grpc.PaymentSe
     ("token", "reason"), [("tok_declined", "CARD_DECLINED"), ("tok_insufficient_funds", "INSUFFICIENT_FUNDS")]
 )
 async def test_declining_tokens_are_refused_and_charge_nothing(
-    stub: pb_grpc.PaymentServiceStub, token: str, reason: str
+    stub: pb_grpc.PaymentServiceAsyncStub, token: str, reason: str
 ) -> None:
     order_id, key = new_id("declined"), new_id("k")
     error = await refused(stub.Charge(charge_request(order_id, token=token), metadata=keyed(key)))
@@ -205,7 +207,7 @@ async def test_declining_tokens_are_refused_and_charge_nothing(
     assert retried.payment.status == pb.PAYMENT_STATUS_CHARGED
 
 
-async def test_refund_returns_the_charge_and_is_idempotent(stub: pb_grpc.PaymentServiceStub) -> None:
+async def test_refund_returns_the_charge_and_is_idempotent(stub: pb_grpc.PaymentServiceAsyncStub) -> None:
     order_id = new_id("refund")
     charged = await stub.Charge(charge_request(order_id, 3333, "GBP"), metadata=keyed(new_id("c")))
     refund_key = new_id("r")
@@ -230,7 +232,7 @@ async def test_refund_returns_the_charge_and_is_idempotent(stub: pb_grpc.Payment
 
 
 async def test_refund_before_charge_leaves_tombstone_refusing_late_charge(
-    stub: pb_grpc.PaymentServiceStub,
+    stub: pb_grpc.PaymentServiceAsyncStub,
 ) -> None:
     order_id = new_id("early")
     refunded = await stub.Refund(pb.RefundRequest(order_id=order_id), metadata=keyed(new_id("r")))
@@ -246,7 +248,7 @@ async def test_refund_before_charge_leaves_tombstone_refusing_late_charge(
     assert await ledger(stub, order_id) == []
 
 
-async def test_net_charge_per_order_is_zero_after_refund(stub: pb_grpc.PaymentServiceStub) -> None:
+async def test_net_charge_per_order_is_zero_after_refund(stub: pb_grpc.PaymentServiceAsyncStub) -> None:
     amounts = {new_id("net"): (units, currency) for units, currency in [(1, "USD"), (999_999, "JPY"), (10**12, "CHF")]}
     for order_id, (units, currency) in amounts.items():
         await stub.Charge(charge_request(order_id, units, currency), metadata=keyed(new_id("c")))
@@ -259,7 +261,7 @@ async def test_net_charge_per_order_is_zero_after_refund(stub: pb_grpc.PaymentSe
         assert net_charged(entries) == 0
 
 
-async def test_concurrent_charge_and_refund_leave_the_order_settled(stub: pb_grpc.PaymentServiceStub) -> None:
+async def test_concurrent_charge_and_refund_leave_the_order_settled(stub: pb_grpc.PaymentServiceAsyncStub) -> None:
     order_id = new_id("settle")
     outcomes = await asyncio.gather(
         stub.Charge(charge_request(order_id), metadata=keyed(new_id("c"))),
@@ -274,7 +276,7 @@ async def test_concurrent_charge_and_refund_leave_the_order_settled(stub: pb_grp
     assert net_charged(await ledger(stub, order_id)) == 0
 
 
-async def test_ledger_pages_are_newest_first_and_complete(stub: pb_grpc.PaymentServiceStub) -> None:
+async def test_ledger_pages_are_newest_first_and_complete(stub: pb_grpc.PaymentServiceAsyncStub) -> None:
     for _ in range(4):
         await stub.Charge(charge_request(new_id("page")), metadata=keyed(new_id("c")))
     whole = (await stub.ListPayments(pb.ListPaymentsRequest(page_size=500))).entries
@@ -324,7 +326,7 @@ BAD_REQUESTS = [
 
 @pytest.mark.parametrize(("method", "request_", "field"), BAD_REQUESTS)
 async def test_bad_request_is_invalid_argument_naming_the_field(
-    stub: pb_grpc.PaymentServiceStub, method: str, request_: Any, field: str
+    stub: pb_grpc.PaymentServiceAsyncStub, method: str, request_: Any, field: str
 ) -> None:
     before = await ledger(stub)
     metadata = keyed(new_id("bad")) if method in ("Charge", "Refund") else None

@@ -77,7 +77,7 @@ async def stub(shipping):  # type: ignore[no-untyped-def]
         yield pb_grpc.ShippingServiceStub(channel)
 
 
-async def assert_no_shipment(stub: pb_grpc.ShippingServiceStub, order_id: str) -> None:
+async def assert_no_shipment(stub: pb_grpc.ShippingServiceAsyncStub, order_id: str) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as missing:
         await stub.GetShipment(pb.GetShipmentRequest(order_id=order_id))
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
@@ -158,7 +158,7 @@ async def test_second_shipment_for_an_order_is_refused(stub) -> None:  # type: i
     assert stored.shipment == created.shipment
 
 
-async def test_concurrent_creates_with_different_keys_make_one_shipment(stub) -> None:  # type: ignore[no-untyped-def]
+async def test_concurrent_creates_with_different_keys_make_one_shipment(stub: pb_grpc.ShippingServiceAsyncStub) -> None:
     order_id = unique("race")
 
     async def attempt(n: int) -> str | None:

@@ -102,14 +102,14 @@ def credentials(
 
 
 @pytest.fixture
-async def orchestrator(stack: LocalStack, certs: Certs) -> AsyncIterator[pb_grpc.OrchestratorServiceStub]:
+async def orchestrator(stack: LocalStack, certs: Certs) -> AsyncIterator[pb_grpc.OrchestratorServiceAsyncStub]:
     assert stack.orchestrator is not None
     async with grpc.aio.secure_channel(stack.address, credentials(certs, client=certs.client)) as channel:
         yield pb_grpc.OrchestratorServiceStub(channel)
 
 
 async def wait_for_saga(
-    orchestrator: pb_grpc.OrchestratorServiceStub, saga_id: str, statuses: set[str], log: str = ""
+    orchestrator: pb_grpc.OrchestratorServiceAsyncStub, saga_id: str, statuses: set[str], log: str = ""
 ) -> pb.Saga:
     deadline = time.monotonic() + WAIT_SECONDS
     while True:
@@ -122,7 +122,7 @@ async def wait_for_saga(
 
 
 async def test_an_order_completes_with_mutual_tls_on_every_hop(
-    stack: LocalStack, certs: Certs, orchestrator: pb_grpc.OrchestratorServiceStub
+    stack: LocalStack, certs: Certs, orchestrator: pb_grpc.OrchestratorServiceAsyncStub
 ) -> None:
     order_id = new_order_id("tls")
     placed = await orchestrator.PlaceOrder(order_request(order_id))
@@ -167,7 +167,7 @@ async def test_a_client_without_the_right_certificates_is_refused(stack: LocalSt
 async def test_the_orchestrator_calls_only_services_it_can_verify(
     stack: LocalStack,
     certs: Certs,
-    orchestrator: pb_grpc.OrchestratorServiceStub,
+    orchestrator: pb_grpc.OrchestratorServiceAsyncStub,
     tmp_path: Path,
     replica: str,
     client_tls: dict[str, str],

@@ -78,7 +78,9 @@ def client_tracing(receiver: OtlpReceiver) -> Iterator[TracerProvider]:
 
 def traced_clients(stack: LocalStack, provider: TracerProvider) -> AbstractAsyncContextManager[Clients]:
     """Stubs whose orchestrator channel traces its calls and sends the W3C traceparent."""
-    return connect(stack, token="", interceptors=aio_client_interceptors(tracer_provider=provider))
+    # The instrumentation leaves its factories unannotated.
+    interceptors = aio_client_interceptors(tracer_provider=provider)  # type: ignore[no-untyped-call]
+    return connect(stack, token="", interceptors=interceptors)
 
 
 class Tree:

@@ -96,7 +96,7 @@ def _deadlock_lines(processes: list[ManagedProcess]) -> list[str]:
 
 
 async def _hammer(
-    inventory: list[inventory_grpc.InventoryServiceStub], payment: list[payment_grpc.PaymentServiceStub]
+    inventory: list[inventory_grpc.InventoryServiceAsyncStub], payment: list[payment_grpc.PaymentServiceAsyncStub]
 ) -> Outcomes:
     outcomes = Outcomes()
     orders = iter(range(ORDERS))
@@ -197,8 +197,8 @@ def _check_payment_books(url: str, outcomes: Outcomes) -> None:
 
 
 async def test_two_instances_of_each_service_on_one_database_never_deadlock(
-    start_process, postgres_admin_url: str
-) -> None:  # type: ignore[no-untyped-def]
+    start_process: Callable[..., ManagedProcess], postgres_admin_url: str
+) -> None:
     with (
         fresh_postgres_database(postgres_admin_url) as inventory_url,
         fresh_postgres_database(postgres_admin_url) as payment_url,

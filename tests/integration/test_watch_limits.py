@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -23,6 +23,7 @@ from sqlalchemy import event
 from orchestrator import store
 from orchestrator.engine import Event, SagaState, Status
 from orchestrator.stack import LocalStack, StackConfig
+from orchestrator.status import EventType
 from orchestrator.store import EventRecord
 from orchestrator.watch import Subscription, WatchHub
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
@@ -74,7 +75,7 @@ async def add_sagas(database: Database, count: int) -> list[str]:
         rows: list[dict[str, Any]] = []
         for saga_id in saga_ids:
             saga = SagaState(saga_id, "OrderSaga", 1, f"key-{saga_id}", b"", Status.RUNNING, now + 300, now, now)
-            store.append_events(saga, [Event("SagaStarted", now)], rows)
+            store.append_events(saga, [Event(EventType.SAGA_STARTED, now)], rows)
             store.insert_saga(connection, saga, "hash")
         store.insert_events(connection, rows)
 
@@ -82,7 +83,7 @@ async def add_sagas(database: Database, count: int) -> list[str]:
     return saga_ids
 
 
-async def commit_event(database: Database, saga_id: str, kind: str) -> SagaState:
+async def commit_event(database: Database, saga_id: str, kind: EventType) -> SagaState:
     """Append one event to a saga, as the replica running it would."""
 
     def work(connection: Any) -> SagaState:
@@ -97,7 +98,8 @@ async def commit_event(database: Database, saga_id: str, kind: str) -> SagaState
 
 
 def reader_tasks() -> int:
-    return sum(1 for task in asyncio.all_tasks() if task.get_coro().__qualname__ == "WatchHub._read_loop")  # type: ignore[union-attr]
+    tasks = asyncio.all_tasks()
+    return len([task for task in tasks if getattr(task.get_coro(), "__qualname__", "") == "WatchHub._read_loop"])
 
 
 async def eventually(condition: Callable[[], bool], what: str) -> None:
@@ -153,14 +155,14 @@ async def test_one_reader_and_one_transaction_a_round_serve_every_stream(databas
         assert (counted.transactions, counted.change_queries) == (1, 3), "one transaction, a statement per 50"
 
         # Another replica commits an event of the saga fifty streams watch: one round delivers it to all.
-        await commit_event(elsewhere, watched, "StepStarted")
+        await commit_event(elsewhere, watched, EventType.STEP_RETRY_SCHEDULED)
         await hub.read_changes()
         of_watched = [subscription for subscription in subscriptions if subscription.saga_id == watched]
         await eventually(lambda: all(received[s] == [1, 2] for s in of_watched), "the event at every stream")
         assert (counted.transactions, counted.change_queries) == (2, 6)
 
         # This replica's own commit is pushed: every stream gets it without reading anything.
-        saga = await commit_event(elsewhere, watched, "StepSucceeded")
+        saga = await commit_event(elsewhere, watched, EventType.STEP_SUCCEEDED)
         record = EventRecord(
             watched, 3, time.time(), "StepSucceeded", "reserve_stock", 1, "OK", "", 1.0, "orchestrator"
         )
@@ -194,8 +196,8 @@ async def test_the_shared_reader_finds_other_replicas_commits_by_itself(database
     stream = asyncio.create_task(follow())
     try:
         await eventually(lambda: seen == ["SagaStarted"], "the history")
-        await commit_event(elsewhere, saga_id, "StepStarted")
-        await eventually(lambda: seen == ["SagaStarted", "StepStarted"], "the other replica's event")
+        await commit_event(elsewhere, saga_id, EventType.STEP_RETRY_SCHEDULED)
+        await eventually(lambda: seen == ["SagaStarted", "StepRetryScheduled"], "the other replica's event")
     finally:
         stream.cancel()
         await asyncio.gather(stream, return_exceptions=True)
@@ -230,14 +232,14 @@ async def open_stream(clients: Clients, saga_id: str) -> Any:
     """A WatchSaga stream that has delivered its first event (so it holds its slot on the server)."""
     stream = clients.orchestrator.WatchSaga(pb.WatchSagaRequest(saga_id=saga_id))
     first = await stream.read()
-    assert first.event.type == "SagaStarted"
+    assert isinstance(first, pb.WatchSagaResponse) and first.event.type == "SagaStarted"
     return stream
 
 
 async def rest_of(stream: Any) -> list[str]:
     """The event types a stream opened with open_stream still delivers, until it ends."""
     types = []
-    while (response := await stream.read()) is not grpc.aio.EOF:
+    while (response := await stream.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]  # not in grpc-stubs
         types.append(response.event.type)
     return types
 
@@ -300,7 +302,9 @@ async def test_a_watch_on_one_replica_follows_a_saga_another_replica_runs(tmp_pa
     stack = LocalStack(config).start()
     try:
         replica_b = stack.add_orchestrator("orchestrator-b", {"REPLICA_ID": "replica-b", "MAX_WATCHERS": "5"})
-        channel_b = grpc.aio.insecure_channel(replica_b.address, interceptors=[BearerAuth(OPERATOR_TOKEN)])
+        # grpc-stubs leaves client interceptors opaque, to be cast.
+        bearer = cast("grpc.aio.ClientInterceptor", BearerAuth(OPERATOR_TOKEN))
+        channel_b = grpc.aio.insecure_channel(replica_b.address, interceptors=[bearer])
         try:
             async with connect(stack) as clients:
                 # Placed on replica A, which leases its commands to itself: B only ever reads the store.

@@ -7,7 +7,6 @@ import time
 import grpc
 import pytest
 
-from svckit import faults
 from svckit.errors import RetryableError
 from svckit.faults import FaultInjector, FaultRule, parse_faults
 
@@ -153,7 +152,7 @@ async def test_reply_delay_first_delays_only_the_first_replies_per_key(monkeypat
     async def record_sleep(seconds: float) -> None:
         slept.append(seconds)
 
-    monkeypatch.setattr(faults.asyncio, "sleep", record_sleep)
+    monkeypatch.setattr("svckit.faults.asyncio.sleep", record_sleep)
     injector = FaultInjector([rule])
     await injector.after("Charge", "saga-1/charge/action")
     assert slept == [2.5]
