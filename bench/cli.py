@@ -225,7 +225,7 @@ def chaos_command(
     Exits 1 when any invariant is violated. Example: saga chaos --sagas 10000 --orchestrator-kills 20.
     docs/chaos.md describes the faults and the invariants.
     """
-    from orchestrator.chaos import ChaosConfig, run_chaos
+    from devstack.chaos import ChaosConfig, run_chaos
 
     external: dict[str, str] = {}
     if orchestrator:

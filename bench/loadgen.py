@@ -25,8 +25,8 @@ from typing import Any, Protocol
 import grpc
 
 from bench.stats import LatencySummary, ProcessSample, clear_peak_rss, cpu_ms_per_item, read_process, summarize
-from orchestrator.demo import DEMO_ADDRESS
-from orchestrator.stack import LocalStack, StackConfig
+from devstack.stack import LocalStack, StackConfig
+from sagactl.demo import DEMO_ADDRESS
 from sagasuite.common.v1.common_pb2 import LineItem, Money
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc

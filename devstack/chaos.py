@@ -34,8 +34,9 @@ from google.protobuf import any_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2, status_pb2
 
-from orchestrator.faultproxy import CommitFault, PgProxy
-from orchestrator.stack import LocalStack, StackConfig
+from devstack.faultproxy import CommitFault, PgProxy
+from devstack.launcher import ManagedProcess
+from devstack.stack import LocalStack, StackConfig
 from sagasuite.common.v1.common_pb2 import Address, LineItem, Money
 from sagasuite.inventory.v1 import inventory_service_pb2 as inventory
 from sagasuite.inventory.v1 import inventory_service_pb2_grpc as inventory_grpc
@@ -47,7 +48,6 @@ from sagasuite.payment.v1 import payment_service_pb2 as payment
 from sagasuite.payment.v1 import payment_service_pb2_grpc as payment_grpc
 from sagasuite.shipping.v1 import shipping_service_pb2 as shipping
 from sagasuite.shipping.v1 import shipping_service_pb2_grpc as shipping_grpc
-from svckit.launcher import ManagedProcess
 
 # The run (ChaosConfig, run_chaos, ChaosReport), the invariants as pure checks (check_*) and the
 # readers of the services' records, which the integration tests' audit uses too.
@@ -1269,7 +1269,7 @@ def run_chaos(config: ChaosConfig, log: Callable[[str], Any] = print) -> ChaosRe
     if config.external:
         report.notes.append(
             "external stack: no process was killed; kinds flaky/slow/late/duplicate need the harness's FAULTS "
-            "(orchestrator.chaos.SERVICE_FAULTS) on the services, stock conservation assumes no other traffic, "
+            "(devstack.chaos.SERVICE_FAULTS) on the services, stock conservation assumes no other traffic, "
             "and the file sink is not read"
         )
     elif not config.postgres:

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from svckit.launcher import ManagedProcess
+from devstack.launcher import ManagedProcess
 
 __all__ = ["SERVICES", "LocalStack", "StackConfig"]
 

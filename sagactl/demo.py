@@ -10,8 +10,8 @@ from pathlib import Path
 import grpc
 from rich.console import Console
 
-from orchestrator.render import saga_bars, saga_header, saga_timeline, status_name
-from orchestrator.stack import LocalStack, StackConfig
+from devstack.stack import LocalStack, StackConfig
+from sagactl.render import saga_bars, saga_header, saga_timeline, status_name
 from sagasuite.common.v1.common_pb2 import Address, LineItem, Money
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc

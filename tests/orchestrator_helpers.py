@@ -16,8 +16,9 @@ from typing import Any
 import grpc
 import pytest
 
-from orchestrator.demo import DEMO_ADDRESS
-from orchestrator.stack import LocalStack, StackConfig
+from devstack.launcher import ManagedProcess
+from devstack.stack import LocalStack, StackConfig
+from sagactl.demo import DEMO_ADDRESS
 from sagasuite.common.v1.common_pb2 import LineItem, Money
 from sagasuite.inventory.v1 import inventory_service_pb2 as inventory_pb
 from sagasuite.inventory.v1 import inventory_service_pb2_grpc as inventory_grpc
@@ -29,7 +30,6 @@ from sagasuite.payment.v1 import payment_service_pb2 as payment_pb
 from sagasuite.payment.v1 import payment_service_pb2_grpc as payment_grpc
 from sagasuite.shipping.v1 import shipping_service_pb2 as shipping_pb
 from sagasuite.shipping.v1 import shipping_service_pb2_grpc as shipping_grpc
-from svckit.launcher import ManagedProcess
 
 __all__ = [
     "DEFINITIONS_MODULE",

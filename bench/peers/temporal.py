@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 
 from bench.loadgen import CHANNEL_OPTIONS, SagaTiming, bench_order
-from svckit.launcher import ManagedProcess
+from devstack.launcher import ManagedProcess
 
 __all__ = ["TASK_QUEUE", "TemporalPeer", "TemporalTarget", "temporal_cli"]
 
@@ -194,7 +194,7 @@ def _activities(addresses: Mapping[str, str]) -> list[Any]:
     from temporalio import activity
     from temporalio.exceptions import ApplicationError
 
-    from orchestrator.order_saga import REASON
+    from orchestrator.sagas.order import REASON
     from sagasuite.common.v1.common_pb2 import Address, LineItem, Money
     from sagasuite.inventory.v1 import inventory_service_pb2 as inventory
     from sagasuite.inventory.v1 import inventory_service_pb2_grpc as inventory_grpc

@@ -12,9 +12,9 @@ from typing import TypeVar
 import grpc
 import pytest
 
-from orchestrator.chaos import OrderRecord, apply_saga, check_order, check_stock, read_service_records, wait_delivered
-from orchestrator.demo import DEMO_ADDRESS
-from orchestrator.stack import LocalStack
+from devstack.chaos import OrderRecord, apply_saga, check_order, check_stock, read_service_records, wait_delivered
+from devstack.stack import LocalStack
+from sagactl.demo import DEMO_ADDRESS
 from sagasuite.common.v1.common_pb2 import LineItem, Money
 from sagasuite.inventory.v1 import inventory_service_pb2 as inventory
 from sagasuite.inventory.v1 import inventory_service_pb2_grpc as inventory_grpc

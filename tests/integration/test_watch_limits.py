@@ -20,9 +20,9 @@ import grpc
 import pytest
 from sqlalchemy import event
 
+from devstack.stack import LocalStack, StackConfig
 from orchestrator import store
 from orchestrator.engine import Event, SagaState, Status
-from orchestrator.stack import LocalStack, StackConfig
 from orchestrator.store import EventRecord
 from orchestrator.watch import Subscription, WatchHub
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
