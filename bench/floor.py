@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import grpc
 
-from bench.loadgen import CHANNEL_OPTIONS, COMPLETED, SagaTiming, bench_order
+from bench.targets import CHANNEL_OPTIONS, COMPLETED, SagaTiming, bench_order
 from orchestrator.sagas.order import REASON
 from sagasuite.inventory.v1 import inventory_service_pb2 as inventory
 from sagasuite.notify.v1 import notify_service_pb2 as notify

@@ -783,13 +783,13 @@ def _follow(client: SagaClient, saga_id: str, console: Console | None) -> pb.Sag
 
 def _print_events(client: SagaClient, saga: pb.Saga, after: int, console: Console, *, as_json: bool) -> None:
     """Each event as it comes, one a line (JSON or text); the text names a status when it changes."""
-    from sagactl.render import StatusTracker, event_dict, event_line
+    from sagactl.render import event_dict, event_line
 
     origin = saga.created_at.ToNanoseconds() / 1e9
-    tracker = StatusTracker()
     shown: int | None = None
     for response in client.watch(saga.saga_id, after):
-        status = tracker.after(response.event, response.status)
+        # The server folds the history into the status each event left behind: no need to again here.
+        status = response.status
         if as_json:
             typer.echo(json.dumps(event_dict(response.event, status), ensure_ascii=False))
             continue

@@ -22,7 +22,7 @@ from typing import Any
 
 import grpc
 
-from bench.loadgen import CHANNEL_OPTIONS, SagaTiming, bench_order
+from bench.targets import CHANNEL_OPTIONS, SagaTiming, bench_order
 from devstack.launcher import ManagedProcess
 
 __all__ = ["TASK_QUEUE", "TemporalPeer", "TemporalTarget", "temporal_cli"]
@@ -301,9 +301,10 @@ async def _serve_worker() -> None:
     from temporalio.worker import Worker
 
     from bench.peers.temporal_workflow import OrderSagaLocal, OrderSagaRegular
+    from svckit.discovery import SUITE_SERVICES
 
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "WARNING"))
-    addresses = {name: os.environ[f"{name.upper()}_ADDR"] for name in ("inventory", "payment", "shipping", "notify")}
+    addresses = {name: os.environ[f"{name.upper()}_ADDR"] for name in SUITE_SERVICES}
     client = await Client.connect(os.environ["TEMPORAL_ADDRESS"])
     worker = Worker(
         client,

@@ -27,8 +27,8 @@ import pytest
 import requests
 
 from devstack.launcher import ManagedProcess
+from devstack.orders import order_request
 from devstack.stack import SERVICES
-from sagactl.demo import demo_order
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as orch_pb
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2_grpc as orch_grpc
 from sagasuite.payment.v1 import payment_service_pb2 as pay_pb
@@ -274,7 +274,7 @@ class ConsulStack:
 
 
 def _order(order_id: str) -> orch_pb.PlaceOrderRequest:
-    return demo_order(order_id)
+    return order_request(order_id, items=[("BOOK-001", 1)], minor_units=2999, currency="EUR")
 
 
 def _describe(saga: orch_pb.Saga) -> str:
