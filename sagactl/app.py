@@ -153,13 +153,9 @@ class _SagaGroup(TyperGroup):
 def _print_version(wanted: bool) -> None:
     if not wanted:
         return
-    import importlib.metadata
+    from sagactl.main import installed_version
 
-    try:
-        version = importlib.metadata.version("sagasuite")
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown (not installed as a package)"
-    typer.echo(f"sagasuite {version}")
+    typer.echo(f"sagasuite {installed_version()}")
     raise typer.Exit()
 
 
