@@ -21,11 +21,13 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
         > requirements.txt \
     && pip install -r requirements.txt
 
-# Then the project itself (the generated contracts, the shared kit, the orchestrator and the services).
+# Then the project itself (the generated contracts, the shared kit, the orchestrator, the saga CLI, the local stack and the services).
 COPY README.md ./
 COPY sagasuite ./sagasuite
 COPY svckit ./svckit
 COPY orchestrator ./orchestrator
+COPY sagactl ./sagactl
+COPY devstack ./devstack
 COPY inventory_svc ./inventory_svc
 COPY payment_svc ./payment_svc
 COPY shipping_svc ./shipping_svc

@@ -225,7 +225,8 @@ def chaos_command(
     Exits 1 when any invariant is violated. Example: saga chaos --sagas 10000 --orchestrator-kills 20.
     docs/chaos.md describes the faults and the invariants.
     """
-    from orchestrator.chaos import ChaosConfig, run_chaos
+    from devstack.chaos import ChaosConfig, run_chaos
+    from svckit.discovery import SUITE_SERVICES
 
     external: dict[str, str] = {}
     if orchestrator:
@@ -233,11 +234,11 @@ def chaos_command(
         for part in filter(None, (p.strip() for p in services.split(","))):
             name, _, address = part.partition("=")
             external[name.strip()] = address.strip()
-        missing = {"inventory", "payment", "shipping", "notify"} - set(external)
+        missing = set(SUITE_SERVICES) - set(external)
         if missing:
             raise typer.BadParameter(f"missing {', '.join(sorted(missing))}", param_hint="--services")
     second_instances = tuple(name.strip() for name in two_instances.split(",") if name.strip())
-    unknown = sorted(set(second_instances) - {"inventory", "payment", "shipping", "notify"})
+    unknown = sorted(set(second_instances) - set(SUITE_SERVICES))
     if unknown:
         raise typer.BadParameter(f"unknown service {', '.join(unknown)}", param_hint="--two-instances")
     config = ChaosConfig(

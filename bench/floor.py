@@ -16,8 +16,8 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
-from bench.loadgen import CHANNEL_OPTIONS, COMPLETED, SagaTiming, bench_order
-from orchestrator.order_saga import REASON
+from bench.targets import CHANNEL_OPTIONS, COMPLETED, SagaTiming, bench_order
+from orchestrator.sagas.order import REASON
 from sagasuite.inventory.v1 import inventory_service_pb2 as inventory
 from sagasuite.notify.v1 import notify_service_pb2 as notify
 from sagasuite.payment.v1 import payment_service_pb2 as payment

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import grpc
 
-from bench.loadgen import bench_order
-from orchestrator.stack import LocalStack, StackConfig
+from bench.targets import bench_order
+from devstack.stack import LocalStack, StackConfig
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
 

@@ -20,14 +20,13 @@ from collections.abc import Callable, Coroutine, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
 
 from bench.stats import LatencySummary, ProcessSample, clear_peak_rss, cpu_ms_per_item, read_process, summarize
-from orchestrator.demo import DEMO_ADDRESS
-from orchestrator.stack import LocalStack, StackConfig
-from sagasuite.common.v1.common_pb2 import LineItem, Money
+from bench.targets import CHANNEL_OPTIONS, COMPLETED, SagaTiming, Target, bench_order
+from devstack.stack import LocalStack, StackConfig
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
 
@@ -43,62 +42,16 @@ __all__ = [
     "run_phase",
 ]
 
-COMPLETED = "COMPLETED"
 # Seconds a phase waits for its stragglers after the window before the next phase starts.
 DRAIN_SECONDS = 60.0
 # Longest wait, past the warm-up, for every closed-loop worker to finish its first saga.
 MAX_EXTRA_WARMUP = 60.0
-# Quiet, fast reconnects; sagas of the bench never fail on purpose.
-CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 50), ("grpc.max_reconnect_backoff_ms", 500)]
 _ENDED = {
     pb.SAGA_STATUS_COMPLETED: "COMPLETED",
     pb.SAGA_STATUS_COMPENSATED: "COMPENSATED",
     pb.SAGA_STATUS_NEEDS_ATTENTION: "NEEDS_ATTENTION",
     pb.SAGA_STATUS_TERMINATED: "TERMINATED",
 }
-
-
-def bench_order(order_id: str) -> pb.PlaceOrderRequest:
-    """The order every bench saga places: two lines of plentiful stock and a card that is accepted."""
-    return pb.PlaceOrderRequest(
-        order_id=order_id,
-        customer_email="bench@example.com",
-        items=[LineItem(sku="BOOK-001", quantity=1), LineItem(sku="MUG-042", quantity=2)],
-        amount=Money(currency_code="USD", minor_units=2599),
-        payment_token="tok_visa",
-        shipping_address=DEMO_ADDRESS,
-    )
-
-
-@dataclass(frozen=True)
-class SagaTiming:
-    """One saga as the client saw it: perf_counter times when it was due, accepted and ended, and how it ended."""
-
-    due: float
-    accepted: float
-    ended: float
-    outcome: str
-
-    @property
-    def start_latency(self) -> float:
-        return self.accepted - self.due
-
-    @property
-    def completion_latency(self) -> float:
-        return self.ended - self.due
-
-
-class Target(Protocol):
-    """One way of running the order saga end to end."""
-
-    name: str
-    # Whether "accepted" means something (the saga was durably started) apart from "ended".
-    has_start: bool
-
-    async def open(self) -> None: ...
-    async def run_one(self, order_id: str, due: float) -> SagaTiming: ...
-    async def close(self) -> None: ...
-    def processes(self) -> dict[str, int]: ...
 
 
 @dataclass(frozen=True)

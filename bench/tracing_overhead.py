@@ -30,11 +30,11 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orchestrator.stack import LocalStack, StackConfig
+from devstack.orders import order_request
+from devstack.otlp_receiver import OtlpReceiver
+from devstack.stack import LocalStack, StackConfig
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
-from tests.orchestrator_helpers import order_request
-from tests.otlp_receiver import OtlpReceiver
 
 ENDED = {pb.SAGA_STATUS_COMPLETED, pb.SAGA_STATUS_COMPENSATED, pb.SAGA_STATUS_NEEDS_ATTENTION}
 

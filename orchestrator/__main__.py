@@ -14,7 +14,7 @@ from orchestrator.config import OrchestratorSettings
 from orchestrator.definition import DefinitionRegistry, SagaDefinition
 from orchestrator.dispatcher import Dispatcher
 from orchestrator.observability import Observability
-from orchestrator.order_saga import ORDER_SAGA
+from orchestrator.sagas.order import ORDER_SAGA
 from orchestrator.server import OrchestratorServicer
 from orchestrator.watch import WatchHub
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb

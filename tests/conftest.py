@@ -10,7 +10,7 @@ from pathlib import Path
 import pluggy
 import pytest
 
-from svckit.launcher import ManagedProcess
+from devstack.launcher import ManagedProcess
 
 REQUIRE_ALL = os.environ.get("SAGASUITE_REQUIRE_ALL") == "1"
 POSTGRES_ADMIN_URL = os.environ.get("SAGASUITE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")

@@ -11,7 +11,7 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from svckit.launcher import ManagedProcess
+from devstack.launcher import ManagedProcess
 
 __all__ = ["bad_request_fields", "call_logged", "error_reason", "keyed", "trailers"]
 

@@ -16,9 +16,9 @@ from typing import Any
 import grpc
 import pytest
 
-from orchestrator.demo import DEMO_ADDRESS
-from orchestrator.stack import LocalStack, StackConfig
-from sagasuite.common.v1.common_pb2 import LineItem, Money
+from devstack.launcher import ManagedProcess
+from devstack.orders import order_request
+from devstack.stack import LocalStack, StackConfig
 from sagasuite.inventory.v1 import inventory_service_pb2 as inventory_pb
 from sagasuite.inventory.v1 import inventory_service_pb2_grpc as inventory_grpc
 from sagasuite.notify.v1 import notify_service_pb2 as notify_pb
@@ -29,7 +29,6 @@ from sagasuite.payment.v1 import payment_service_pb2 as payment_pb
 from sagasuite.payment.v1 import payment_service_pb2_grpc as payment_grpc
 from sagasuite.shipping.v1 import shipping_service_pb2 as shipping_pb
 from sagasuite.shipping.v1 import shipping_service_pb2_grpc as shipping_grpc
-from svckit.launcher import ManagedProcess
 
 __all__ = [
     "DEFINITIONS_MODULE",
@@ -62,27 +61,6 @@ WAIT_SECONDS = 30.0
 def new_order_id(prefix: str) -> str:
     """A fresh order id; the prefix lets a FAULTS rule (order_contains=...) pick the order out."""
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-def order_request(
-    order_id: str,
-    *,
-    items: Iterable[tuple[str, int]] = (("BOOK-001", 1), ("MUG-042", 2)),
-    minor_units: int = 2599,
-    currency: str = "USD",
-    token: str = "tok_visa",
-    email: str = "ada@example.com",
-    deadline_seconds: int = 0,
-) -> pb.PlaceOrderRequest:
-    return pb.PlaceOrderRequest(
-        order_id=order_id,
-        customer_email=email,
-        items=[LineItem(sku=sku, quantity=quantity) for sku, quantity in items],
-        amount=Money(currency_code=currency, minor_units=minor_units),
-        payment_token=token,
-        shipping_address=DEMO_ADDRESS,
-        deadline_seconds=deadline_seconds,
-    )
 
 
 @contextmanager

@@ -1,5 +1,5 @@
-"""The PostgreSQL proxy that loses COMMIT replies, for tests: it ships as orchestrator/faultproxy.py for chaos runs."""
+"""The PostgreSQL proxy that loses COMMIT replies, for tests: it ships as devstack/faultproxy.py for chaos runs."""
 
-from orchestrator.faultproxy import CommitFault, PgProxy
+from devstack.faultproxy import CommitFault, PgProxy
 
 __all__ = ["CommitFault", "PgProxy"]

@@ -14,8 +14,8 @@ from typing import Any
 
 import grpc
 
-from bench.loadgen import CHANNEL_OPTIONS, SagaTiming, bench_order
-from orchestrator.order_saga import REASON
+from bench.targets import CHANNEL_OPTIONS, SagaTiming, bench_order
+from orchestrator.sagas.order import REASON
 from sagasuite.inventory.v1 import inventory_service_pb2 as inventory
 from sagasuite.inventory.v1 import inventory_service_pb2_grpc as inventory_grpc
 from sagasuite.notify.v1 import notify_service_pb2 as notify

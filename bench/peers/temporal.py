@@ -22,8 +22,8 @@ from typing import Any
 
 import grpc
 
-from bench.loadgen import CHANNEL_OPTIONS, SagaTiming, bench_order
-from svckit.launcher import ManagedProcess
+from bench.targets import CHANNEL_OPTIONS, SagaTiming, bench_order
+from devstack.launcher import ManagedProcess
 
 __all__ = ["TASK_QUEUE", "TemporalPeer", "TemporalTarget", "temporal_cli"]
 
@@ -194,7 +194,7 @@ def _activities(addresses: Mapping[str, str]) -> list[Any]:
     from temporalio import activity
     from temporalio.exceptions import ApplicationError
 
-    from orchestrator.order_saga import REASON
+    from orchestrator.sagas.order import REASON
     from sagasuite.common.v1.common_pb2 import Address, LineItem, Money
     from sagasuite.inventory.v1 import inventory_service_pb2 as inventory
     from sagasuite.inventory.v1 import inventory_service_pb2_grpc as inventory_grpc
@@ -301,9 +301,10 @@ async def _serve_worker() -> None:
     from temporalio.worker import Worker
 
     from bench.peers.temporal_workflow import OrderSagaLocal, OrderSagaRegular
+    from svckit.discovery import SUITE_SERVICES
 
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "WARNING"))
-    addresses = {name: os.environ[f"{name.upper()}_ADDR"] for name in ("inventory", "payment", "shipping", "notify")}
+    addresses = {name: os.environ[f"{name.upper()}_ADDR"] for name in SUITE_SERVICES}
     client = await Client.connect(os.environ["TEMPORAL_ADDRESS"])
     worker = Worker(
         client,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.chaos import (
+from devstack.chaos import (
     UNREADABLE_LINE,
     ChaosConfig,
     ChaosReport,

@@ -24,7 +24,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from ruamel.yaml import YAML
 
-from svckit.devcerts import COMPOSE_NAMES
+from devstack.devcerts import COMPOSE_NAMES
 from svckit.discovery import SUITE_SERVICES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -392,7 +392,7 @@ def test_the_image_check_refuses_what_the_image_lacks(image: dict[str, Any]) -> 
     """Guards the check itself: a module outside the image's files, and a development-only one, do not import."""
     left_out = run_in_image(image, "bench", "bench.cli:bench_command")
     assert left_out.returncode != 0 and "No module named 'bench'" in left_out.stderr, left_out.stderr
-    dev_only = run_in_image(image, "devcerts", "svckit.devcerts:make_ca")
+    dev_only = run_in_image(image, "devcerts", "devstack.devcerts:make_ca")
     assert dev_only.returncode != 0 and "No module named 'cryptography'" in dev_only.stderr, dev_only.stderr
     assert _NOT_RUNTIME_HINT in dev_only.stderr
 

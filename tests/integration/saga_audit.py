@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,11 +11,11 @@ from typing import TypeVar
 import grpc
 import pytest
 
-from orchestrator.chaos import OrderRecord, apply_saga, check_order, check_stock, read_service_records, wait_delivered
-from orchestrator.demo import DEMO_ADDRESS
-from orchestrator.stack import LocalStack
-from sagasuite.common.v1.common_pb2 import LineItem, Money
-from sagasuite.inventory.v1 import inventory_service_pb2 as inventory
+from devstack import orders
+from devstack.audit import audit_orders, describe
+from devstack.audit import stock_levels as audit_stock_levels
+from devstack.stack import LocalStack
+from sagasuite.common.v1.common_pb2 import LineItem
 from sagasuite.inventory.v1 import inventory_service_pb2_grpc as inventory_grpc
 from sagasuite.notify.v1 import notify_service_pb2_grpc as notify_grpc
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
@@ -72,13 +71,8 @@ def open_channel(address: str) -> grpc.aio.Channel:
 
 
 def order_request(order_id: str, token: str = "tok_visa") -> pb.PlaceOrderRequest:
-    return pb.PlaceOrderRequest(
-        order_id=order_id,
-        customer_email="ada@example.com",
-        items=LINES,
-        amount=Money(currency_code="USD", minor_units=AMOUNT_MINOR),
-        payment_token=token,
-        shipping_address=DEMO_ADDRESS,
+    return orders.order_request(
+        order_id, items=[(line.sku, line.quantity) for line in LINES], minor_units=AMOUNT_MINOR, token=token
     )
 
 
@@ -140,13 +134,6 @@ async def place_order(
         await asyncio.sleep(0.05)
 
 
-def describe(saga: pb.Saga) -> str:
-    """A saga and its history, one event per line, for failure messages."""
-    lines = [f"saga {saga.saga_id} order {saga.business_key} {pb.SagaStatus.Name(saga.status)} {saga.last_error}"]
-    lines += [f"  {e.seq:3} {e.type} {e.step} #{e.attempt} {e.code} {e.message}" for e in saga.history]
-    return "\n".join(lines)
-
-
 async def _get_saga(stub: pb_grpc.OrchestratorServiceAsyncStub, saga_id: str) -> pb.Saga | None:
     try:
         return (await stub.GetSaga(pb.GetSagaRequest(saga_id=saga_id), timeout=5)).saga
@@ -201,19 +188,7 @@ async def wait_ended(
 
 
 async def stock_levels(stub: inventory_grpc.InventoryServiceAsyncStub) -> StockLevels:
-    response = await stub.GetStock(inventory.GetStockRequest(skus=SKUS), timeout=5)
-    return {level.sku: (level.available, level.reserved) for level in response.levels}
-
-
-async def _record(clients: Clients, order_id: str, saga: pb.Saga) -> OrderRecord:
-    """The order as the chaos harness audits it: its saga and every service's records of it."""
-    items: Counter[str] = Counter()
-    for line in LINES:
-        items[line.sku] += line.quantity
-    record = OrderRecord(order_id, "ok", dict(items), AMOUNT_MINOR)
-    apply_saga(record, saga)
-    await read_service_records(clients, record)
-    return record
+    return await audit_stock_levels(stub, SKUS)
 
 
 async def audit(
@@ -223,32 +198,18 @@ async def audit(
     expected: Mapping[str, int] | None = None,
     delivery_limit: float = 60.0,
 ) -> None:
-    """Check every ended saga against each service's own records, with the chaos harness's invariants.
-
-    sagas maps order id to the ended saga (with history); expected maps order id to the status it
-    must have ended in. Every order must have ended COMPLETED or COMPENSATED, with one effect per
-    service and, once delivered (waited for, up to delivery_limit seconds), one confirmation per
-    completed order. Stock: the SKUs' available + reserved is unchanged and the reserved count grew
-    by exactly the live reservations (no other order may touch these SKUs meanwhile).
-    """
-    order_ids = list(sagas)
-    await wait_delivered(clients.notify, order_ids, delivery_limit)
-    records = await _bounded([lambda o=order_id: _record(clients, o, sagas[o]) for order_id in order_ids])  # type: ignore[misc]
-    failures: list[str] = []
-    for record in records:
-        saga = sagas[record.order_id]
-        problems = check_order(record)
-        wanted = (expected or {}).get(record.order_id)
-        if saga.status not in (COMPLETED, COMPENSATED):
-            problems.insert(0, f"ended {pb.SagaStatus.Name(saga.status)}")
-        elif wanted is not None and saga.status != wanted:
-            problems.insert(0, f"ended {pb.SagaStatus.Name(saga.status)}, expected {pb.SagaStatus.Name(wanted)}")
-        if problems:
-            failures.append(f"order {record.order_id}: " + "; ".join(problems) + "\n" + describe(saga))
-    assert not failures, f"{len(failures)} of {len(sagas)} orders are wrong:\n" + "\n".join(failures[:5])
-    stock_after = await stock_levels(clients.inventory)
-    problems = check_stock(stock_before, stock_after, records)
-    assert not problems, "stock is not conserved:\n" + "\n".join(problems)
+    """Assert devstack's invariant audit finds nothing wrong with these ended sagas (see audit_orders)."""
+    found = await audit_orders(
+        clients,
+        sagas,
+        stock_before,
+        lines=LINES,
+        amount_minor=AMOUNT_MINOR,
+        expected=expected,
+        delivery_limit=delivery_limit,
+    )
+    assert not found.orders, f"{len(found.orders)} of {len(sagas)} orders are wrong:\n" + "\n".join(found.orders[:5])
+    assert not found.stock, "stock is not conserved:\n" + "\n".join(found.stock)
 
 
 def log_lines(path: Path, *fragments: str) -> list[str]:

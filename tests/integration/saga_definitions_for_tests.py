@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from orchestrator.definition import RetryPolicy, SagaDefinition, Step, rpc
-from orchestrator.order_saga import ORDER_SAGA, charge, order_key, order_steps, refund, release, reserve
+from orchestrator.sagas.order import ORDER_SAGA, charge, order_key, order_steps, refund, release, reserve
 from sagasuite.inventory.v1 import inventory_service_pb2 as inventory
 from sagasuite.orchestrator.v1.orchestrator_service_pb2 import PlaceOrderRequest
 from sagasuite.payment.v1 import payment_service_pb2 as payment

@@ -35,8 +35,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
-from orchestrator.demo import DEMO_ADDRESS
-from orchestrator.stack import SERVICES, LocalStack, StackConfig
+from devstack.orders import DEMO_ADDRESS
+from devstack.stack import SERVICES, LocalStack, StackConfig
 from sagasuite.common.v1.common_pb2 import LineItem, Money
 from sagasuite.inventory.v1 import inventory_service_pb2 as inventory_pb
 from sagasuite.inventory.v1 import inventory_service_pb2_grpc as inventory_grpc

@@ -9,11 +9,11 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from devstack.launcher import ManagedProcess
 from sagasuite.payment.v1 import payment_service_pb2 as pb
 from sagasuite.payment.v1 import payment_service_pb2_grpc as pb_grpc
 from svckit.channels import ChannelPool
 from svckit.discovery import StaticResolver
-from svckit.launcher import ManagedProcess
 
 
 def _served(process: ManagedProcess) -> int:

@@ -20,8 +20,8 @@ import grpc
 import pytest
 from typer.testing import CliRunner, Result
 
-from orchestrator.cli import app
-from orchestrator.stack import LocalStack
+from devstack.stack import LocalStack
+from sagactl.app import app
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
 from tests.orchestrator_helpers import frozen, new_order_id, start_stack
@@ -362,7 +362,7 @@ def test_an_unreachable_orchestrator_is_one_line_and_exit_3(saga: Any) -> None:
 
 
 def test_ca_file_connects_with_tls(saga: Any, start_process: Any, tmp_path: Path) -> None:
-    from svckit.devcerts import issue, make_ca
+    from devstack.devcerts import issue, make_ca
 
     ca = make_ca("saga cli test CA")
     ca_file = ca.write(tmp_path, "ca")[0]
@@ -446,7 +446,7 @@ def test_up_runs_the_stack_until_ctrl_c_then_stops_every_process(
 ) -> None:
     port = free_port()
     script = Path(sys.executable).parent / "saga"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "orchestrator.cli"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "sagactl.app"]
     args = ["up", "--port", str(port), "--service-port-base", "0", "--data-dir", str(tmp_path), "--refresh", "0.3"]
     database_url = ""
     if database == "postgresql":
@@ -502,7 +502,7 @@ def test_up_runs_the_stack_until_ctrl_c_then_stops_every_process(
 
 
 def test_client_certificate_reaches_an_orchestrator_that_requires_one(start_process: Any, tmp_path: Path) -> None:
-    from svckit.devcerts import issue, make_ca
+    from devstack.devcerts import issue, make_ca
 
     ca = make_ca("saga cli mtls CA")
     ca_file = ca.write(tmp_path, "ca")[0]

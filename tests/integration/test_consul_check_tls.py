@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import requests
 
-from svckit.devcerts import issue, make_ca
-from svckit.launcher import ManagedProcess
+from devstack.devcerts import issue, make_ca
+from devstack.launcher import ManagedProcess
 from tests.consul_standin import ConsulStandIn
 
 pytestmark = pytest.mark.skipif(

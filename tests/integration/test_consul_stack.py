@@ -26,14 +26,14 @@ import grpc
 import pytest
 import requests
 
-from orchestrator.demo import demo_order
-from orchestrator.stack import SERVICES
+from devstack.launcher import ManagedProcess
+from devstack.orders import order_request
+from devstack.stack import SERVICES
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as orch_pb
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2_grpc as orch_grpc
 from sagasuite.payment.v1 import payment_service_pb2 as pay_pb
 from sagasuite.payment.v1 import payment_service_pb2_grpc as pay_grpc
 from svckit.discovery import ConsulSettings
-from svckit.launcher import ManagedProcess
 
 STANDIN_SCRIPT = Path(__file__).resolve().parents[1] / "consul_standin.py"
 REAL_AGENT = bool(os.environ.get("CONSUL_HTTP_ADDR"))
@@ -275,7 +275,7 @@ class ConsulStack:
 
 
 def _order(order_id: str) -> orch_pb.PlaceOrderRequest:
-    return demo_order(order_id)
+    return order_request(order_id, items=[("BOOK-001", 1)], minor_units=2999, currency="EUR")
 
 
 def _describe(saga: orch_pb.Saga) -> str:

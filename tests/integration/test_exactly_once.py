@@ -17,8 +17,8 @@ from google.protobuf import any_pb2
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
-from orchestrator.render import saga_header, saga_steps, saga_timeline
-from orchestrator.stack import LocalStack
+from devstack.stack import LocalStack
+from sagactl.render import saga_header, saga_steps, saga_timeline
 from sagasuite.common.v1.common_pb2 import LineItem
 from sagasuite.inventory.v1 import inventory_service_pb2 as inventory_pb
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb

@@ -19,14 +19,15 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 
-from orchestrator.stack import LocalStack
+from devstack.launcher import ManagedProcess
+from devstack.otlp_receiver import KIND_SERVER, OtlpReceiver, ReceivedSpan
+from devstack.stack import LocalStack
 from sagasuite.common.v1.common_pb2 import LineItem
 from sagasuite.inventory.v1 import inventory_service_pb2 as inventory_pb
 from sagasuite.notify.v1 import notify_service_pb2 as notify_pb
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 from sagasuite.payment.v1 import payment_service_pb2 as payment_pb
 from sagasuite.shipping.v1 import shipping_service_pb2 as shipping_pb
-from svckit.launcher import ManagedProcess
 from tests.grpc_helpers import bad_request_fields, keyed, trailers
 from tests.orchestrator_helpers import (
     Clients,
@@ -39,7 +40,6 @@ from tests.orchestrator_helpers import (
     status_name,
     wait_for,
 )
-from tests.otlp_receiver import KIND_SERVER, OtlpReceiver, ReceivedSpan
 
 CONTRACTS: dict[str, ServiceDescriptor] = {
     "orchestrator": pb.DESCRIPTOR.services_by_name["OrchestratorService"],

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from orchestrator.stack import LocalStack, StackConfig
+from devstack.launcher import ManagedProcess
+from devstack.stack import LocalStack, StackConfig
 from sagasuite.common.v1.common_pb2 import Money
 from sagasuite.payment.v1 import payment_service_pb2 as payment_pb
-from svckit.launcher import ManagedProcess
 from tests.grpc_helpers import keyed
 from tests.orchestrator_helpers import connect, frozen, new_order_id, order_request, wait_for, wait_until
 

@@ -18,11 +18,11 @@ import grpc
 import pytest
 import sqlalchemy
 
+from devstack.launcher import ManagedProcess
 from notify_svc.channels import NOTIFICATIONS_FILE_NAME
 from sagasuite.common.v1.common_pb2 import LineItem, Money
 from sagasuite.notify.v1 import notify_service_pb2 as pb
 from sagasuite.notify.v1 import notify_service_pb2_grpc as pb_grpc
-from svckit.launcher import ManagedProcess
 from tests.grpc_helpers import keyed
 from tests.orchestrator_helpers import wait_until
 

@@ -19,11 +19,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from devstack.launcher import ManagedProcess, ProcessFailed
 from notify_svc.channels import NOTIFICATIONS_FILE_NAME
 from sagasuite.common.v1.common_pb2 import LineItem, Money
 from sagasuite.notify.v1 import notify_service_pb2 as pb
 from sagasuite.notify.v1 import notify_service_pb2_grpc as pb_grpc
-from svckit.launcher import ManagedProcess, ProcessFailed
 from tests.grpc_helpers import bad_request_fields, call_logged, error_reason, keyed
 from tests.orchestrator_helpers import wait_until
 

@@ -11,10 +11,10 @@ from typing import Any
 import grpc
 import pytest
 
-from orchestrator.stack import LocalStack
+from devstack.launcher import ManagedProcess, ProcessFailed
+from devstack.stack import LocalStack
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
-from svckit.launcher import ManagedProcess, ProcessFailed
 from tests.grpc_helpers import error_reason
 from tests.orchestrator_helpers import (
     Clients,

@@ -16,8 +16,8 @@ import pytest
 from google.protobuf import any_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from orchestrator.demo import DEMO_ADDRESS
-from orchestrator.stack import SERVICES, LocalStack, StackConfig
+from devstack.orders import DEMO_ADDRESS
+from devstack.stack import SERVICES, LocalStack, StackConfig
 from sagasuite.common.v1.common_pb2 import Address, LineItem, Money
 from sagasuite.inventory.v1 import inventory_service_pb2 as inventory_pb
 from sagasuite.notify.v1 import notify_service_pb2 as notify_pb

@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from orchestrator.stack import LocalStack, StackConfig
+from devstack.stack import LocalStack, StackConfig
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 from sagasuite.payment.v1 import payment_service_pb2 as payment
 from tests.integration.saga_audit import (

@@ -11,7 +11,7 @@ import grpc
 import pytest
 from google.protobuf import any_pb2, timestamp_pb2
 
-from orchestrator.stack import LocalStack
+from devstack.stack import LocalStack
 from sagasuite.common.v1.common_pb2 import Money
 from sagasuite.inventory.v1 import inventory_service_pb2 as inventory_pb
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb

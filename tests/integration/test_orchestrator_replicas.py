@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import sqlalchemy
 
-from orchestrator.stack import LocalStack, StackConfig
+from devstack.launcher import ManagedProcess
+from devstack.stack import LocalStack, StackConfig
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
-from svckit.launcher import ManagedProcess
 from tests.integration.saga_audit import (
     COMPENSATED,
     COMPLETED,

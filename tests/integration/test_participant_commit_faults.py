@@ -9,10 +9,10 @@ import grpc
 import pytest
 import sqlalchemy
 
+from devstack.launcher import ManagedProcess
 from sagasuite.common.v1.common_pb2 import Money
 from sagasuite.payment.v1 import payment_service_pb2 as pb
 from sagasuite.payment.v1 import payment_service_pb2_grpc as pb_grpc
-from svckit.launcher import ManagedProcess
 from tests.grpc_helpers import keyed
 from tests.pg_proxy import CommitFault, PgProxy
 

@@ -14,10 +14,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from devstack.launcher import ManagedProcess
 from sagasuite.common.v1.common_pb2 import Address, LineItem
 from sagasuite.shipping.v1 import shipping_service_pb2 as pb
 from sagasuite.shipping.v1 import shipping_service_pb2_grpc as pb_grpc
-from svckit.launcher import ManagedProcess
 from tests.grpc_helpers import bad_request_fields, call_logged, error_reason, keyed
 
 SERVICE_NAME = "sagasuite.shipping.v1.ShippingService"

@@ -14,12 +14,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from orchestrator.stack import LocalStack, StackConfig
+from devstack.devcerts import issue, make_ca
+from devstack.stack import LocalStack, StackConfig
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
 from sagasuite.payment.v1 import payment_service_pb2 as payment_pb
 from sagasuite.payment.v1 import payment_service_pb2_grpc as payment_grpc
-from svckit.devcerts import issue, make_ca
 from tests.orchestrator_helpers import ledger_kinds, new_order_id, order_request, render, status_name
 
 # The services' certificate names none of their addresses, only this: the orchestrator must check it

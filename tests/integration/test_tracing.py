@@ -14,12 +14,13 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
-from orchestrator.stack import LocalStack, StackConfig
+from devstack.launcher import ManagedProcess
+from devstack.otlp_receiver import KIND_CLIENT, KIND_INTERNAL, KIND_SERVER, STATUS_ERROR, OtlpReceiver, ReceivedSpan
+from devstack.stack import LocalStack, StackConfig
 from sagasuite.notify.v1 import notify_service_pb2 as notify_pb
 from sagasuite.notify.v1 import notify_service_pb2_grpc as notify_grpc
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 from sagasuite.shipping.v1 import shipping_service_pb2 as shipping_pb
-from svckit.launcher import ManagedProcess
 from tests.orchestrator_helpers import (
     Clients,
     connect,
@@ -31,7 +32,6 @@ from tests.orchestrator_helpers import (
     wait_for,
     wait_until,
 )
-from tests.otlp_receiver import KIND_CLIENT, KIND_INTERNAL, KIND_SERVER, STATUS_ERROR, OtlpReceiver, ReceivedSpan
 
 CLIENT_SERVICE = "test-client"
 PLACE_ORDER = "/sagasuite.orchestrator.v1.OrchestratorService/PlaceOrder"

@@ -24,13 +24,13 @@ import grpc
 import pytest
 import sqlalchemy
 
+from devstack.launcher import ManagedProcess
 from inventory_svc.config import DEFAULT_CATALOGUE
 from sagasuite.common.v1.common_pb2 import LineItem, Money
 from sagasuite.inventory.v1 import inventory_service_pb2 as inventory_pb
 from sagasuite.inventory.v1 import inventory_service_pb2_grpc as inventory_grpc
 from sagasuite.payment.v1 import payment_service_pb2 as payment_pb
 from sagasuite.payment.v1 import payment_service_pb2_grpc as payment_grpc
-from svckit.launcher import ManagedProcess
 from svckit.validation import decode_lines
 from tests.grpc_helpers import keyed
 from tests.orchestrator_helpers import fresh_postgres_database

@@ -20,9 +20,9 @@ import grpc
 import pytest
 from sqlalchemy import event
 
+from devstack.stack import LocalStack, StackConfig
 from orchestrator import store
 from orchestrator.engine import Event, SagaState, Status
-from orchestrator.stack import LocalStack, StackConfig
 from orchestrator.status import EventType
 from orchestrator.store import EventRecord
 from orchestrator.watch import Subscription, WatchHub

@@ -18,7 +18,7 @@ from orchestrator import store
 from orchestrator.definition import DefinitionMissing, DefinitionRegistry, SagaDefinition
 from orchestrator.dispatcher import Dispatcher, DispatchObserver, NotRecorded
 from orchestrator.engine import ACTION, Command, Outcome, SagaState, Status
-from orchestrator.order_saga import ORDER_SAGA
+from orchestrator.sagas.order import ORDER_SAGA
 from sagasuite.orchestrator.v1.orchestrator_service_pb2 import PlaceOrderRequest
 from svckit.db import Database
 from svckit.errors import RetryableError

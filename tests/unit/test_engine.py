@@ -17,7 +17,7 @@ from orchestrator.definition import (
     StepKind,
 )
 from orchestrator.engine import ACTION, COMPENSATION, Command, Engine, Outcome, SagaState, Status, Transition
-from orchestrator.order_saga import ORDER_SAGA, order_key
+from orchestrator.sagas.order import ORDER_SAGA, order_key
 from svckit.errors import FailedPrecondition
 
 T0 = 1_000_000.0

@@ -10,7 +10,7 @@ from google.rpc import error_details_pb2
 
 from orchestrator.engine import Command, Engine, Outcome, SagaState
 from orchestrator.errors import BusinessKeyConflict, IllegalState, SagaNotFound
-from orchestrator.order_saga import ORDER_SAGA
+from orchestrator.sagas.order import ORDER_SAGA
 from orchestrator.status import Direction, EventType, OperatorCall, SagaStatus, effective_status
 from orchestrator.views import STATUS_FROM_PB, STATUS_TO_PB
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb

@@ -31,7 +31,7 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperCommand, TyperGroup
 
-from orchestrator.client import (
+from sagactl.client import (
     DEFAULT_ADDRESS,
     ENV_ADDRESS,
     ENV_CA_FILE,
@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     # Typer vendors Click (there is no click dependency); its classes are what TyperGroup's methods take.
     from typer._click import Command, Context
 
-    from orchestrator.stack import LocalStack
+    from devstack.stack import LocalStack
 
 __all__ = ["app", "main"]
 
@@ -153,13 +153,9 @@ class _SagaGroup(TyperGroup):
 def _print_version(wanted: bool) -> None:
     if not wanted:
         return
-    import importlib.metadata
+    from sagactl.main import installed_version
 
-    try:
-        version = importlib.metadata.version("sagasuite")
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown (not installed as a package)"
-    typer.echo(f"sagasuite {version}")
+    typer.echo(f"sagasuite {installed_version()}")
     raise typer.Exit()
 
 
@@ -357,8 +353,8 @@ def demo(
 
     Example: saga demo --data-dir /tmp/saga-demo
     """
-    from orchestrator.demo import run_demo
-    from orchestrator.render import status_name
+    from sagactl.demo import run_demo
+    from sagactl.render import status_name
 
     sagas = run_demo(data_dir)
     expected = ["COMPLETED", "COMPENSATED", "COMPLETED", "COMPENSATED"]
@@ -459,7 +455,7 @@ class _StackMonitor:
 
     def poll(self) -> list[str]:
         """Look again; returns a line per change of a process's state."""
-        from orchestrator.render import status_name
+        from sagactl.render import status_name
 
         changes = []
         for name, process in self.stack.processes().items():
@@ -479,7 +475,7 @@ class _StackMonitor:
         return changes
 
     def panel(self) -> Panel:
-        from orchestrator.render import IN_FLIGHT, STATUS_STYLE
+        from sagactl.render import IN_FLIGHT, STATUS_STYLE
 
         table = Table(show_edge=False, pad_edge=False, header_style="bold", box=None)
         for column in ("process", "address", "pid", "health", "log"):
@@ -573,8 +569,8 @@ def up(
     in the environment. Exits 0 after a clean stop, 1 when a process failed to start or died while
     running, 2 on a usage error.
     """
-    from orchestrator.stack import SERVICES, LocalStack, StackConfig
-    from svckit.launcher import ProcessFailed
+    from devstack.launcher import ProcessFailed
+    from devstack.stack import SERVICES, LocalStack, StackConfig
 
     console = _console()
     database_url = _database_url(db)
@@ -752,7 +748,7 @@ def _build_order(
 
 
 def _progress(saga: pb.Saga, started: float) -> RenderableType:
-    from orchestrator.render import STATUS_STYLE, saga_steps, status_name
+    from sagactl.render import STATUS_STYLE, saga_steps, status_name
 
     status = status_name(saga.status)
     line = Text()
@@ -783,13 +779,13 @@ def _follow(client: SagaClient, saga_id: str, console: Console | None) -> pb.Sag
 
 def _print_events(client: SagaClient, saga: pb.Saga, after: int, console: Console, *, as_json: bool) -> None:
     """Each event as it comes, one a line (JSON or text); the text names a status when it changes."""
-    from orchestrator.render import StatusTracker, event_dict, event_line
+    from sagactl.render import event_dict, event_line
 
     origin = saga.created_at.ToNanoseconds() / 1e9
-    tracker = StatusTracker()
     shown: int | None = None
     for response in client.watch(saga.saga_id, after):
-        status = tracker.after(response.event, response.status)
+        # The server folds the history into the status each event left behind: no need to again here.
+        status = response.status
         if as_json:
             typer.echo(json.dumps(event_dict(response.event, status), ensure_ascii=False))
             continue
@@ -849,7 +845,7 @@ def order(
     Exits 0 when the saga completed, 1 when it ended otherwise (compensated, needs attention,
     terminated), 4 when the order is refused (invalid, or the order id is taken by a different order).
     """
-    from orchestrator.render import saga_dict, saga_header, saga_steps, status_name
+    from sagactl.render import saga_dict, saga_header, saga_steps, status_name
 
     request = _build_order(
         file, order_id, item, amount, currency, payment_token, email, name, street, city, postal_code, country, deadline
@@ -914,7 +910,7 @@ def list_sagas(
     timeout: Timeout_ = 10.0,
 ) -> None:
     """List sagas, newest first, filtered by status, type, age and order id; one page at a time."""
-    from orchestrator.render import saga_dict, saga_list
+    from sagactl.render import saga_dict, saga_list
 
     request = _filter_request(_parse_statuses(status), saga_type, order, since, older_than)
     request.page_size = limit
@@ -959,7 +955,7 @@ def show(
     (attempts, durations, codes, messages, compensations), and the calls as bars on the saga's time axis,
     so a slow step or a retry storm stands out.
     """
-    from orchestrator.render import saga_bars, saga_dict, saga_header, saga_history, saga_steps, saga_timeline
+    from sagactl.render import saga_bars, saga_dict, saga_header, saga_history, saga_steps, saga_timeline
 
     with _client(address, token, ca_file, timeout) as client:
         saga = client.resolve(saga_ref)
@@ -1004,7 +1000,7 @@ def watch(
     With --json, one JSON object per event and line. Exits 0 when the saga completed, 1 when it ended
     otherwise.
     """
-    from orchestrator.render import saga_header
+    from sagactl.render import saga_header
 
     console = _console()
     with _client(address, token, ca_file, timeout) as client:
@@ -1032,7 +1028,7 @@ def stats(
     timeout: Timeout_ = 10.0,
 ) -> None:
     """Saga counts by status, completion-latency percentiles (p50, p95, p99) and the oldest saga in flight."""
-    from orchestrator.render import stats_dict, stats_view
+    from sagactl.render import stats_dict, stats_view
 
     request = pb.GetSagaStatsRequest()
     if since:
@@ -1062,7 +1058,7 @@ def _operate(
     as_json: bool,
     config: ClientConfig,
 ) -> None:
-    from orchestrator.render import STATUS_STYLE, saga_dict, saga_list, status_name
+    from sagactl.render import STATUS_STYLE, saga_dict, saga_list, status_name
 
     filtered = bool(statuses or saga_type or order or since or older_than or every)
     if saga_ref and filtered:
@@ -1154,7 +1150,7 @@ Reason_ = Annotated[str, typer.Option(help="why, recorded in the saga's history 
 
 
 def _operation_epilog(operation: str, reason: str = "") -> str:
-    # The status's own name, not orchestrator.render's: building the help must not import the server stack.
+    # The status's own name, not sagactl.render's: building the help must not import the server stack.
     applies = ", ".join(pb.SagaStatus.Name(s).removeprefix("SAGA_STATUS_").lower() for s in APPLIES_TO[operation])
     return (
         f"A batch (filters instead of an ID) lists the matching sagas, asks for confirmation (--yes skips it) "

@@ -6,17 +6,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from svckit.launcher import ManagedProcess
+from devstack.launcher import ManagedProcess
+from svckit.discovery import SUITE_SERVICES
 
 __all__ = ["SERVICES", "LocalStack", "StackConfig"]
 
-# Discovery name -> Python module that runs the service.
-SERVICES = {
-    "inventory": "inventory_svc",
-    "payment": "payment_svc",
-    "shipping": "shipping_svc",
-    "notify": "notify_svc",
-}
+# Discovery name -> Python module that runs the service (each suite service's package is <name>_svc).
+SERVICES = {name: f"{name}_svc" for name in SUITE_SERVICES}
 
 
 @dataclass

@@ -10,9 +10,9 @@ from pathlib import Path
 import grpc
 from rich.console import Console
 
-from orchestrator.render import saga_bars, saga_header, saga_timeline, status_name
-from orchestrator.stack import LocalStack, StackConfig
-from sagasuite.common.v1.common_pb2 import Address, LineItem, Money
+from devstack.orders import DEMO_ADDRESS, order_request
+from devstack.stack import LocalStack, StackConfig
+from sagactl.render import saga_bars, saga_header, saga_timeline, status_name
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
 
@@ -20,28 +20,13 @@ __all__ = ["DEMO_ADDRESS", "demo_order", "demo_orders", "run_demo"]
 
 # The payment service fails the first two charges of any order whose id contains this text.
 TRANSIENT_MARK = "transient"
-# Where every demo, test and benchmark order is shipped.
-DEMO_ADDRESS = Address(
-    recipient_name="Ada Lovelace",
-    street="12 St James's Square",
-    city="London",
-    postal_code="SW1Y 4JH",
-    country_code="GB",
-)
 DEMO_FAULTS = {"payment": {"FAULTS": f"Charge:fail_first=2,order_contains={TRANSIENT_MARK}"}}
 
 
 def demo_order(
     order_id: str, *, token: str = "tok_visa", sku: str = "BOOK-001", quantity: int = 1
 ) -> pb.PlaceOrderRequest:
-    return pb.PlaceOrderRequest(
-        order_id=order_id,
-        customer_email="ada@example.com",
-        items=[LineItem(sku=sku, quantity=quantity)],
-        amount=Money(currency_code="EUR", minor_units=2999 * quantity),
-        payment_token=token,
-        shipping_address=DEMO_ADDRESS,
-    )
+    return order_request(order_id, items=[(sku, quantity)], minor_units=2999 * quantity, currency="EUR", token=token)
 
 
 def demo_orders(run_id: str) -> list[tuple[str, pb.PlaceOrderRequest]]:

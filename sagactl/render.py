@@ -7,13 +7,11 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from orchestrator.views import StatusTracker
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 
 __all__ = [
     "IN_FLIGHT",
     "STATUS_STYLE",
-    "StatusTracker",
     "age",
     "attempt_dict",
     "event_dict",

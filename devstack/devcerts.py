@@ -140,7 +140,7 @@ def write_compose_set(directory: Path, days: int = 365) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m svckit.devcerts",
+        prog="python -m devstack.devcerts",
         description="Write a development CA and the certificates compose.tls.yaml expects. Not for production.",
     )
     parser.add_argument("directory", nargs="?", default="deploy/certs", type=Path)

@@ -34,9 +34,11 @@ from google.protobuf import any_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2, status_pb2
 
-from orchestrator.faultproxy import CommitFault, PgProxy
-from orchestrator.stack import LocalStack, StackConfig
-from sagasuite.common.v1.common_pb2 import Address, LineItem, Money
+from devstack.faultproxy import CommitFault, PgProxy
+from devstack.launcher import ManagedProcess
+from devstack.orders import order_request
+from devstack.stack import LocalStack, StackConfig
+from sagasuite.common.v1.common_pb2 import Address
 from sagasuite.inventory.v1 import inventory_service_pb2 as inventory
 from sagasuite.inventory.v1 import inventory_service_pb2_grpc as inventory_grpc
 from sagasuite.notify.v1 import notify_service_pb2 as notify
@@ -47,7 +49,7 @@ from sagasuite.payment.v1 import payment_service_pb2 as payment
 from sagasuite.payment.v1 import payment_service_pb2_grpc as payment_grpc
 from sagasuite.shipping.v1 import shipping_service_pb2 as shipping
 from sagasuite.shipping.v1 import shipping_service_pb2_grpc as shipping_grpc
-from svckit.launcher import ManagedProcess
+from svckit.discovery import SUITE_SERVICES
 
 # The run (ChaosConfig, run_chaos, ChaosReport), the invariants as pure checks (check_*) and the
 # readers of the services' records, which the integration tests' audit uses too.
@@ -88,7 +90,7 @@ DEFAULT_MIX: dict[str, float] = {
     "duplicate": 0.08,
 }
 LATE_DEADLINE_SECONDS = 3
-SERVICES = ("inventory", "payment", "shipping", "notify")
+SERVICES = SUITE_SERVICES
 # The forward call of each service, and its step, whose reply is held back after its commit so
 # that the service can be killed in between (kind "commitkill", placed by the fault plan itself).
 HELD_CALLS = {
@@ -668,13 +670,13 @@ _ADDRESS = Address(
 
 
 def _order(order_id: str, kind: str, lines: Sequence[tuple[str, int]], amount: int) -> _Order:
-    request = pb.PlaceOrderRequest(
-        order_id=order_id,
-        customer_email="chaos@example.com",
-        items=[LineItem(sku=sku, quantity=quantity) for sku, quantity in lines],
-        amount=Money(currency_code="USD", minor_units=amount),
-        payment_token="tok_declined" if kind == "declined" else "tok_visa",
-        shipping_address=_ADDRESS,
+    request = order_request(
+        order_id,
+        items=lines,
+        minor_units=amount,
+        token="tok_declined" if kind == "declined" else "tok_visa",
+        email="chaos@example.com",
+        address=_ADDRESS,
         deadline_seconds=LATE_DEADLINE_SECONDS if kind == "late" else 0,
     )
     return _Order(order_id, kind, request)
@@ -1274,7 +1276,7 @@ def run_chaos(config: ChaosConfig, log: Callable[[str], Any] = print) -> ChaosRe
     if config.external:
         report.notes.append(
             "external stack: no process was killed; kinds flaky/slow/late/duplicate need the harness's FAULTS "
-            "(orchestrator.chaos.SERVICE_FAULTS) on the services, stock conservation assumes no other traffic, "
+            "(devstack.chaos.SERVICE_FAULTS) on the services, stock conservation assumes no other traffic, "
             "and the file sink is not read"
         )
     elif not config.postgres:

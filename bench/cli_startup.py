@@ -1,0 +1,71 @@
+"""Prints the CPU time (user + sys, median of N runs) of `saga` commands next to a bare `import grpc`.
+
+Run it from a checkout: `.venv/bin/python bench/cli_startup.py [--runs 15] [--address host:port]`.
+Without --address it starts the local stack (devstack) for `saga ls --json` and stops it afterwards.
+Each command runs as a child process; its CPU time is the growth of RUSAGE_CHILDREN across the run,
+which counts the child's own user and system time, not the wall time spent waiting on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+
+__all__ = ["child_cpu_seconds", "main"]
+
+
+def child_cpu_seconds(argv: list[str], env: dict[str, str]) -> float:
+    """User + system CPU seconds of one run of argv (which must exit 0)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def _saga() -> str:
+    found = Path(sys.executable).with_name("saga")
+    return str(found) if found.exists() else (shutil.which("saga") or "saga")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=15, help="runs per command; the median is printed")
+    parser.add_argument("--address", default="", help="a running orchestrator for `saga ls` (default: start one)")
+    options = parser.parse_args()
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    with ExitStack() as stack:
+        address = options.address
+        if not address:
+            from devstack.stack import LocalStack, StackConfig
+
+            data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cli-startup-")))
+            address = stack.enter_context(LocalStack(StackConfig(data_dir=data_dir))).address
+        saga = _saga()
+        commands = {
+            'python -c "import grpc"': [sys.executable, "-c", "import grpc"],
+            "saga --help": [saga, "--help"],
+            "saga --version": [saga, "--version"],
+            "saga ls --json": [saga, "ls", "--json", "--address", address],
+        }
+        for argv in commands.values():  # once each first, so every run finds the bytecode caches warm
+            child_cpu_seconds(argv, env)
+        medians = {
+            label: statistics.median(child_cpu_seconds(argv, env) for _ in range(options.runs))
+            for label, argv in commands.items()
+        }
+    bare = medians['python -c "import grpc"']
+    print(f"CPU time (user + sys), median of {options.runs} runs")
+    for label, seconds in medians.items():
+        print(f"  {label:<26} {seconds * 1000:7.0f} ms  {seconds / bare:5.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The developer's local stack: process launcher, chaos harness, fault proxy, dev certificates and OTLP receiver."""

@@ -1,0 +1,1 @@
+"""The saga definitions the orchestrator ships with."""
