@@ -36,6 +36,7 @@ class InventoryServicer(pb_grpc.InventoryServiceServicer):
 
     def __init__(self, process: ServiceProcess) -> None:
         self._process = process
+        self.rpc_server = process.rpc_server  # what rpc() reports each call to
 
     @rpc(mutating=True)
     async def ReserveStock(self, request: pb.ReserveStockRequest, call: CallContext) -> pb.ReserveStockResponse:

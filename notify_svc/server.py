@@ -73,6 +73,7 @@ class NotifyServicer(pb_grpc.NotifyServiceServicer):
 
     def __init__(self, process: ServiceProcess, channel: Channel, deliverer: Deliverer | None) -> None:
         self._process = process
+        self.rpc_server = process.rpc_server  # what rpc() reports each call to
         self._channel = channel
         self._deliverer = deliverer
 

@@ -6,8 +6,6 @@ import asyncio
 import importlib
 import logging
 
-import grpc
-
 from orchestrator import store
 from orchestrator.auth import AccessControl
 from orchestrator.config import OrchestratorSettings
@@ -25,7 +23,7 @@ from svckit.db import Database
 from svckit.discovery import make_resolver
 from svckit.logs import configure_logging
 from svckit.registration import announcer_from_settings
-from svckit.server import RpcServer, run_server
+from svckit.server import GrpcServer, RpcServer
 from svckit.telemetry import client_interceptors, configure_tracing
 from svckit.tls import ClientTls
 
@@ -45,6 +43,7 @@ def load_definitions(spec: str) -> list[SagaDefinition]:
 
 
 async def serve(settings: OrchestratorSettings) -> None:
+    """Serve until SIGTERM or SIGINT, then leave discovery, stop dispatching, drain and close."""
     database = Database(settings.resolved_database_url())
     store.ensure_schema(database)
     registry = DefinitionRegistry([ORDER_SAGA, *load_definitions(settings.saga_definitions)])
@@ -62,10 +61,11 @@ async def serve(settings: OrchestratorSettings) -> None:
         raise SystemExit(f"configuration error: {error}") from error
     await resolver.start()
     # Tracing (off unless OTEL_* variables ask for it) comes first: the channels carry its interceptors.
+    rpc_server = RpcServer.from_settings(settings)
     metrics_on = settings.metrics_port >= 0
     observability = Observability(configure_tracing(settings.service_name), metrics=metrics_on)
     if metrics_on:
-        RpcServer.observers.append(observability.rpc_observer)
+        rpc_server.observers.append(observability.rpc_observer)
     # A restarted instance gets traffic again within seconds, not gRPC's default two minutes.
     channels = ChannelPool(
         resolver,
@@ -73,75 +73,64 @@ async def serve(settings: OrchestratorSettings) -> None:
         channel_options=[("grpc.max_reconnect_backoff_ms", 5000), *client_tls.channel_options()],
         credentials=client_credentials,
     )
-    holder: dict[str, Dispatcher] = {}
-
-    def add_services(server: grpc.aio.Server) -> list[str]:
-        return [pb.DESCRIPTOR.services_by_name["OrchestratorService"].full_name]
-
-    async def on_started(port: int) -> None:
-        dispatcher = holder["dispatcher"]
-        # The default replica id names the bound port, known only now (PORT=0 binds a free one);
-        # a restart on the same port then takes back the leases of its previous run at once.
-        dispatcher.replica_id = settings.resolved_replica_id(port)
+    # Bound before the dispatcher is built: the default replica id names the bound port (PORT=0
+    # binds a free one), so a restart on the same port takes back the leases of its previous run at once.
+    server = GrpcServer(settings, rpc_server)
+    dispatcher = Dispatcher(
+        database,
+        registry,
+        channels,
+        replica_id=settings.resolved_replica_id(server.port),
+        lease_seconds=settings.lease_seconds,
+        poll_interval=settings.poll_interval_seconds,
+        claim_batch=settings.claim_batch,
+        max_in_flight=settings.max_in_flight,
+        commit_batch=settings.commit_batch,
+        observer=observability.observer(),
+        wrap_call=observability.wrap_call(),
+    )
+    observability.bind(dispatcher)
+    # WatchSaga's streams: fed by this dispatcher's commits, and by one reader for other replicas'.
+    watches = WatchHub(database, max_watchers=settings.max_watchers, read_interval=settings.watch_read_interval_seconds)
+    dispatcher.feed_watches(watches)
+    servicer = OrchestratorServicer(
+        database,
+        registry,
+        dispatcher,
+        settings.default_saga_deadline_seconds,
+        observability=observability,
+        access=access,
+        watches=watches,
+        rpc_server=rpc_server,
+    )
+    server.add_service(
+        lambda grpc_server: pb_grpc.add_OrchestratorServiceServicer_to_server(servicer, grpc_server),
+        pb.DESCRIPTOR.services_by_name["OrchestratorService"].full_name,
+    )
+    outbox_metrics: asyncio.Task[None] | None = None
+    try:
+        await server.start()
         await dispatcher.start()
         log.info(
             "replica %s dispatching; definitions: %s",
             dispatcher.replica_id,
             ", ".join(f"{d.name} v{d.version}" for d in registry.all()),
         )
+        if metrics_on:
+            outbox_metrics = asyncio.create_task(
+                observability.watch_outbox(database, settings.outbox_metrics_interval_seconds)
+            )
         if announcer is not None:
-            await announcer.start(port)
-
-    async def on_stopping() -> None:
+            await announcer.start(server.port)
+        await server.wait_for_stop_signal()
+    finally:
+        await server.stop_taking_calls()
         if announcer is not None:
             await announcer.stop()  # leave discovery before draining
-        await holder["dispatcher"].stop(settings.grace_seconds)
-
-    def add_services_with_dispatcher(server: grpc.aio.Server) -> list[str]:
-        port_hint = settings.port
-        dispatcher = Dispatcher(
-            database,
-            registry,
-            channels,
-            replica_id=settings.resolved_replica_id(port_hint),
-            lease_seconds=settings.lease_seconds,
-            poll_interval=settings.poll_interval_seconds,
-            claim_batch=settings.claim_batch,
-            max_in_flight=settings.max_in_flight,
-            commit_batch=settings.commit_batch,
-            observer=observability.observer(),
-            wrap_call=observability.wrap_call(),
-        )
-        holder["dispatcher"] = dispatcher
-        observability.bind(dispatcher)
-        # WatchSaga's streams: fed by this dispatcher's commits, and by one reader for other replicas'.
-        watches = WatchHub(
-            database, max_watchers=settings.max_watchers, read_interval=settings.watch_read_interval_seconds
-        )
-        dispatcher.feed_watches(watches)
-        servicer = OrchestratorServicer(
-            database,
-            registry,
-            dispatcher,
-            settings.default_saga_deadline_seconds,
-            observability=observability,
-            access=access,
-            watches=watches,
-        )
-        pb_grpc.add_OrchestratorServiceServicer_to_server(servicer, server)
-        return add_services(server)
-
-    try:
-        await run_server(
-            settings,
-            add_services_with_dispatcher,
-            on_started=on_started,
-            on_stopping=on_stopping,
-            background=[lambda: observability.watch_outbox(database, settings.outbox_metrics_interval_seconds)]
-            if metrics_on
-            else [],
-        )
-    finally:
+        await dispatcher.stop(settings.grace_seconds)
+        if outbox_metrics is not None:
+            outbox_metrics.cancel()
+        await server.stop()
         await channels.close()
         await resolver.close()
         database.close()

@@ -30,7 +30,7 @@ from svckit.convert import address_from_pb, lines_from_pb, money_from_pb
 from svckit.db import Database
 from svckit.errors import DomainError, InvalidArgument, RetryableError, abort_call
 from svckit.page_token import decode_cursor, encode_cursor
-from svckit.server import CallContext, rpc
+from svckit.server import CallContext, RpcServer, rpc
 from svckit.validation import Violations, quote
 
 __all__ = ["OrchestratorServicer", "validate_place_order"]
@@ -109,7 +109,9 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         observability: Observability | None = None,
         access: AccessControl | None = None,
         watches: WatchHub | None = None,
+        rpc_server: RpcServer | None = None,
     ) -> None:
+        self.rpc_server = rpc_server if rpc_server is not None else RpcServer()  # what rpc() reports each call to
         self._database = database
         self._registry = registry
         self._dispatcher = dispatcher
@@ -140,7 +142,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             business_key,
             message,  # type: ignore[arg-type]
             deadline_seconds or self._default_deadline,
-            saga_span.trace_context if saga_span is not None else call.notes.get("trace_context", ""),
+            saga_span.trace_context if saga_span is not None else "",
         )
         if saga_span is not None:
             saga_span.finish(saga, created)

@@ -49,6 +49,7 @@ class PaymentServicer(pb_grpc.PaymentServiceServicer):
 
     def __init__(self, process: ServiceProcess) -> None:
         self._process = process
+        self.rpc_server = process.rpc_server  # what rpc() reports each call to
 
     @rpc(mutating=True)
     async def Charge(self, request: pb.ChargeRequest, call: CallContext) -> pb.ChargeResponse:

@@ -41,6 +41,7 @@ class ShippingServicer(pb_grpc.ShippingServiceServicer):
 
     def __init__(self, process: ServiceProcess) -> None:
         self._process = process
+        self.rpc_server = process.rpc_server  # what rpc() reports each call to
 
     @rpc(mutating=True)
     async def CreateShipment(self, request: pb.CreateShipmentRequest, call: CallContext) -> pb.CreateShipmentResponse:

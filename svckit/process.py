@@ -16,7 +16,7 @@ from svckit.db import Database
 from svckit.idempotency import IdempotencyStore
 from svckit.logs import configure_logging
 from svckit.registration import announcer_from_settings
-from svckit.server import CallContext, run_server
+from svckit.server import CallContext, GrpcServer, RpcServer
 
 __all__ = ["ServiceProcess"]
 
@@ -34,6 +34,8 @@ class ServiceProcess:
         self.database = Database(settings.resolved_database_url())
         self.database.create_schema()
         self.idempotency = IdempotencyStore(self.database, settings.idempotency_retention_seconds)
+        # The servicers hand it to the rpc wrapper: FAULTS, call observers, tracing.
+        self.rpc_server = RpcServer.from_settings(settings)
         self._registrations: list[tuple[Callable[[grpc.aio.Server], Any], str]] = []
 
     def add_service(self, register: Callable[[grpc.aio.Server], Any], full_name: str) -> None:
@@ -50,7 +52,7 @@ class ServiceProcess:
         result = await self.idempotency.execute(
             call.idempotency_key, call.method, request, effect, response_type, call.deadline
         )
-        call.notes["replayed"] = result.replayed
+        call.replayed = result.replayed
         return result.response
 
     async def _clean_idempotency_records(self) -> None:
@@ -63,25 +65,34 @@ class ServiceProcess:
             except Exception:
                 self.log.exception("idempotency cleanup failed; will try again")
 
-    def _add_services(self, server: grpc.aio.Server) -> list[str]:
-        for register, _ in self._registrations:
-            register(server)
-        return [name for _, name in self._registrations]
+    def build_server(self) -> GrpcServer:
+        """The gRPC server bound to HOST:PORT with this process's services, not yet started."""
+        server = GrpcServer(self.settings, self.rpc_server)
+        for register, full_name in self._registrations:
+            server.add_service(register, full_name)
+        return server
 
     async def serve(self) -> None:
+        """Serve until SIGTERM or SIGINT, then leave discovery, drain in-flight calls and close the database."""
         try:
             # DISCOVERY=consul: registered once serving, deregistered on SIGTERM before draining.
             try:
                 announcer = announcer_from_settings(self.settings, contract=self.contract)
             except ValueError as error:
                 raise SystemExit(f"configuration error: {error}") from error
-            await run_server(
-                self.settings,
-                self._add_services,
-                on_started=announcer.start if announcer else None,
-                on_stopping=announcer.stop if announcer else None,
-                background=[self._clean_idempotency_records],
-            )
+            server = self.build_server()
+            await server.start()
+            cleanup = asyncio.create_task(self._clean_idempotency_records())
+            try:
+                if announcer is not None:
+                    await announcer.start(server.port)
+                await server.wait_for_stop_signal()
+            finally:
+                await server.stop_taking_calls()
+                if announcer is not None:
+                    await announcer.stop()
+                cleanup.cancel()
+                await server.stop()
         finally:
             self.database.close()
 

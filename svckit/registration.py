@@ -112,13 +112,13 @@ class ConsulAnnouncer:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self, port: int) -> None:
-        """Begin registering `name` at address:port (run_server's on_started hook)."""
+        """Begin registering `name` at address:port (once the server is serving)."""
         self.port = port
         self.instance_id = instance_id(self.name, self.address, port)
         self._task = asyncio.create_task(self._keep_registered(), name=f"consul-register-{self.instance_id}")
 
     async def stop(self) -> None:
-        """Stop re-registering and deregister (run_server's on_stopping hook, before draining)."""
+        """Stop re-registering and deregister (on SIGTERM, before draining)."""
         self._stopping.set()
         if self._task is not None:
             # The loop ends after its current HTTP call, which the client's timeout bounds.

@@ -10,8 +10,8 @@ import logging
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -27,10 +27,10 @@ from svckit.config import ServiceSettings
 from svckit.errors import DomainError, InvalidArgument, MalformedRequest, RetryableError, status_from_error
 from svckit.faults import FaultInjector, parse_faults
 from svckit.idempotency_key import IDEMPOTENCY_HEADER
-from svckit.metrics import RpcMetrics, serve_metrics
+from svckit.metrics import MetricsServer, RpcMetrics, serve_metrics
 from svckit.telemetry import configure_tracing, server_interceptors, shutdown_tracing
 
-__all__ = ["IDEMPOTENCY_HEADER", "CallContext", "RequestGuard", "RpcServer", "rpc", "run_server"]
+__all__ = ["IDEMPOTENCY_HEADER", "CallContext", "CallObserver", "GrpcServer", "RequestGuard", "RpcServer", "rpc"]
 
 _MAX_KEY_LENGTH = 200
 
@@ -47,13 +47,14 @@ else:
 
 @dataclass
 class CallContext:
-    """What a handler needs from its call besides the request: key and deadline."""
+    """What a handler needs from its call besides the request (key, deadline) and what it reports back."""
 
     method: str
     idempotency_key: str
     deadline: float | None
     grpc_context: grpc.aio.ServicerContext[Any, Any]
-    notes: dict[str, Any] = field(default_factory=dict)
+    # Set by the handler when the idempotency store answered with a recorded response.
+    replayed: bool = False
 
 
 def _metadata_value(context: grpc.aio.ServicerContext[Any, Any], name: str) -> str | bytes | None:
@@ -79,19 +80,37 @@ def _idempotency_key(context: grpc.aio.ServicerContext[Any, Any], required: bool
     return key
 
 
-class RpcServer:
-    """Per-process state the RPC wrapper uses: fault injection, call observers, whether calls are traced."""
+CallObserver = Callable[[str, str, float, bool], None]
+"""Told of every finished call: method, status code name, milliseconds, whether it was replayed."""
 
-    faults: FaultInjector = FaultInjector([])
-    observers: list[Callable[[str, str, float, bool], None]] = []
-    tracing: bool = False
+
+class RpcServer:
+    """Per-server state the RPC wrapper uses: fault injection, call observers, whether calls are traced.
+
+    Every servicer whose methods rpc() wraps holds one as its `rpc_server` attribute, and the
+    server's RequestGuard the same one, so two servers in one process share nothing.
+    """
+
+    def __init__(self, faults: FaultInjector | None = None, *, tracing: bool = False) -> None:
+        self.faults = faults if faults is not None else FaultInjector([])
+        self.observers: list[CallObserver] = []
+        self.tracing = tracing
+
+    @classmethod
+    def from_settings(cls, settings: ServiceSettings) -> RpcServer:
+        """FAULTS parsed, and tracing as the OTEL_* variables ask (set up here, once per process)."""
+        return cls(
+            FaultInjector(parse_faults(settings.faults)),
+            tracing=configure_tracing(settings.service_name) is not None,
+        )
 
 
 def rpc(*, mutating: bool) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
     """Wrap a servicer method: key check, faults, error conversion and one log line per call.
 
     The wrapped method is called as method(self, request, call: CallContext) and returns the
-    response; it raises DomainError or RetryableError for refusals, never a gRPC status.
+    response; it raises DomainError or RetryableError for refusals, never a gRPC status. The
+    servicer (self) holds the RpcServer it reports to as `rpc_server`.
     """
 
     def decorate(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -100,24 +119,25 @@ def rpc(*, mutating: bool) -> Callable[[Callable[..., Awaitable[Any]]], Callable
         @functools.wraps(handler)
         async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
+            server: RpcServer = self.rpc_server
             key = ""
             replayed = False
             failure: grpc.Status | None = None
             try:
                 key = _idempotency_key(context, required=mutating)
-                if key and RpcServer.tracing:
+                if key and server.tracing:
                     # The server span the tracing interceptor opened around this call.
                     trace.get_current_span().set_attribute("idempotency.key", key)
                 order_id = getattr(request, "order_id", "")
-                await RpcServer.faults.before(method, key, order_id)
+                await server.faults.before(method, key, order_id)
                 remaining = context.time_remaining()
                 deadline = time.monotonic() + remaining if remaining is not None else None
                 call = CallContext(method, key, deadline, context)
                 response = await handler(self, request, call)
-                replayed = bool(call.notes.get("replayed"))
-                if replayed and RpcServer.tracing:
+                replayed = call.replayed
+                if replayed and server.tracing:
                     trace.get_current_span().set_attribute("idempotency.replayed", True)
-                await RpcServer.faults.after(method, key, order_id)
+                await server.faults.after(method, key, order_id)
             except (DomainError, RetryableError) as error:
                 failure = status_from_error(error)
             except asyncio.CancelledError:
@@ -139,7 +159,7 @@ def rpc(*, mutating: bool) -> Callable[[Callable[..., Awaitable[Any]]], Callable
                 elapsed_ms,
                 " replayed" if replayed else "",
             )
-            for observer in RpcServer.observers:
+            for observer in server.observers:
                 observer(method, code_name, elapsed_ms, replayed)
             if failure is not None:
                 await context.abort(
@@ -175,7 +195,8 @@ class RequestGuard(_ServerInterceptor):
     handler iterates it (a handler calling context.read() itself would see the marker).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, rpc_server: RpcServer) -> None:
+        self._rpc_server = rpc_server
         # method path -> (the handler found, its guarded copy): a method's handler is built once.
         self._guarded: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
 
@@ -192,12 +213,14 @@ class RequestGuard(_ServerInterceptor):
         known = self._guarded.get(method)
         if known is not None and known[0] is handler:
             return known[1]
-        guarded = _guard(handler, method)
+        guarded = _guard(handler, method, self._rpc_server.observers)
         self._guarded[method] = (handler, guarded)
         return guarded
 
 
-def _guard(handler: grpc.RpcMethodHandler[Any, Any], method: str) -> grpc.RpcMethodHandler[Any, Any]:
+def _guard(
+    handler: grpc.RpcMethodHandler[Any, Any], method: str, observers: Sequence[CallObserver]
+) -> grpc.RpcMethodHandler[Any, Any]:
     """handler with a deserializer that never raises and a behaviour that refuses what it could not decode."""
     behavior, factory = _behavior_and_factory(handler)
     deserializer = handler.request_deserializer
@@ -210,7 +233,7 @@ def _guard(handler: grpc.RpcMethodHandler[Any, Any], method: str) -> grpc.RpcMet
     decode = _tolerant(deserializer)
 
     async def refuse(context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await _refuse_malformed(context, method, message_name)
+        await _refuse_malformed(context, method, message_name, observers)
 
     guarded: Callable[..., Any]
     if handler.request_streaming:
@@ -360,11 +383,13 @@ def _request_message_name(deserializer: Callable[[bytes], Any], method: str) -> 
         return "request message"
 
 
-async def _refuse_malformed(context: grpc.aio.ServicerContext[Any, Any], method: str, message_name: str) -> None:
+async def _refuse_malformed(
+    context: grpc.aio.ServicerContext[Any, Any], method: str, message_name: str, observers: Sequence[CallObserver]
+) -> None:
     """Abort the call with INVALID_ARGUMENT; logged like any other refusal, at INFO, with no traceback."""
     short_name = method.rsplit("/", 1)[-1]
     log.info("method=%s key=- code=INVALID_ARGUMENT ms=0.0 request is not a valid %s", short_name, message_name)
-    for observer in RpcServer.observers:
+    for observer in observers:
         observer(short_name, grpc.StatusCode.INVALID_ARGUMENT.name, 0.0, False)
     failure = status_from_error(MalformedRequest(message_name))
     await context.abort(
@@ -374,77 +399,91 @@ async def _refuse_malformed(context: grpc.aio.ServicerContext[Any, Any], method:
     )
 
 
-async def run_server(
-    settings: ServiceSettings,
-    add_services: Callable[[grpc.aio.Server], Sequence[str]],
-    *,
-    on_started: Callable[[int], Awaitable[None]] | None = None,
-    on_stopping: Callable[[], Awaitable[None]] | None = None,
-    background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = (),
-) -> None:
-    """Serve until SIGTERM or SIGINT, then stop taking calls, drain in-flight ones and return.
+class GrpcServer:
+    """One process's gRPC server with health and reflection: bound when built, then started, waited on, stopped.
 
-    add_services registers the servicers and returns their full service names for health and
-    reflection. on_started receives the bound port (registration in discovery goes there).
+    Bound at once, so its port is known (PORT=0 binds a free one) before anything that names it is
+    built. Every process's serve() uses it the same way, top to bottom:
+
+        server = GrpcServer(settings, rpc_server)
+        server.add_service(register, full_name)
+        await server.start()
+        try:
+            await server.wait_for_stop_signal()
+        finally:
+            await server.stop_taking_calls()  # health says NOT_SERVING; leave discovery after it
+            await server.stop()  # drain in-flight calls
     """
-    RpcServer.faults = FaultInjector(parse_faults(settings.faults))
-    # Off unless OTEL_* variables ask for it; then every call runs inside a server span, so the
-    # per-call log line carries its trace and span ids.
-    RpcServer.tracing = configure_tracing(settings.service_name) is not None
-    options = [
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
-        ("grpc.max_send_message_length", settings.max_message_bytes),
-        ("grpc.so_reuseport", 0),
-    ]
-    # The tracing interceptor goes first, so a refused malformed request still has its server span.
-    server = grpc.aio.server(options=options, interceptors=[*server_interceptors(), RequestGuard()])
-    service_names = list(add_services(server))
-    health = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-        server,
-    )
-    address = f"{settings.host}:{settings.port}"
-    try:
-        port = (
-            server.add_secure_port(address, _server_credentials(settings))
-            if settings.tls_cert_file
-            else server.add_insecure_port(address)
-        )
-    except RuntimeError as error:
-        raise SystemExit(f"configuration error: cannot listen on {address} (HOST, PORT): {error}") from None
-    await server.start()
-    for name in [*service_names, ""]:
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    stop_requested = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop_requested.set)
-    tasks: list[asyncio.Task[None]] = [asyncio.create_task(job()) for job in background]
-    log.info("serving %s on port %d", ",".join(service_names), port)
-    metrics_server = None
-    if settings.metrics_port >= 0:
-        RpcServer.observers.append(RpcMetrics())
-        metrics_server = serve_metrics(settings.host, settings.metrics_port)
-        # Printed before READY, so whoever waits for READY finds the metrics port too.
-        print(f"METRICS port={metrics_server.port}", flush=True)
-    # Printed for the processes that start us: they read the bound port from this line.
-    print(f"READY port={port}", flush=True)
-    if on_started is not None:
-        await on_started(port)
-    await stop_requested.wait()
-    log.info("stopping: draining in-flight calls for up to %.1fs", settings.grace_seconds)
-    await health.enter_graceful_shutdown()
-    if on_stopping is not None:
-        await on_stopping()
-    for task in tasks:
-        task.cancel()
-    await server.stop(settings.grace_seconds)
-    if metrics_server is not None:
-        metrics_server.close()
-    shutdown_tracing()
-    log.info("stopped")
+
+    def __init__(self, settings: ServiceSettings, rpc_server: RpcServer) -> None:
+        self._settings = settings
+        self._rpc_server = rpc_server
+        options = [
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        # The tracing interceptor goes first, so a refused malformed request still has its server span.
+        self._server = grpc.aio.server(options=options, interceptors=[*server_interceptors(), RequestGuard(rpc_server)])
+        self._health = health_aio.HealthServicer()
+        self._service_names: list[str] = []
+        self._stop_requested = asyncio.Event()
+        self._metrics_server: MetricsServer | None = None
+        self._started = False
+        address = f"{settings.host}:{settings.port}"
+        try:
+            self.port = (
+                self._server.add_secure_port(address, _server_credentials(settings))
+                if settings.tls_cert_file
+                else self._server.add_insecure_port(address)
+            )
+        except RuntimeError as error:
+            raise SystemExit(f"configuration error: cannot listen on {address} (HOST, PORT): {error}") from None
+
+    def add_service(self, register: Callable[[grpc.aio.Server], object], full_name: str) -> None:
+        """Register a servicer (register adds it to the grpc server) under its full service name."""
+        register(self._server)
+        self._service_names.append(full_name)
+
+    async def start(self) -> None:
+        """Serve: health SERVING, SIGTERM and SIGINT handled, metrics on METRICS_PORT, then READY printed."""
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+        reflection.enable_server_reflection([*self._service_names, health_name, reflection.SERVICE_NAME], self._server)
+        await self._server.start()
+        self._started = True
+        for name in [*self._service_names, ""]:
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stop_requested.set)
+        log.info("serving %s on port %d", ",".join(self._service_names), self.port)
+        if self._settings.metrics_port >= 0:
+            self._rpc_server.observers.append(RpcMetrics())
+            self._metrics_server = serve_metrics(self._settings.host, self._settings.metrics_port)
+            # Printed before READY, so whoever waits for READY finds the metrics port too.
+            print(f"METRICS port={self._metrics_server.port}", flush=True)
+        # Printed for the processes that start us: they read the bound port from this line.
+        print(f"READY port={self.port}", flush=True)
+
+    async def wait_for_stop_signal(self) -> None:
+        """Return once SIGTERM or SIGINT arrives."""
+        await self._stop_requested.wait()
+        log.info("stopping: draining in-flight calls for up to %.1fs", self._settings.grace_seconds)
+
+    async def stop_taking_calls(self) -> None:
+        """Health answers NOT_SERVING from now on, so balancers move away before the drain."""
+        await self._health.enter_graceful_shutdown()
+
+    async def stop(self) -> None:
+        """Drain in-flight calls for up to GRACE_SECONDS, then close the metrics endpoint and flush traces."""
+        await self._health.enter_graceful_shutdown()
+        if self._started:
+            await self._server.stop(self._settings.grace_seconds)
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+        shutdown_tracing()
+        log.info("stopped")
 
 
 def _server_credentials(settings: ServiceSettings) -> grpc.ServerCredentials:
