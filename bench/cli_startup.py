@@ -1,9 +1,9 @@
 """Prints the CPU time (user + sys, median of N runs) of `saga` commands next to a bare `import grpc`.
 
 Run it from a checkout: `.venv/bin/python bench/cli_startup.py [--runs 15] [--address host:port]`.
-Without --address it starts the local stack (devstack) for `saga ls --json` and stops it afterwards.
-Each command runs as a child process; its CPU time is the growth of RUSAGE_CHILDREN across the run,
-which counts the child's own user and system time, not the wall time spent waiting on the machine.
+Without --address it starts the local stack (devstack) for `saga ls --json` and `saga stats --json` and stops it
+afterwards. Each round runs every command once, as a child process; its CPU time is the growth of RUSAGE_CHILDREN
+across the run, which counts the child's own user and system time, not the wall time spent waiting on the machine.
 """
 
 from __future__ import annotations
@@ -54,13 +54,16 @@ def main() -> None:
             "saga --help": [saga, "--help"],
             "saga --version": [saga, "--version"],
             "saga ls --json": [saga, "ls", "--json", "--address", address],
+            "saga stats --json": [saga, "stats", "--json", "--address", address],
         }
         for argv in commands.values():  # once each first, so every run finds the bytecode caches warm
             child_cpu_seconds(argv, env)
-        medians = {
-            label: statistics.median(child_cpu_seconds(argv, env) for _ in range(options.runs))
-            for label, argv in commands.items()
-        }
+        # Round after round of every command, so a change in the machine's load weighs on all of them alike.
+        samples: dict[str, list[float]] = {label: [] for label in commands}
+        for _ in range(options.runs):
+            for label, argv in commands.items():
+                samples[label].append(child_cpu_seconds(argv, env))
+        medians = {label: statistics.median(seconds) for label, seconds in samples.items()}
     bare = medians['python -c "import grpc"']
     print(f"CPU time (user + sys), median of {options.runs} runs")
     for label, seconds in medians.items():

@@ -21,8 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
-from google.protobuf import json_format
-from google.protobuf.timestamp_pb2 import Timestamp
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.panel import Panel
@@ -38,11 +36,16 @@ from sagactl.client import (
     ENV_TOKEN,
     EXIT_FAILED,
     EXIT_UNREACHABLE,
+    BadOption,
     ClientConfig,
     ClientError,
     SagaClient,
+    filter_request,
     health_of,
     open_channel,
+    parse_duration,
+    parse_statuses,
+    stamp_ago,
 )
 from sagasuite.common.v1.common_pb2 import Address, LineItem
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
@@ -236,21 +239,6 @@ APPLIES_TO: dict[str, list[int]] = {
         pb.SAGA_STATUS_NEEDS_ATTENTION,
     ],
 }
-_STATUS_WORDS: dict[str, list[int]] = {
-    "running": [pb.SAGA_STATUS_RUNNING],
-    "compensating": [pb.SAGA_STATUS_COMPENSATING],
-    "paused": [pb.SAGA_STATUS_PAUSED],
-    "completed": [pb.SAGA_STATUS_COMPLETED],
-    "compensated": [pb.SAGA_STATUS_COMPENSATED],
-    "needs_attention": [pb.SAGA_STATUS_NEEDS_ATTENTION],
-    "attention": [pb.SAGA_STATUS_NEEDS_ATTENTION],
-    "terminated": [pb.SAGA_STATUS_TERMINATED],
-    "in_flight": [pb.SAGA_STATUS_RUNNING, pb.SAGA_STATUS_COMPENSATING, pb.SAGA_STATUS_PAUSED],
-    "ended": [pb.SAGA_STATUS_COMPLETED, pb.SAGA_STATUS_COMPENSATED, pb.SAGA_STATUS_TERMINATED],
-}
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -275,7 +263,9 @@ def _usage(message: str) -> NoReturn:
 
 
 def _print_json(value: object) -> None:
-    typer.echo(json.dumps(value, indent=2, ensure_ascii=False))
+    from sagactl.render import json_text
+
+    typer.echo(json_text(value))
 
 
 def _reports_errors(command: F) -> F:
@@ -300,39 +290,26 @@ def _client(address: str, token: str, ca_file: str, timeout: float) -> SagaClien
 
 def _parse_duration(text: str, option: str) -> float:
     """Seconds in "90s", "10m", "1h30m", "2d"; a usage error otherwise."""
-    compact = text.replace(" ", "").lower()
-    if not compact or _DURATION.sub("", compact):
-        raise typer.BadParameter(f"{text!r} is not a duration like 30s, 10m, 1h30m or 2d", param_hint=option)
-    return sum(float(number) * _UNIT_SECONDS[unit] for number, unit in _DURATION.findall(compact))
+    try:
+        return parse_duration(text, option)
+    except BadOption as error:
+        raise typer.BadParameter(error.message, param_hint=error.option) from None
 
 
 def _parse_statuses(values: list[str] | None) -> list[int]:
-    statuses: list[int] = []
-    for value in values or []:
-        for word in filter(None, (part.strip() for part in value.split(","))):
-            key = word.lower().replace("-", "_").removeprefix("saga_status_")
-            if key not in _STATUS_WORDS:
-                known = ", ".join(_STATUS_WORDS)
-                raise typer.BadParameter(f"unknown status {word!r}; use one of {known}", param_hint="--status")
-            statuses += [s for s in _STATUS_WORDS[key] if s not in statuses]
-    return statuses
-
-
-def _stamp_ago(seconds: float) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromNanoseconds(int((time.time() - seconds) * 1e9))
-    return stamp
+    try:
+        return parse_statuses(values)
+    except BadOption as error:
+        raise typer.BadParameter(error.message, param_hint=error.option) from None
 
 
 def _filter_request(
     statuses: list[int], saga_type: str, order: str, since: str, older_than: str
 ) -> pb.ListSagasRequest:
-    request = pb.ListSagasRequest(statuses=statuses, saga_type=saga_type, business_key=order)  # type: ignore[arg-type]
-    if since:
-        request.created_after.CopyFrom(_stamp_ago(_parse_duration(since, "--since")))
-    if older_than:
-        request.created_before.CopyFrom(_stamp_ago(_parse_duration(older_than, "--older-than")))
-    return request
+    try:
+        return filter_request(statuses, saga_type, order, since, older_than)
+    except BadOption as error:
+        raise typer.BadParameter(error.message, param_hint=error.option) from None
 
 
 def _ended_well(saga: pb.Saga) -> bool:
@@ -678,6 +655,8 @@ def _minor_units(amount: str) -> int:
 
 
 def _read_order_file(path: Path) -> pb.PlaceOrderRequest:
+    from google.protobuf import json_format  # only `saga order --file` parses protobuf JSON
+
     try:
         text = sys.stdin.read() if str(path) == "-" else path.read_text()
     except OSError as error:
@@ -910,19 +889,15 @@ def list_sagas(
     timeout: Timeout_ = 10.0,
 ) -> None:
     """List sagas, newest first, filtered by status, type, age and order id; one page at a time."""
-    from sagactl.render import saga_dict, saga_list
+    from sagactl.render import list_dict, saga_list
 
     request = _filter_request(_parse_statuses(status), saga_type, order, since, older_than)
     request.page_size = limit
     request.page_token = page_token
     with _client(address, token, ca_file, timeout) as client:
-        if all_pages:
-            sagas, next_token = list(client.list_all(request)), ""
-        else:
-            response = client.list_sagas(request)
-            sagas, next_token = list(response.sagas), response.next_page_token
+        sagas, next_token = client.list_page(request, all_pages=all_pages)
     if as_json:
-        _print_json({"sagas": [saga_dict(s, history=False, steps=False) for s in sagas], "next_page_token": next_token})
+        _print_json(list_dict(sagas, next_token))
         return
     console = _console()
     if not sagas:
@@ -1032,7 +1007,7 @@ def stats(
 
     request = pb.GetSagaStatsRequest()
     if since:
-        request.created_after.CopyFrom(_stamp_ago(_parse_duration(since, "--since")))
+        request.created_after.CopyFrom(stamp_ago(_parse_duration(since, "--since")))
     with _client(address, token, ca_file, timeout) as client:
         response = client.stats(request)
     if as_json:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -10,9 +11,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-from google.rpc import error_details_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_status import rpc_status
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
@@ -28,10 +27,16 @@ __all__ = [
     "EXIT_UNREACHABLE",
     "EXIT_USAGE",
     "OPERATIONS",
+    "STATUS_WORDS",
+    "BadOption",
     "ClientConfig",
     "ClientError",
     "SagaClient",
+    "filter_request",
     "health_of",
+    "parse_duration",
+    "parse_statuses",
+    "stamp_ago",
 ]
 
 DEFAULT_ADDRESS = "127.0.0.1:50050"
@@ -69,6 +74,68 @@ OPERATIONS: dict[str, tuple[str, Any, bool]] = {
 }
 
 
+# The words --status takes, each naming the statuses it selects.
+STATUS_WORDS: dict[str, list[int]] = {
+    "running": [pb.SAGA_STATUS_RUNNING],
+    "compensating": [pb.SAGA_STATUS_COMPENSATING],
+    "paused": [pb.SAGA_STATUS_PAUSED],
+    "completed": [pb.SAGA_STATUS_COMPLETED],
+    "compensated": [pb.SAGA_STATUS_COMPENSATED],
+    "needs_attention": [pb.SAGA_STATUS_NEEDS_ATTENTION],
+    "attention": [pb.SAGA_STATUS_NEEDS_ATTENTION],
+    "terminated": [pb.SAGA_STATUS_TERMINATED],
+    "in_flight": [pb.SAGA_STATUS_RUNNING, pb.SAGA_STATUS_COMPENSATING, pb.SAGA_STATUS_PAUSED],
+    "ended": [pb.SAGA_STATUS_COMPLETED, pb.SAGA_STATUS_COMPENSATED, pb.SAGA_STATUS_TERMINATED],
+}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+class BadOption(ValueError):
+    """An option value the CLI cannot use, with the option it was given to."""
+
+    def __init__(self, message: str, option: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.option = option
+
+
+def parse_duration(text: str, option: str) -> float:
+    """Seconds in "90s", "10m", "1h30m", "2d"; BadOption otherwise."""
+    compact = text.replace(" ", "").lower()
+    if not compact or _DURATION.sub("", compact):
+        raise BadOption(f"{text!r} is not a duration like 30s, 10m, 1h30m or 2d", option)
+    return sum(float(number) * _UNIT_SECONDS[unit] for number, unit in _DURATION.findall(compact))
+
+
+def parse_statuses(values: list[str] | None) -> list[int]:
+    """The statuses the --status words select (repeated or separated by commas), in order, once each."""
+    statuses: list[int] = []
+    for value in values or []:
+        for word in filter(None, (part.strip() for part in value.split(","))):
+            key = word.lower().replace("-", "_").removeprefix("saga_status_")
+            if key not in STATUS_WORDS:
+                raise BadOption(f"unknown status {word!r}; use one of {', '.join(STATUS_WORDS)}", "--status")
+            statuses += [s for s in STATUS_WORDS[key] if s not in statuses]
+    return statuses
+
+
+def stamp_ago(seconds: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int((time.time() - seconds) * 1e9))
+    return stamp
+
+
+def filter_request(statuses: list[int], saga_type: str, order: str, since: str, older_than: str) -> pb.ListSagasRequest:
+    """A ListSagasRequest for the filter options; BadOption for a duration it cannot read."""
+    request = pb.ListSagasRequest(statuses=statuses, saga_type=saga_type, business_key=order)  # type: ignore[arg-type]
+    if since:
+        request.created_after.CopyFrom(stamp_ago(parse_duration(since, "--since")))
+    if older_than:
+        request.created_before.CopyFrom(stamp_ago(parse_duration(older_than, "--older-than")))
+    return request
+
+
 class ClientError(Exception):
     """A call that did not succeed, with the exit code the CLI ends with and a one-line message."""
 
@@ -96,6 +163,10 @@ def _one_line(text: str) -> str:
 
 def _details(error: grpc.RpcError) -> tuple[str, str]:
     """The ErrorInfo reason (or the BadRequest fields) carried by a refusal, and its message."""
+    # Imported here, as in health_of: a call that succeeds (saga ls --json) never loads them.
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
     message = _one_line(error.details() or "")
     try:
         status = rpc_status.from_call(error)  # type: ignore[arg-type]
@@ -151,6 +222,8 @@ def open_channel(address: str, ca_file: str = "") -> grpc.Channel:
 
 def health_of(channel: grpc.Channel, timeout: float = 0.5) -> str:
     """The standard health status of a process ("SERVING", ...), or "NO ANSWER"."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     try:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
     except grpc.RpcError:
@@ -209,6 +282,13 @@ class SagaClient:
             if not response.next_page_token:
                 return
             page.page_token = response.next_page_token
+
+    def list_page(self, request: pb.ListSagasRequest, *, all_pages: bool) -> tuple[list[pb.Saga], str]:
+        """One page of sagas and the token of the next (or every page and no token)."""
+        if all_pages:
+            return list(self.list_all(request)), ""
+        response = self.list_sagas(request)
+        return list(response.sagas), response.next_page_token
 
     def stats(self, request: pb.GetSagaStatsRequest) -> pb.GetSagaStatsResponse:
         return self.call(self.stub.GetSagaStats, request)

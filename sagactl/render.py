@@ -1,13 +1,19 @@
-"""Terminal rendering of sagas: a header, a step timeline table and a proportional bar view."""
+"""Sagas for the terminal (a header, step and timeline tables, proportional bars) and as JSON values."""
 
 from __future__ import annotations
 
-from google.protobuf.timestamp_pb2 import Timestamp
-from rich.console import Group, RenderableType
-from rich.table import Table
-from rich.text import Text
+import json
+from typing import TYPE_CHECKING
 
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
+
+if TYPE_CHECKING:
+    from google.protobuf.timestamp_pb2 import Timestamp
+    from rich.console import RenderableType
+    from rich.table import Table
+    from rich.text import Text
+
+# rich is imported inside the functions that draw, so the JSON forms (saga --json) run without it.
 
 __all__ = [
     "IN_FLIGHT",
@@ -16,6 +22,8 @@ __all__ = [
     "attempt_dict",
     "event_dict",
     "event_line",
+    "json_text",
+    "list_dict",
     "saga_bars",
     "saga_dict",
     "saga_header",
@@ -54,6 +62,8 @@ def _attempts(saga: pb.Saga) -> list[tuple[pb.SagaStep, pb.StepAttempt]]:
 
 
 def saga_header(saga: pb.Saga) -> Text:
+    from rich.text import Text
+
     status = status_name(saga.status)
     ended = saga.HasField("ended_at")
     took = (_seconds(saga.ended_at) - _seconds(saga.created_at)) * 1000 if ended else None
@@ -78,6 +88,9 @@ def saga_header(saga: pb.Saga) -> Text:
 
 def saga_timeline(saga: pb.Saga) -> Table:
     """One row per call: step, direction, attempt, start offset, duration, code and message."""
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(show_edge=False, pad_edge=False, header_style="bold")
     for column in ("step", "direction", "try", "at ms", "took ms", "code", "message"):
         table.add_column(column, justify="right" if column in ("try", "at ms", "took ms") else "left")
@@ -103,6 +116,9 @@ def saga_timeline(saga: pb.Saga) -> Table:
 
 def saga_bars(saga: pb.Saga, width: int = 50) -> RenderableType:
     """Each call as a bar placed on the saga's time axis, so a slow step or a retry storm stands out."""
+    from rich.console import Group
+    from rich.text import Text
+
     attempts = _attempts(saga)
     if not attempts:
         return Text("(no calls yet)", style="dim")
@@ -163,6 +179,9 @@ def took_seconds(saga: pb.Saga, now: float) -> float:
 
 def saga_steps(saga: pb.Saga) -> Table:
     """One row per step: its state, forward tries, compensation tries, time spent and last error."""
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(show_edge=False, pad_edge=False, header_style="bold")
     for column in ("", "step", "state", "tries", "undo", "total ms", "last error"):
         table.add_column(column, justify="right" if column in ("tries", "undo", "total ms") else "left")
@@ -186,6 +205,9 @@ def saga_steps(saga: pb.Saga) -> Table:
 
 def saga_list(sagas: list[pb.Saga], now: float) -> Table:
     """A listing: one saga a row, as ListSagas returns them (newest first)."""
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(show_edge=False, pad_edge=False, header_style="bold")
     for column in ("saga id", "type", "order", "status", "step", "age", "took"):
         table.add_column(column, justify="right" if column in ("age", "took") else "left", no_wrap=column != "step")
@@ -206,6 +228,8 @@ def saga_list(sagas: list[pb.Saga], now: float) -> Table:
 def event_line(event: pb.HistoryEvent, status: int | None, origin: float) -> Text:
     """One history event on one line: offset from the saga's start, type, step, attempt, code, message,
     and the status it led to when given."""
+    from rich.text import Text
+
     line = Text()
     line.append(f"{(_seconds(event.at) - origin) * 1000:>9.1f} ms  ", style="dim")
     bad = event.code not in ("", "OK") or event.type in ("SagaNeedsAttention", "SagaTerminated", "EffectAfterTerminate")
@@ -226,6 +250,9 @@ def event_line(event: pb.HistoryEvent, status: int | None, origin: float) -> Tex
 
 def saga_history(saga: pb.Saga) -> Table:
     """The whole history, one event a row."""
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(show_edge=False, pad_edge=False, header_style="bold")
     for column in ("seq", "at ms", "event", "step", "try", "code", "message", "actor"):
         table.add_column(column, justify="right" if column in ("seq", "at ms", "try") else "left")
@@ -248,6 +275,10 @@ IN_FLIGHT = ("RUNNING", "COMPENSATING", "PAUSED")
 
 
 def stats_view(stats: pb.GetSagaStatsResponse, now: float) -> RenderableType:
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
     counts = {status_name(c.status): c.count for c in stats.counts}
     table = Table(show_edge=False, pad_edge=False, header_style="bold")
     table.add_column("status")
@@ -349,6 +380,16 @@ def saga_dict(saga: pb.Saga, *, history: bool = True, steps: bool = True) -> dic
     if history:
         found["history"] = [event_dict(e) for e in saga.history]
     return found
+
+
+def list_dict(sagas: list[pb.Saga], next_page_token: str) -> dict[str, object]:
+    """A page of sagas as `saga ls --json` prints it: each without steps or history."""
+    return {"sagas": [saga_dict(s, history=False, steps=False) for s in sagas], "next_page_token": next_page_token}
+
+
+def json_text(value: object) -> str:
+    """How every --json command prints a value: indented, non-ASCII kept."""
+    return json.dumps(value, indent=2, ensure_ascii=False)
 
 
 def stats_dict(stats: pb.GetSagaStatsResponse) -> dict[str, object]:
