@@ -6,8 +6,10 @@ import sys
 from pathlib import Path
 from typing import TypeVar
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from svckit.faults import parse_faults
 
 __all__ = ["ServiceSettings", "load_settings"]
 
@@ -55,6 +57,13 @@ class ServiceSettings(BaseSettings):
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_client_ca_file: str = ""
+
+    @field_validator("faults")
+    @classmethod
+    def _faults_parse(cls, value: str) -> str:
+        # Checked with the other settings, so a bad rule is one configuration line, not a traceback.
+        parse_faults(value)
+        return value
 
     def resolved_database_url(self) -> str:
         """DATABASE_URL, or the service's own SQLite file under DATA_DIR."""

@@ -167,3 +167,19 @@ async def test_reply_delay_first_delays_only_the_first_replies_per_key(monkeypat
     for _ in range(3):
         await every.after("Charge", "saga-1/charge/action")
     assert slept == [2.5, 2.5, 0.01, 0.01, 0.01]
+
+
+def test_a_bad_faults_setting_is_one_configuration_line_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from payment_svc.config import PaymentSettings
+    from svckit.config import load_settings
+
+    monkeypatch.setenv("FAULTS", "Charge:latency_ms=soon")
+    with pytest.raises(SystemExit) as stopped:
+        load_settings(PaymentSettings)
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("configuration error:")
+    assert "FAULTS" in error and "latency_ms must be a number" in error
+    assert "Traceback" not in error
