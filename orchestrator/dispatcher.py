@@ -105,6 +105,13 @@ class _Operate:
 _Item = _Start | _Result | _Operate | _Park
 
 
+def _insert_order(item: _Item) -> tuple[int, str, str]:
+    """Starts first, by saga type and business key; everything else after them, as it came."""
+    if isinstance(item, _Start):
+        return (0, item.definition.name, item.business_key)
+    return (1, "", "")
+
+
 @dataclass
 class _BatchOutcome:
     """What a committed batch hands back to the event loop."""
@@ -415,6 +422,10 @@ class Dispatcher:
         The whole batch is tried first in one savepoint, which costs no more than the batch itself;
         only when something in it fails is each unit recorded again in a savepoint of its own.
         """
+        # Starts insert their business keys in one order on every replica: two replicas starting
+        # the same keys at once then queue behind each other instead of deadlocking in the
+        # unique index (the later one finds the winner's saga). Other units keep their order.
+        items = sorted(items, key=_insert_order)
         batch = _BatchOutcome()
         try:
             with savepoint(connection):
