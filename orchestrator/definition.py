@@ -14,6 +14,7 @@ from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
 from svckit.errors import FailedPrecondition, FieldViolation, InvalidArgument
+from svckit.validation import quote
 
 __all__ = [
     "DEFAULT_RETRYABLE_CODES",
@@ -88,14 +89,10 @@ class BusinessKeyMismatch(InvalidArgument):
             [
                 FieldViolation(
                     "business_key",
-                    f"must be {_prefix(derived)!r}, the key {saga_type} derives from its input; got {_prefix(given)!r}",
+                    f"must be {quote(derived)}, the key {saga_type} derives from its input; got {quote(given)}",
                 )
             ]
         )
-
-
-def _prefix(value: str, limit: int = 40) -> str:
-    return value if len(value) <= limit else value[:limit] + "..."
 
 
 class StepKind(enum.Enum):
