@@ -29,7 +29,10 @@ __all__ = [
 ]
 
 AUTHORIZATION_HEADER = "authorization"
+# The two roles with a fixed meaning. Any other role name (e.g. fraud_reviewer) is a client that may
+# also decide the approvals that name it.
 ROLES = ("operator", "client")
+_ROLE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 MIN_TOKEN_LENGTH = 16
 Kind = Literal["operate", "read", "start"]
 
@@ -86,8 +89,11 @@ def parse_tokens(text: str, *, source: str, separator: str = ",") -> list[Creden
                 "A-Z a-z 0-9 - . _ ~ + / = "
                 "(make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))')"
             )
-        if role not in ROLES:
-            raise ValueError(f"{where} ({name}): role {role!r} must be one of {', '.join(ROLES)}")
+        if not _ROLE.match(role):
+            raise ValueError(
+                f"{where} ({name}): role {role!r} must be operator, client, or an approval role of 1-40 of "
+                "a-z 0-9 _ starting with a letter"
+            )
         digest = _digest(token)
         if digest in seen and seen[digest] != name:
             raise ValueError(f"{where}: {name} and {seen[digest]} share one token; each token must name one caller")
@@ -279,6 +285,20 @@ class AccessControl:
             audit(credential.name if credential else "-", action, saga_id, "refused", peer=_peer(context), error=error)
             raise
         return credential.name
+
+    def authorize_decision(self, context: grpc.aio.ServicerContext[Any, Any], action: str, saga_id: str) -> Credential:
+        """The caller of an approval decision: a token is always needed; its role is checked against the step's."""
+        try:
+            if not self.tokens.credentials():
+                raise PermissionDenied(
+                    "OPERATOR_CALLS_DISABLED",
+                    "approval decisions are disabled: no token is configured (set OPERATOR_TOKENS or "
+                    "OPERATOR_TOKENS_FILE)",
+                )
+            return self._authenticate(context, "read")
+        except DomainError as error:
+            audit("-", action, saga_id, "refused", peer=_peer(context), error=error)
+            raise
 
     def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any], kind: Kind) -> Credential:
         if kind == "operate" and not self.tokens.credentials():

@@ -17,9 +17,27 @@ from google.protobuf.message import Message
 from sqlalchemy import Connection
 
 from orchestrator import store
-from orchestrator.definition import DefinitionMissing, DefinitionRegistry, SagaDefinition, StepKind
-from orchestrator.engine import Command, Engine, Event, Outcome, SagaState, Transition
-from orchestrator.errors import BusinessKeyConflict, SagaNotFound
+from orchestrator.definition import (
+    Approval,
+    ChildSaga,
+    DefinitionMissing,
+    DefinitionRegistry,
+    SagaDefinition,
+    Step,
+    StepKind,
+    approval_signal,
+)
+from orchestrator.engine import ChildStart, Command, Engine, Event, Others, Outcome, SagaState, Transition
+from orchestrator.errors import (
+    ApprovalRoleRequired,
+    BusinessKeyConflict,
+    SagaEnded,
+    SagaNotFound,
+    SignalIdReused,
+    SignalNotAwaited,
+    SignalTargetNotFound,
+    TooManySignals,
+)
 from orchestrator.status import Direction, EventType, OperatorCall, SagaStatus
 from orchestrator.store import EventRecord, PendingCommand
 from orchestrator.watch import WatchHub
@@ -28,11 +46,14 @@ from svckit.db import Database, is_retryable_conflict, savepoint
 from svckit.errors import DomainError, FailedPrecondition, RetryableError
 from svckit.idempotency_key import IDEMPOTENCY_HEADER
 
-__all__ = ["OPERATIONS", "DispatchObserver", "Dispatcher", "NotRecorded"]
+__all__ = ["MAX_KEPT_SIGNALS", "OPERATIONS", "DispatchObserver", "Dispatcher", "NotRecorded", "SignalReceipt"]
 
 log = logging.getLogger("sagasuite.dispatcher")
 
 OPERATIONS = tuple(OperatorCall)
+# Signals a saga may keep unconsumed at once: a sender in a loop cannot grow one saga's row without end.
+MAX_KEPT_SIGNALS = 100
+_Pendings = dict[str, PendingCommand]
 # Operator calls that make a saga send calls again: they need its definition.
 _RUNS_THE_SAGA = frozenset({OperatorCall.RESUME, OperatorCall.CANCEL, OperatorCall.RETRY})
 # Tries of one unit alone (a start, an outcome, an operator call) against transient conflicts.
@@ -94,6 +115,40 @@ class _Park:
 
 
 @dataclass
+class _Wake:
+    """A claimed wait (timer, signal wait, approval, child): it looks at itself in the committer."""
+
+    command: Command
+
+
+@dataclass
+class _Signal:
+    """A signal (or an approval's decision) for a saga, addressed by id or by type and business key."""
+
+    saga_id: str
+    saga_type: str
+    business_key: str
+    name: str
+    signal_id: str
+    payload: bytes
+    actor: str
+    reply: asyncio.Future[SignalReceipt]
+    decision: bytes = b""
+    # What makes two deliveries under one id the same; empty: the name and the payload.
+    dedup: bytes = b""
+    roles: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class SignalReceipt:
+    """What SignalSaga answers, the same for every repeat of one signal id."""
+
+    saga: SagaState
+    received_at: float
+    duplicate: bool
+
+
+@dataclass
 class _Operate:
     operation: OperatorCall
     saga_id: str
@@ -102,7 +157,7 @@ class _Operate:
     reply: asyncio.Future[SagaState]
 
 
-_Item = _Start | _Result | _Operate | _Park
+_Item = _Start | _Result | _Operate | _Park | _Wake | _Signal
 
 
 def _insert_order(item: _Item) -> tuple[int, str, str]:
@@ -120,7 +175,7 @@ class _BatchOutcome:
     replies: list[tuple[asyncio.Future[Any], Any]] = field(default_factory=list)
     changed: list[tuple[SagaState, Transition]] = field(default_factory=list)
     started: list[SagaState] = field(default_factory=list)
-    finished_calls: list[str] = field(default_factory=list)
+    finished_calls: list[tuple[str, str]] = field(default_factory=list)
     events_by_saga: dict[str, list[EventRecord]] = field(default_factory=dict)
     wake_in: float = float("inf")
     # Outcomes whose own unit failed: recorded again shortly, not left to their lease's expiry.
@@ -167,7 +222,8 @@ class Dispatcher:
         self._engine = Engine(random.Random())
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._slots = asyncio.Semaphore(max_in_flight)
-        self._in_flight: set[str] = set()
+        # (saga id, track) of every command this replica has handed out and not yet recorded.
+        self._in_flight: set[tuple[str, str]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._wake_poller = asyncio.Event()
@@ -177,21 +233,22 @@ class Dispatcher:
         self.observer = observer or DispatchObserver()
         self._wrap_call = wrap_call
         # Each operator call's transition, given the saga, its pending command (if any) and the call.
-        self._operations: dict[
-            OperatorCall, Callable[[SagaState, PendingCommand | None, _Operate, float], Transition]
-        ] = {
+        self._operations: dict[OperatorCall, Callable[[SagaState, _Pendings, _Operate, float], Transition]] = {
             OperatorCall.PAUSE: self._pause,
             OperatorCall.RESUME: self._resume,
             OperatorCall.CANCEL: self._cancel,
             OperatorCall.TERMINATE: self._terminate,
             OperatorCall.RETRY: self._retry,
         }
+        # Operator calls that reach a saga's children too (cancel reaches them through compensation).
+        self._reach_children = frozenset({OperatorCall.PAUSE, OperatorCall.RESUME, OperatorCall.TERMINATE})
         self._validate_leases()
 
     def _validate_leases(self) -> None:
         for definition in self._registry.all():
-            for step in definition.steps:
-                if step.timeout >= self._lease_seconds:
+            for flat in definition.nodes:
+                step = flat.node
+                if isinstance(step, Step) and step.timeout >= self._lease_seconds:
                     raise ValueError(
                         f"{definition.name} v{definition.version} step {step.name}: timeout {step.timeout}s must be "
                         f"shorter than LEASE_SECONDS ({self._lease_seconds}s)"
@@ -227,11 +284,10 @@ class Dispatcher:
         for saga in found:
             if saga.status == SagaStatus.NEEDS_ATTENTION:
                 continue
-            pending = store.load_pending(connection, saga.saga_id)
-            if pending is not None:
-                if pending.in_flight(now) and pending.lease_owner != self.replica_id:
-                    continue
-                store.delete_command(connection, saga.saga_id)
+            pendings = store.load_pendings(connection, saga.saga_id).values()
+            if any(p.in_flight(now) and p.lease_owner != self.replica_id for p in pendings):
+                continue
+            store.delete_command(connection, saga.saga_id)
             transition = self._engine.definition_missing(
                 saga, str(DefinitionMissing(saga.saga_type, saga.version)), now
             )
@@ -315,9 +371,36 @@ class Dispatcher:
         await self._queue.put(_Operate(call, saga_id, actor, reason, reply))
         return await reply
 
+    async def signal(
+        self,
+        *,
+        saga_id: str = "",
+        saga_type: str = "",
+        business_key: str = "",
+        name: str,
+        signal_id: str,
+        payload: bytes,
+        actor: str,
+        decision: bytes = b"",
+        dedup: bytes = b"",
+        roles: frozenset[str] = frozenset(),
+    ) -> SignalReceipt:
+        """Deliver a signal (or an approval decision, with the caller's roles) exactly once; see _apply_signal."""
+        if self._stopping:
+            raise RetryableError("this orchestrator replica is shutting down; try another")
+        reply: asyncio.Future[SignalReceipt] = asyncio.get_running_loop().create_future()
+        await self._queue.put(
+            _Signal(saga_id, saga_type, business_key, name, signal_id, payload, actor, reply, decision, dedup, roles)
+        )
+        return await reply
+
     def feed_watches(self, hub: WatchHub) -> None:
         """Push every committed change of a watched saga to hub: WatchSaga's feed from this replica."""
         self._watches = hub
+
+    @property
+    def registry(self) -> DefinitionRegistry:
+        return self._registry
 
     def definition_of(self, saga: SagaState) -> SagaDefinition:
         return self._registry.get(saga.saga_type, saga.version)
@@ -350,8 +433,8 @@ class Dispatcher:
             log.exception("recording a batch of %d units failed", len(items))
             self._batch_failed(items, error)
             return
-        for saga_id in outcome.finished_calls:
-            self._in_flight.discard(saga_id)
+        for call in outcome.finished_calls:
+            self._in_flight.discard(call)
         if outcome.wake_in < self._poll_interval:
             asyncio.get_running_loop().call_later(max(0.0, outcome.wake_in), self._wake_poller.set)
         for future, value in outcome.replies:
@@ -382,8 +465,9 @@ class Dispatcher:
             if isinstance(item, _Result):
                 # Its fence makes a second recording a no-op if the first one did commit after all.
                 self._record_again(item)
-            elif isinstance(item, _Park):
-                self._in_flight.discard(item.command.saga_id)
+            elif isinstance(item, _Park | _Wake):
+                # A wait not recorded is claimed again when its lease expires: nothing was sent.
+                self._in_flight.discard(_call_of(item.command))
             elif not item.reply.done():
                 # Safe to repeat: a start is deduplicated by its business key, and an operator
                 # call that did commit is then refused for the state it left. The store's own
@@ -404,7 +488,7 @@ class Dispatcher:
                 result.command.direction,
                 result.recording_attempts,
             )
-            self._in_flight.discard(result.command.saga_id)
+            self._in_flight.discard(_call_of(result.command))
             return
         self._spawn(self._enqueue_later(result, delay), "record outcome again")
 
@@ -472,25 +556,41 @@ class Dispatcher:
             batch.unrecorded.append(item)
         elif isinstance(item, _Park):
             log.error("stopping saga %s for its missing definition failed", item.command.saga_id, exc_info=error)
-            batch.finished_calls.append(item.command.saga_id)
+            batch.finished_calls.append(_call_of(item.command))
+        elif isinstance(item, _Wake):
+            log.error(
+                "a wait of saga %s failed to record; it is looked at again when its lease expires",
+                item.command.saga_id,
+                exc_info=error,
+            )
+            batch.finished_calls.append(_call_of(item.command))
         elif conflict:
             log.warning("a unit met a lock conflict %d times: %s", _UNIT_ATTEMPTS, error)
             batch.replies.append((item.reply, RetryableError(f"the saga store met a conflict; retry: {error}")))
         elif isinstance(item, _Start):
             log.error("recording a start of %s %r failed", item.definition.name, item.business_key, exc_info=error)
             batch.replies.append((item.reply, NotRecorded("start", error)))
+        elif isinstance(item, _Signal):
+            log.error("recording signal %r of saga %s failed", item.name, item.saga_id, exc_info=error)
+            batch.replies.append((item.reply, NotRecorded("signal", error)))
         else:
             log.error("recording %s of saga %s failed", item.operation, item.saga_id, exc_info=error)
             batch.replies.append((item.reply, NotRecorded(f"{item.operation} call", error)))
 
     def _apply(self, connection: Connection, items: list[_Item], batch: _BatchOutcome) -> None:
         now = time.time()
+        for item in items:
+            if isinstance(item, _Signal) and not item.saga_id:
+                # Addressed by type and business key: find its id first, so it is locked in order below.
+                found = store.find_by_business_key(connection, item.saga_type, item.business_key)
+                item.saga_id = found[0].saga_id if found is not None else ""
         saga_ids = sorted(
             {
-                item.command.saga_id if isinstance(item, _Result | _Park) else item.saga_id
+                item.command.saga_id if isinstance(item, _Result | _Park | _Wake) else item.saga_id
                 for item in items
                 if not isinstance(item, _Start)
             }
+            - {""}
         )
         # In sorted order: two replicas locking some of the same sagas never deadlock.
         sagas = store.load_sagas(connection, saga_ids, for_update=self._database.is_postgres)
@@ -500,17 +600,34 @@ class Dispatcher:
             if isinstance(item, _Start):
                 self._apply_start(connection, item, now, batch, event_rows)
             elif isinstance(item, _Result):
-                batch.finished_calls.append(item.command.saga_id)
+                batch.finished_calls.append(_call_of(item.command))
                 saga = sagas.get(item.command.saga_id)
                 if saga is None or not store.fence(connection, item.command, self.replica_id):
                     # Another replica took the command over, or an operator removed it: its
                     # holder records the outcome; the call's effect is keyed, so nothing doubles.
                     continue
                 definition = self.definition_of(saga)
-                transition = self._engine.on_outcome(definition, saga, item.command, item.outcome, now)
+                others = self._others(connection, saga, now)
+                transition = self._engine.on_outcome(definition, saga, item.command, item.outcome, now, others)
                 self._record(connection, saga, transition, now, batch, event_rows, dirty)
+            elif isinstance(item, _Wake):
+                batch.finished_calls.append(_call_of(item.command))
+                saga = sagas.get(item.command.saga_id)
+                if saga is None or not store.fence(connection, item.command, self.replica_id):
+                    continue
+                self._apply_wake(connection, saga, item.command, now, batch, event_rows, dirty)
+            elif isinstance(item, _Signal):
+                saga = sagas.get(item.saga_id)
+                try:
+                    if saga is None:
+                        raise SignalTargetNotFound(item.saga_id, item.saga_type, item.business_key)
+                    receipt = self._apply_signal(connection, saga, item, now, batch, event_rows, dirty)
+                except DomainError as refusal:
+                    batch.replies.append((item.reply, refusal))
+                    continue
+                batch.replies.append((item.reply, receipt))
             elif isinstance(item, _Park):
-                batch.finished_calls.append(item.command.saga_id)
+                batch.finished_calls.append(_call_of(item.command))
                 saga = sagas.get(item.command.saga_id)
                 if saga is None or not store.fence(connection, item.command, self.replica_id):
                     continue
@@ -526,6 +643,8 @@ class Dispatcher:
                     batch.replies.append((item.reply, refusal))
                     continue
                 self._record(connection, saga, transition, now, batch, event_rows, dirty)
+                if item.operation in self._reach_children:
+                    self._operate_children(connection, saga, item, now, batch, event_rows, dirty)
                 batch.replies.append((item.reply, saga))
         store.update_sagas(connection, dirty.values())
         store.insert_events(connection, event_rows)
@@ -558,67 +677,173 @@ class Dispatcher:
             else:
                 batch.replies.append((item.reply, (existing, False)))
             return
+        saga = self._insert_saga(
+            connection,
+            item.definition,
+            item.business_key,
+            item.input_payload,
+            input_hash,
+            now + item.deadline_seconds,
+            item.trace_context,
+            "",
+            now,
+            batch,
+            event_rows,
+        )
+        batch.replies.append((item.reply, (saga, True)))
+
+    def _insert_saga(
+        self,
+        connection: Connection,
+        definition: SagaDefinition,
+        business_key: str,
+        input_payload: bytes,
+        input_hash: str,
+        deadline_at: float,
+        trace_context: str,
+        parent_id: str,
+        now: float,
+        batch: _BatchOutcome,
+        event_rows: list[dict[str, Any]],
+    ) -> SagaState:
         saga = SagaState(
             saga_id=uuid.uuid4().hex,
-            saga_type=item.definition.name,
-            version=item.definition.version,
-            business_key=item.business_key,
-            input=item.input_payload,
+            saga_type=definition.name,
+            version=definition.version,
+            business_key=business_key,
+            input=input_payload,
             status=SagaStatus.RUNNING,
-            deadline_at=now + item.deadline_seconds,
+            deadline_at=deadline_at,
             created_at=now,
             updated_at=now,
-            trace_context=item.trace_context,
+            trace_context=trace_context,
+            parent_id=parent_id,
         )
-        transition = self._engine.start(item.definition, saga, now)
+        transition = self._engine.start(definition, saga, now)
         store.append_events(saga, transition.events, event_rows)
         store.insert_saga(connection, saga, input_hash)
-        self._put_next(connection, saga, transition.next_command, now, batch)
+        for command in transition.commands():
+            self._put_next(connection, saga, command, now, batch)
+        if transition.start_child is not None:
+            self._start_child(connection, saga, transition.start_child, now, batch, event_rows)
+            store.update_sagas(connection, [saga])
         batch.started.append(saga)
         batch.changed.append((saga, transition))
-        batch.replies.append((item.reply, (saga, True)))
+        return saga
+
+    def _start_child(
+        self,
+        connection: Connection,
+        parent: SagaState,
+        start: ChildStart,
+        now: float,
+        batch: _BatchOutcome,
+        event_rows: list[dict[str, Any]],
+    ) -> None:
+        """Start (or find, after a crash or a retry) the child a parent's step asks for, in the parent's transaction."""
+        node_name = next(
+            flat.node.name
+            for flat in self.definition_of(parent).nodes
+            if isinstance(flat.node, ChildSaga) and flat.node.definition is start.definition
+        )
+        found = store.find_by_business_key(connection, start.definition.name, start.business_key)
+        if found is not None:
+            child, created = found[0], False
+        else:
+            child = self._insert_saga(
+                connection,
+                start.definition,
+                start.business_key,
+                start.input_payload,
+                hashlib.sha256(start.input_payload).hexdigest(),
+                start.deadline_at,
+                parent.trace_context,
+                parent.saga_id,
+                now,
+                batch,
+                event_rows,
+            )
+            created = True
+        store.append_events(parent, [self._engine.child_started(parent, node_name, child, now, created)], event_rows)
+        if not created and (child.ended or child.parent_id != parent.saga_id):
+            # Ended already (a retried parent), or the key belongs to another saga: look at it now.
+            store.wake(connection, parent.saga_id, now)
+            batch.wake_in = 0.0
 
     def _apply_operation(self, connection: Connection, saga: SagaState, item: _Operate, now: float) -> Transition:
         if item.operation in _RUNS_THE_SAGA and not saga.ended:
             # Refused before anything changes (DefinitionMissing): this replica could not run it.
             self.definition_of(saga)
-        pending = store.load_pending(connection, saga.saga_id)
-        command = pending.command if pending else None
-        transition = self._operations[item.operation](saga, pending, item, now)
-        if item.operation is OperatorCall.TERMINATE and pending is not None and pending.lease_owner is not None:
-            # Handed to a dispatcher, so the call may be on the wire (or was, when its holder
-            # died). Its row stays: the outcome is recorded when it returns, as an effect after
-            # terminate, or found unknown once the lease expires. Nothing new is sent.
-            transition.next_command = None
-        elif pending is not None and pending.in_flight(now) and transition.next_command is command:
-            # The command is on the wire and stays as it is: its holder records the outcome,
-            # which then sees the saga's new flags (paused, cancel requested).
-            transition.next_command = None
-        elif pending is not None:
-            store.delete_command(connection, saga.saga_id)
+        pendings = store.load_pendings(connection, saga.saga_id)
+        transition = self._operations[item.operation](saga, pendings, item, now)
+        commands = transition.commands()
+        for track, pending in pendings.items():
+            call = pending.command
+            keep = False
+            if item.operation is OperatorCall.TERMINATE:
+                # Handed to a dispatcher, so a call may be on the wire (or was, when its holder
+                # died). Its row stays: the outcome is recorded when it returns, as an effect after
+                # terminate, or found unknown once the lease expires. Nothing new is sent. A wait
+                # has nothing on the wire: it goes.
+                keep = pending.handed_out and isinstance(self.definition_of(saga).node(call.step_index), Step)
+            elif pending.in_flight(now) and (call in commands or track not in transition.drop):
+                # On the wire, it stays as it is: its holder records the outcome, which then sees
+                # the saga's new flags (paused, cancel requested, unwinding).
+                keep = True
+            if keep:
+                commands = [c for c in commands if c is not call]
+            else:
+                store.delete_command(connection, saga.saga_id, track)
+        transition.next_command, transition.more, transition.drop = None, commands, []
         return transition
+
+    def _operate_children(
+        self,
+        connection: Connection,
+        saga: SagaState,
+        item: _Operate,
+        now: float,
+        batch: _BatchOutcome,
+        event_rows: list[dict[str, Any]],
+        dirty: dict[str, SagaState],
+    ) -> None:
+        """Pause, resume and terminate reach a saga's children that have not ended, and theirs."""
+        for child_id in sorted(saga.progress.children.values()):
+            child = dirty.get(child_id) or store.load_sagas(
+                connection, [child_id], for_update=self._database.is_postgres
+            ).get(child_id)
+            if child is None or child.ended:
+                continue
+            reason = f"its parent {saga.saga_id}: {item.reason}" if item.reason else f"its parent {saga.saga_id}"
+            child_item = _Operate(item.operation, child_id, item.actor, reason, item.reply)
+            try:
+                transition = self._apply_operation(connection, child, child_item, now)
+            except DomainError:
+                continue  # already where the call would put it (paused, say): nothing to do
+            self._record(connection, child, transition, now, batch, event_rows, dirty)
+            self._operate_children(connection, child, child_item, now, batch, event_rows, dirty)
 
     # -- the operator calls, one transition each (looked up in self._operations) --------------
 
-    def _pause(self, saga: SagaState, pending: PendingCommand | None, item: _Operate, now: float) -> Transition:
-        return self._engine.pause(saga, pending.command if pending else None, item.actor, item.reason, now)
+    def _pause(self, saga: SagaState, pendings: _Pendings, item: _Operate, now: float) -> Transition:
+        return self._engine.pause(saga, _as_others(pendings, now), item.actor, item.reason, now)
 
-    def _resume(self, saga: SagaState, pending: PendingCommand | None, item: _Operate, now: float) -> Transition:
-        return self._engine.resume(saga, pending.command if pending else None, item.actor, now)
+    def _resume(self, saga: SagaState, pendings: _Pendings, item: _Operate, now: float) -> Transition:
+        return self._engine.resume(saga, _as_others(pendings, now), item.actor, now)
 
-    def _cancel(self, saga: SagaState, pending: PendingCommand | None, item: _Operate, now: float) -> Transition:
-        command = pending.command if pending else None
-        in_flight = pending is not None and pending.in_flight(now)
-        if command is not None and pending is not None and pending.lease_owner is not None:
-            # It was handed to a dispatcher once: treat its outcome as unknown.
-            command.uncertain = True
-        return self._engine.cancel(self.definition_of(saga), saga, command, in_flight, item.actor, item.reason, now)
+    def _cancel(self, saga: SagaState, pendings: _Pendings, item: _Operate, now: float) -> Transition:
+        for pending in pendings.values():
+            if pending.handed_out:
+                # It was handed to a dispatcher once: treat its outcome as unknown.
+                pending.command.uncertain = True
+        others = _as_others(pendings, now)
+        return self._engine.cancel(self.definition_of(saga), saga, others, False, item.actor, item.reason, now)
 
-    def _terminate(self, saga: SagaState, pending: PendingCommand | None, item: _Operate, now: float) -> Transition:
+    def _terminate(self, saga: SagaState, pendings: _Pendings, item: _Operate, now: float) -> Transition:
         return self._engine.terminate(saga, item.actor, item.reason, now)
 
-    def _retry(self, saga: SagaState, pending: PendingCommand | None, item: _Operate, now: float) -> Transition:
-        return self._engine.retry(saga, item.actor, now)
+    def _retry(self, saga: SagaState, pendings: _Pendings, item: _Operate, now: float) -> Transition:
+        return self._engine.retry(saga, item.actor, now, self.definition_of(saga))
 
     def _record(
         self,
@@ -631,9 +856,107 @@ class Dispatcher:
         dirty: dict[str, SagaState],
     ) -> None:
         store.append_events(saga, transition.events, event_rows)
-        self._put_next(connection, saga, transition.next_command, now, batch)
+        for track in transition.drop:
+            store.delete_command(connection, saga.saga_id, track)
+        for command in transition.commands():
+            self._put_next(connection, saga, command, now, batch)
         dirty[saga.saga_id] = saga
+        if transition.start_child is not None:
+            self._start_child(connection, saga, transition.start_child, now, batch, event_rows)
+        if saga.parent_id and (saga.ended or saga.status == SagaStatus.NEEDS_ATTENTION):
+            # The parent's wait on this child looks at it now, in its own transaction.
+            if store.wake(connection, saga.parent_id, now):
+                batch.wake_in = 0.0
         batch.changed.append((saga, transition))
+
+    def _others(self, connection: Connection, saga: SagaState, now: float) -> Others:
+        """The saga's pending commands on other tracks: only a saga in a parallel group (or unwinding one) has any."""
+        if saga.progress.group < 0 and not saga.progress.draining:
+            return Others()
+        return _as_others(store.load_pendings(connection, saga.saga_id), now)
+
+    def _apply_wake(
+        self,
+        connection: Connection,
+        saga: SagaState,
+        command: Command,
+        now: float,
+        batch: _BatchOutcome,
+        event_rows: list[dict[str, Any]],
+        dirty: dict[str, SagaState],
+    ) -> None:
+        definition = self.definition_of(saga)
+        node = definition.node(command.step_index)
+        child: SagaState | None = None
+        if isinstance(node, ChildSaga):
+            child = self._child_of(connection, saga, node, dirty)
+            if command.direction == Direction.COMPENSATION and child is not None and child.parent_id == saga.saga_id:
+                if child.status in (SagaStatus.COMPLETED, SagaStatus.RUNNING):
+                    child_transition = self._engine.unwind_child(
+                        node.definition,
+                        child,
+                        _as_others(store.load_pendings(connection, child.saga_id), now),
+                        "orchestrator",
+                        now,
+                    )
+                    for track in list(child_transition.drop):
+                        store.delete_command(connection, child.saga_id, track)
+                    child_transition.drop = []
+                    self._record(connection, child, child_transition, now, batch, event_rows, dirty)
+        others = self._others(connection, saga, now)
+        transition = self._engine.on_wake(definition, saga, command, now, others, child)
+        self._record(connection, saga, transition, now, batch, event_rows, dirty)
+
+    def _child_of(
+        self, connection: Connection, saga: SagaState, node: ChildSaga, dirty: dict[str, SagaState]
+    ) -> SagaState | None:
+        child_id = saga.progress.children.get(node.name)
+        if child_id is None:
+            return None
+        if child_id in dirty:
+            return dirty[child_id]
+        return store.load_sagas(connection, [child_id], for_update=self._database.is_postgres).get(child_id)
+
+    def _apply_signal(
+        self,
+        connection: Connection,
+        saga: SagaState,
+        item: _Signal,
+        now: float,
+        batch: _BatchOutcome,
+        event_rows: list[dict[str, Any]],
+        dirty: dict[str, SagaState],
+    ) -> SignalReceipt:
+        """Record a signal once: a repeat of its id is answered as before, another payload under it refused."""
+        payload_hash = hashlib.sha256(item.name.encode() + b"\0" + (item.dedup or item.payload)).hexdigest()
+        found = store.find_signal(connection, saga.saga_id, item.signal_id)
+        if found is not None:
+            _, stored_hash, received_at = found
+            if stored_hash != payload_hash:
+                raise SignalIdReused(saga.saga_id, item.signal_id)
+            return SignalReceipt(saga, received_at, True)
+        if saga.ended:
+            raise SagaEnded(saga.saga_id, saga.status)
+        definition = self.definition_of(saga)
+        if item.name not in definition.signal_names():
+            awaited = sorted(definition.signal_names())
+            raise SignalNotAwaited(saga.saga_id, definition.name, item.name.removeprefix(approval_signal("")), awaited)
+        if item.decision:
+            step = item.name.removeprefix(approval_signal(""))
+            node = definition.step_by_name[step]
+            assert isinstance(node, Approval)
+            if "operator" not in item.roles and node.role not in item.roles:
+                raise ApprovalRoleRequired(saga.saga_id, step, node.role)
+        if len(saga.progress.signals) >= MAX_KEPT_SIGNALS:
+            raise TooManySignals(saga.saga_id, len(saga.progress.signals))
+        store.insert_signal(connection, saga.saga_id, item.signal_id, item.name, payload_hash, now, item.actor)
+        transition = self._engine.receive_signal(
+            saga, item.name, item.signal_id, item.payload, item.actor, now, item.decision
+        )
+        self._record(connection, saga, transition, now, batch, event_rows, dirty)
+        if store.wake(connection, saga.saga_id, now):
+            batch.wake_in = 0.0
+        return SignalReceipt(saga, now, False)
 
     def _put_next(
         self, connection: Connection, saga: SagaState, command: Command | None, now: float, batch: _BatchOutcome
@@ -679,11 +1002,11 @@ class Dispatcher:
                 log.exception("claiming due commands failed; will try again")
                 continue
             for command, saga in claimed:
-                if saga.saga_id not in self._in_flight:
+                if _call_of(command) not in self._in_flight:
                     self._launch(command, saga)
 
     def _launch(self, command: Command, saga: SagaState) -> None:
-        self._in_flight.add(command.saga_id)
+        self._in_flight.add(_call_of(command))
         now = time.time()
         definition = self._registry.find(saga.saga_type, saga.version)
         if definition is None:
@@ -697,10 +1020,14 @@ class Dispatcher:
             lost = Outcome(grpc.StatusCode.UNKNOWN, "its dispatcher stopped before the call returned", None, now, now)
             self._queue.put_nowait(_Result(command, lost, now))
             return
+        if not isinstance(definition.node(command.step_index), Step):
+            # A wait sends nothing: it looks at itself (fires, times out, consumes) in the committer.
+            self._queue.put_nowait(_Wake(command))
+            return
         self._spawn(self._call(definition, command, saga, now), f"call {saga.saga_id}")
 
     async def _call(self, definition: SagaDefinition, command: Command, saga: SagaState, launched_at: float) -> None:
-        step = definition.steps[command.step_index]
+        step = definition.step(command.step_index)
         outcome: Outcome | None = None
         try:
             async with self._slots:
@@ -730,7 +1057,7 @@ class Dispatcher:
             log.exception("the dispatch observer failed; the outcome is recorded all the same")
 
     async def _make_call(self, definition: SagaDefinition, command: Command, saga: SagaState) -> Outcome:
-        step = definition.steps[command.step_index]
+        step = definition.step(command.step_index)
         call = step.action if command.direction == Direction.ACTION else step.compensation
         assert call is not None
         started = time.time()
@@ -747,7 +1074,7 @@ class Dispatcher:
                 )
             timeout = min(timeout, time_left)
         try:
-            request = call.build_request(definition.context(saga.saga_id, saga.input, saga.results))
+            request = call.build_request(definition.context(saga.saga_id, saga.input, saga.results, saga.business_key))
             channel = self._channels.channel(call.service)
             key = (channel, call.method_path)
             method = self._callables.get(key)
@@ -768,6 +1095,17 @@ class Dispatcher:
         except Exception as error:
             log.exception("saga %s step %s %s failed before the call", saga.saga_id, step.name, command.direction)
             return Outcome(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}", None, started, time.time())
+
+
+def _call_of(command: Command) -> tuple[str, str]:
+    return (command.saga_id, command.track)
+
+
+def _as_others(pendings: dict[str, PendingCommand], now: float) -> Others:
+    return Others(
+        {track: pending.command for track, pending in pendings.items()},
+        frozenset(track for track, pending in pendings.items() if pending.in_flight(now)),
+    )
 
 
 def _connection_lost(connection: Connection) -> bool:

@@ -1,13 +1,14 @@
-"""Tables of the orchestrator database: sagas, their append-only history, the outbox and the schema version."""
+"""Tables of the orchestrator database: sagas, their append-only history, the outbox, signals and the schema version."""
 
 from __future__ import annotations
 
 from sqlalchemy import Column, Index, LargeBinary, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-__all__ = ["SCHEMA_VERSION", "OutboxRow", "SagaEventRow", "SagaRow", "SchemaVersionRow"]
+__all__ = ["SCHEMA_VERSION", "OutboxRow", "SagaEventRow", "SagaRow", "SchemaVersionRow", "SignalRow"]
 
-SCHEMA_VERSION = 1
+# 2: several outbox rows per saga (tracks), waits (wait_until), child links, progress, signals.
+SCHEMA_VERSION = 2
 
 
 class SchemaVersionRow(SQLModel, table=True):
@@ -27,6 +28,7 @@ class SagaRow(SQLModel, table=True):
         UniqueConstraint("saga_type", "business_key", name="uq_saga_business_key"),
         Index("ix_saga_status_created", "status", "created_at"),
         Index("ix_saga_created", "created_at"),
+        Index("ix_saga_parent", "parent_id"),
     )
 
     saga_id: str = Field(primary_key=True, max_length=40)
@@ -50,6 +52,10 @@ class SagaRow(SQLModel, table=True):
     created_at: float
     updated_at: float
     ended_at: float | None = None
+    # The saga that started this one as its child ("" for a saga started by a client).
+    parent_id: str = Field(default="", max_length=40)
+    # Completions, skips, branches, kept signals and children as JSON ("" for a saga stored by schema 1).
+    progress: str = ""
 
 
 class SagaEventRow(SQLModel, table=True):
@@ -72,15 +78,18 @@ class SagaEventRow(SQLModel, table=True):
 
 
 class OutboxRow(SQLModel, table=True):
-    """The one command a saga must send next; a saga has at most one at a time.
+    """The command a saga must send next on one track: the main one (""), or a branch of a parallel group.
 
-    due_at is NULL while the saga is paused. A dispatcher owns the row while its lease runs.
+    A wait (timer, signal, approval, child) is a row too: wait_until is when it fires or times out, and
+    due_at when it is next looked at. due_at is NULL while the saga is paused. A dispatcher owns the
+    row while its lease runs.
     """
 
     __tablename__ = "outbox"
     __table_args__ = (Index("ix_outbox_due", "due_at"),)
 
     saga_id: str = Field(primary_key=True, max_length=40)
+    track: str = Field(default="", primary_key=True, max_length=12)
     step_index: int
     direction: str = Field(max_length=12)
     attempt: int
@@ -91,3 +100,17 @@ class OutboxRow(SQLModel, table=True):
     lease_owner: str | None = Field(default=None, max_length=100)
     lease_expires_at: float = 0.0
     created_at: float
+    wait_until: float | None = None
+
+
+class SignalRow(SQLModel, table=True):
+    """One signal delivered to a saga, by its sender's id: a repeat is the same delivery."""
+
+    __tablename__ = "saga_signal"
+
+    saga_id: str = Field(primary_key=True, max_length=40)
+    signal_id: str = Field(primary_key=True, max_length=200)
+    name: str = Field(max_length=80)
+    payload_hash: str = Field(max_length=64)
+    received_at: float
+    actor: str = Field(default="", max_length=100)

@@ -42,9 +42,10 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from prometheus_client import Counter, Gauge, Histogram
 
 from orchestrator import store
+from orchestrator.definition import DefinitionRegistry
 from orchestrator.dispatcher import Dispatcher, DispatchObserver
 from orchestrator.engine import Outcome, SagaState, Transition
-from orchestrator.status import Direction, EventType, SagaStatus
+from orchestrator.status import Direction, EventType, SagaStatus, WaitKind
 from svckit.db import Database
 from svckit.idempotency_key import step_key
 from svckit.metrics import LATENCY_BUCKETS
@@ -91,6 +92,27 @@ SAGAS_DEFINITION_MISSING = Gauge(
     "sagasuite_sagas_definition_missing",
     "Sagas not ended whose definition this replica has not loaded (they wait in NEEDS_ATTENTION, DEFINITION_MISSING)",
     ["saga_type", "version"],
+)
+SAGAS_WAITING = Gauge(
+    "sagasuite_sagas_waiting", "Waits (timers, signals, approvals, children) pending, by kind", ["kind"]
+)
+APPROVALS_PENDING = Gauge("sagasuite_approvals_pending", "Approvals waiting for a decision")
+OLDEST_APPROVAL_AGE = Gauge("sagasuite_oldest_approval_age_seconds", "How long the oldest pending approval has waited")
+APPROVAL_REMINDERS = Counter(
+    "sagasuite_approval_reminders", "Approvals that waited past their reminder threshold", ["saga_type", "step"]
+)
+SIGNALS_RECEIVED = Counter("sagasuite_signals_received", "Signals received by SignalSaga", ["duplicate"])
+SIGNAL_DELIVERY_SECONDS = Histogram(
+    "sagasuite_signal_delivery_seconds",
+    "From a signal's (or decision's) arrival to the wait consuming it",
+    ["saga_type"],
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 60, 3600, float("inf")),
+)
+TIMER_LATENESS_SECONDS = Histogram(
+    "sagasuite_timer_lateness_seconds",
+    "How late a timer fired after its wake-up time",
+    ["saga_type"],
+    buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 30, float("inf")),
 )
 
 _ENDING_EVENTS = {
@@ -152,6 +174,8 @@ class Observability(DispatchObserver):
         self._start_seconds: dict[str, Histogram] = {}
         # Definitions found missing at start, whose saga counts the outbox watch keeps current.
         self._missing_definitions: set[tuple[str, int]] = set()
+        # The definitions, to tell a wait's kind from its step for the waiting-sagas gauges.
+        self._registry: DefinitionRegistry | None = None
 
     @property
     def enabled(self) -> bool:
@@ -173,6 +197,7 @@ class Observability(DispatchObserver):
 
     def bind(self, dispatcher: Dispatcher) -> None:
         """Report the dispatcher's in-flight calls, read at scrape time."""
+        self._registry = dispatcher.registry
         if self._metrics:
             IN_FLIGHT_CALLS.set_function(lambda: dispatcher.in_flight)
 
@@ -183,6 +208,8 @@ class Observability(DispatchObserver):
                 due, oldest_age = await database.transaction(lambda c: store.outbox_depth(c, time.time()))
                 OUTBOX_DUE.set(due)
                 OUTBOX_OLDEST_DUE_AGE.set(oldest_age)
+                if self._metrics and self._registry is not None:
+                    await self._report_waits(database)
                 if self._missing_definitions:
                     missing = sorted(self._missing_definitions)
                     counts = await database.transaction(lambda c, keys=missing: store.count_not_ended(c, keys))  # type: ignore[misc]
@@ -190,6 +217,28 @@ class Observability(DispatchObserver):
             except Exception:
                 log.exception("reading the outbox depth failed; will try again")
             await asyncio.sleep(interval)
+
+    async def _report_waits(self, database: Database) -> None:
+        assert self._registry is not None
+        registry = self._registry
+        rows = await database.transaction(store.waits_by_step)
+        by_kind = {kind: 0 for kind in WaitKind}
+        approvals, oldest = 0, 0.0
+        now = time.time()
+        for saga_type, version, step_index, count, since in rows:
+            definition = registry.find(saga_type, version)
+            if definition is None or step_index >= len(definition.nodes):
+                continue
+            kind = definition.node(step_index).node_kind
+            if kind in by_kind:
+                by_kind[WaitKind(kind)] += count
+            if kind == WaitKind.APPROVAL:
+                approvals += count
+                oldest = max(oldest, now - since)
+        for kind, count in by_kind.items():
+            SAGAS_WAITING.labels(kind).set(count)
+        APPROVALS_PENDING.set(approvals)
+        OLDEST_APPROVAL_AGE.set(oldest)
 
     def rpc_observer(self, method: str, code: str, elapsed_ms: float, replayed: bool) -> None:
         """An RpcServer observer: the start latency of PlaceOrder and StartSaga."""
@@ -271,6 +320,18 @@ class Observability(DispatchObserver):
                     self._outcome_span(saga, status, event.at)
             elif self._metrics and event.type in _RETRY_EVENTS:
                 STEP_RETRIES.labels(saga.saga_type, event.step, _RETRY_EVENTS[event.type]).inc()
+            elif event.type == EventType.APPROVAL_REMINDER:
+                log.warning("saga %s: approval %s still waits: %s", saga.saga_id, event.step, event.message)
+                if self._metrics:
+                    APPROVAL_REMINDERS.labels(saga.saga_type, event.step).inc()
+            elif self._metrics and event.type == EventType.TIMER_FIRED:
+                TIMER_LATENESS_SECONDS.labels(saga.saga_type).observe(event.duration_ms / 1000)
+            elif self._metrics and event.type in (EventType.SIGNAL_CONSUMED, EventType.APPROVAL_DECIDED):
+                SIGNAL_DELIVERY_SECONDS.labels(saga.saga_type).observe(event.duration_ms / 1000)
+
+    def signal_received(self, name: str, duplicate: bool) -> None:
+        if self._metrics:
+            SIGNALS_RECEIVED.labels("true" if duplicate else "false").inc()
 
     def definitions_missing(self, counts: dict[tuple[str, int], int]) -> None:
         self._missing_definitions.update(counts)

@@ -9,13 +9,13 @@ import math
 from collections.abc import AsyncIterator
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, struct_pb2
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from orchestrator import store
 from orchestrator.auth import AccessControl, TokenSource, audit
-from orchestrator.definition import DefinitionRegistry, SagaDefinition
+from orchestrator.definition import SIGNAL_NAME, DefinitionRegistry, SagaDefinition, approval_signal
 from orchestrator.dispatcher import Dispatcher
 from orchestrator.engine import SagaState
 from orchestrator.errors import SagaNotFound
@@ -26,7 +26,7 @@ from orchestrator.views import STATUS_FROM_PB, STATUS_TO_PB, StatusTracker, api_
 from orchestrator.watch import WatchHub
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
-from svckit.convert import address_from_pb, lines_from_pb, money_from_pb
+from svckit.convert import address_from_pb, lines_from_pb, money_from_pb, timestamp
 from svckit.db import Database
 from svckit.errors import DomainError, InvalidArgument, RetryableError, abort_call
 from svckit.page_token import decode_cursor, encode_cursor
@@ -49,6 +49,9 @@ MAX_TYPE_URL_LENGTH = 256
 # A saga's input is stored with it and read for every step: PlaceOrder's request, or StartSaga's
 # packed input, serialized. A valid order is far smaller (about 12 KiB with every field at its limit).
 MAX_SAGA_INPUT_BYTES = 64 * 1024
+# A signal's payload is stored with the saga until consumed, then as the wait's result.
+MAX_SIGNAL_PAYLOAD_BYTES = 64 * 1024
+MAX_SIGNAL_ID_LENGTH = 200
 
 
 def validate_place_order(request: pb.PlaceOrderRequest) -> None:
@@ -203,12 +206,16 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
 
     # -- reading -----------------------------------------------------------------------------
 
-    async def _load_full(self, saga_id: str) -> tuple[SagaState, list[EventRecord], store.PendingCommand | None]:
+    async def _load_full(
+        self, saga_id: str
+    ) -> tuple[SagaState, list[EventRecord], dict[str, store.PendingCommand], list[SagaState]]:
         def work(connection):  # type: ignore[no-untyped-def]
             sagas = store.load_sagas(connection, [saga_id])
             if saga_id not in sagas:
                 raise SagaNotFound(saga_id)
-            return sagas[saga_id], store.load_events(connection, saga_id), store.load_pending(connection, saga_id)
+            saga = sagas[saga_id]
+            children = store.children_of(connection, saga_id) if saga.progress.children else []
+            return saga, store.load_events(connection, saga_id), store.load_pendings(connection, saga_id), children
 
         return await self._database.transaction(work)
 
@@ -219,8 +226,10 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             return None
 
     async def _view(self, saga_id: str, *, include_history: bool) -> pb.Saga:
-        saga, events, pending = await self._load_full(saga_id)
-        return saga_pb(saga, self._definition(saga), events, pending, include_history=include_history)
+        saga, events, pendings, children = await self._load_full(saga_id)
+        return saga_pb(
+            saga, self._definition(saga), events, pendings, include_history=include_history, children=children
+        )
 
     @rpc(mutating=False)
     async def GetSaga(self, request: pb.GetSagaRequest, call: CallContext) -> pb.GetSagaResponse:
@@ -359,10 +368,119 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         saga = await self._operate(OperatorCall.CANCEL, request.saga_id, call, request.reason, reason_required=False)
         return pb.CancelSagaResponse(saga=saga)
 
+    # -- signals and approvals -------------------------------------------------------------------
+
+    @rpc(mutating=False)
+    async def SignalSaga(self, request: pb.SignalSagaRequest, call: CallContext) -> pb.SignalSagaResponse:
+        actor = self._access.authorize(call.grpc_context, "start", "SignalSaga", request.saga_id)
+        violations = Violations()
+        if request.saga_id:
+            violations.identifier("saga_id", request.saga_id)
+            if request.saga_type or request.business_key:
+                violations.add("saga_type", "give either saga_id, or saga_type with business_key, not both")
+        else:
+            violations.text("saga_type", request.saga_type, required=True, max_length=MAX_SAGA_TYPE_LENGTH)
+            violations.text("business_key", request.business_key, required=True, max_length=MAX_BUSINESS_KEY_LENGTH)
+        violations.text("name", request.name, required=True, max_length=64)
+        if not violations.failed("name") and not SIGNAL_NAME.match(request.name):
+            violations.add("name", "must be a letter, then up to 63 of A-Z a-z 0-9 _ . -")
+        violations.text("signal_id", request.signal_id, required=True, max_length=MAX_SIGNAL_ID_LENGTH)
+        _signal_payload(violations, request.payload)
+        violations.raise_if_any()
+        receipt = await self._dispatcher.signal(
+            saga_id=request.saga_id,
+            saga_type=request.saga_type,
+            business_key=request.business_key,
+            name=request.name,
+            signal_id=request.signal_id,
+            payload=request.payload.SerializeToString(deterministic=True),
+            actor=actor,
+        )
+        if self._observability is not None:
+            self._observability.signal_received(request.name, receipt.duplicate)
+        return pb.SignalSagaResponse(
+            saga_id=receipt.saga.saga_id, received_at=timestamp(receipt.received_at), duplicate=receipt.duplicate
+        )
+
+    @rpc(mutating=False)
+    async def DecideApproval(self, request: pb.DecideApprovalRequest, call: CallContext) -> pb.DecideApprovalResponse:
+        context = call.grpc_context
+        action = "approve" if request.approve else "reject"
+        credential = self._access.authorize_decision(context, action, request.saga_id)
+        try:
+            violations = Violations()
+            violations.identifier("saga_id", request.saga_id)
+            violations.text("step", request.step, required=True, max_length=100)
+            violations.text("reason", request.reason, required=False, max_length=MAX_OPERATOR_REASON_LENGTH)
+            violations.raise_if_any()
+            decision = json.dumps({"approved": request.approve, "reason": request.reason}, sort_keys=True).encode()
+            receipt = await self._dispatcher.signal(
+                saga_id=request.saga_id,
+                name=approval_signal(request.step),
+                # One decision per approval: the same decision again is a repeat, the other one a conflict.
+                signal_id=approval_signal(request.step),
+                payload=struct_pb2.Struct(
+                    fields={
+                        "approved": struct_pb2.Value(bool_value=request.approve),
+                        "reason": struct_pb2.Value(string_value=request.reason),
+                        "actor": struct_pb2.Value(string_value=credential.name),
+                    }
+                ).SerializeToString(deterministic=True),
+                actor=credential.name,
+                decision=decision,
+                dedup=b"approve" if request.approve else b"reject",
+                roles=frozenset({credential.role}),
+            )
+        except (DomainError, RetryableError) as error:
+            audit(credential.name, action, request.saga_id, "failed", peer=context.peer(), error=error)
+            raise
+        audit(credential.name, action, request.saga_id, "ok", peer=context.peer())
+        log.info(
+            "%s %s approval %s of saga %s reason=%s",
+            credential.name,
+            action,
+            request.step,
+            request.saga_id,
+            json.dumps(request.reason[:200]),
+        )
+        return pb.DecideApprovalResponse(
+            saga=await self._view(request.saga_id, include_history=False), duplicate=receipt.duplicate
+        )
+
     @rpc(mutating=False)
     async def TerminateSaga(self, request: pb.TerminateSagaRequest, call: CallContext) -> pb.TerminateSagaResponse:
         saga = await self._operate(OperatorCall.TERMINATE, request.saga_id, call, request.reason, reason_required=True)
         return pb.TerminateSagaResponse(saga=saga, steps_maybe_applied=saga.steps_maybe_applied)
+
+
+def _signal_payload(violations: Violations, payload: struct_pb2.Struct) -> None:
+    size = payload.ByteSize()
+    if size > MAX_SIGNAL_PAYLOAD_BYTES:
+        violations.add("payload", f"must be at most {MAX_SIGNAL_PAYLOAD_BYTES} bytes serialized, got {size}")
+        return
+    violations.contents("payload.", payload)
+    for path, number in _numbers(payload, "payload"):
+        if not math.isfinite(number):
+            violations.add(path, "must be a finite number: JSON has no NaN or infinity")
+            return
+
+
+def _numbers(value: Message, path: str) -> list[tuple[str, float]]:
+    """Every number in a Struct, with its path: JSON cannot carry NaN or infinity, so neither may a payload."""
+    found: list[tuple[str, float]] = []
+    if isinstance(value, struct_pb2.Struct):
+        for key, item in value.fields.items():
+            found += _numbers(item, f"{path}.{key}")
+    elif isinstance(value, struct_pb2.ListValue):
+        for index, item in enumerate(value.values):
+            found += _numbers(item, f"{path}[{index}]")
+    elif isinstance(value, struct_pb2.Value):
+        kind = value.WhichOneof("kind")
+        if kind == "number_value":
+            found.append((path, value.number_value))
+        elif kind in ("struct_value", "list_value"):
+            found += _numbers(getattr(value, kind), path)
+    return found
 
 
 def _reason(reason: str, *, required: bool) -> None:

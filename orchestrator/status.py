@@ -11,6 +11,7 @@ __all__ = [
     "EventType",
     "OperatorCall",
     "SagaStatus",
+    "WaitKind",
     "effective_status",
 ]
 
@@ -66,6 +67,20 @@ class EventType(StrEnum):
     # A call that was on the wire when its saga was terminated and then took effect (or ended
     # without a known outcome): the effect stands, and nothing undoes it.
     EFFECT_AFTER_TERMINATE = "EffectAfterTerminate"
+    # Long-running step kinds: conditions, waits, signals, approvals, children and parallel branches.
+    STEP_SKIPPED = "StepSkipped"
+    WAIT_STARTED = "WaitStarted"
+    WAIT_TIMED_OUT = "WaitTimedOut"
+    TIMER_FIRED = "TimerFired"
+    SIGNAL_RECEIVED = "SignalReceived"
+    SIGNAL_CONSUMED = "SignalConsumed"
+    APPROVAL_DECIDED = "ApprovalDecided"
+    APPROVAL_REMINDER = "ApprovalReminder"
+    CHILD_STARTED = "ChildStarted"
+    CHILD_ENDED = "ChildEnded"
+    BRANCHES_STARTED = "BranchesStarted"
+    BRANCHES_STOPPING = "BranchesStopping"
+    BRANCHES_COMPLETED = "BranchesCompleted"
 
 
 class OperatorCall(StrEnum):
@@ -76,3 +91,12 @@ class OperatorCall(StrEnum):
     CANCEL = "cancel"
     TERMINATE = "terminate"
     RETRY = "retry"
+
+
+class WaitKind(StrEnum):
+    """What a waiting saga (or one of its branches) waits for; the label of the waiting-sagas metric."""
+
+    TIMER = "timer"
+    SIGNAL = "signal"
+    APPROVAL = "approval"
+    CHILD = "child"

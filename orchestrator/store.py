@@ -10,10 +10,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, delete, func, insert, not_, or_, select, update
+from sqlalchemy import Connection, and_, bindparam, delete, func, insert, not_, or_, select, text, update
 
-from orchestrator.engine import Command, Event, SagaState
-from orchestrator.models import SCHEMA_VERSION, OutboxRow, SagaEventRow, SagaRow, SchemaVersionRow
+from orchestrator.engine import Command, Event, Progress, SagaState
+from orchestrator.models import SCHEMA_VERSION, OutboxRow, SagaEventRow, SagaRow, SchemaVersionRow, SignalRow
 from orchestrator.status import IN_FLIGHT_STATUSES, Direction, SagaStatus, effective_status
 from svckit.db import Database, Prepared
 
@@ -22,27 +22,33 @@ __all__ = [
     "PendingCommand",
     "SagaFilter",
     "append_events",
+    "children_of",
     "claim_due",
     "count_not_ended",
     "ensure_schema",
     "fence",
     "find_by_business_key",
+    "find_signal",
     "in_flight_without_definition",
     "insert_saga",
+    "insert_signal",
     "list_sagas",
     "load_events",
     "load_pending",
+    "load_pendings",
     "load_sagas",
     "put_command",
     "release_leases",
     "storable",
     "update_sagas",
+    "wake",
 ]
 
 SAGA = SagaRow.__table__  # type: ignore[attr-defined]
 EVENT = SagaEventRow.__table__  # type: ignore[attr-defined]
 OUTBOX = OutboxRow.__table__  # type: ignore[attr-defined]
 SCHEMA = SchemaVersionRow.__table__  # type: ignore[attr-defined]
+SIGNAL = SignalRow.__table__  # type: ignore[attr-defined]
 
 _SAGA_COLUMNS = tuple(SagaRow.model_fields)
 _OUTBOX_COLUMNS = tuple(OutboxRow.model_fields)
@@ -57,15 +63,39 @@ def ensure_schema(database: Database) -> int:
     database.create_schema()
 
     def work(connection: Connection) -> int:
+        if database.is_postgres:
+            # Two replicas starting on one old database: the second waits, then finds it migrated.
+            connection.execute(text("SELECT pg_advisory_xact_lock(7220517)"))
         stored = connection.execute(select(func.max(SCHEMA.c.version))).scalar()
         if stored is None:
             connection.execute(insert(SCHEMA).values(version=SCHEMA_VERSION, applied_at=time.time()))
             return SCHEMA_VERSION
         if stored > SCHEMA_VERSION:
             raise SchemaTooNew(f"database schema is version {stored}; this release knows up to {SCHEMA_VERSION}")
+        if stored == 1:
+            _migrate_1_to_2(connection)
+            connection.execute(insert(SCHEMA).values(version=2, applied_at=time.time()))
+            return 2
         return int(stored)
 
     return database.transaction_sync(work)
+
+
+def _migrate_1_to_2(connection: Connection) -> None:
+    """Schema 1 to 2 in one transaction: the saga's new columns, and the outbox keyed by saga and track.
+
+    Sagas stored by schema 1 keep an empty progress, which the engine reads as they always ran:
+    their completed steps are the compensatable ones before their step index.
+    """
+    connection.execute(text("ALTER TABLE saga ADD COLUMN parent_id VARCHAR(40) NOT NULL DEFAULT ''"))
+    connection.execute(text("ALTER TABLE saga ADD COLUMN progress TEXT NOT NULL DEFAULT ''"))
+    connection.execute(text("CREATE INDEX ix_saga_parent ON saga (parent_id)"))
+    connection.execute(text("ALTER TABLE outbox RENAME TO outbox_v1"))
+    connection.execute(text("DROP INDEX ix_outbox_due"))
+    OUTBOX.create(connection)
+    kept = ", ".join(name for name in _OUTBOX_COLUMNS if name not in ("track", "wait_until"))
+    connection.execute(text(f"INSERT INTO outbox ({kept}, track) SELECT {kept}, '' FROM outbox_v1"))
+    connection.execute(text("DROP TABLE outbox_v1"))
 
 
 # -- sagas ---------------------------------------------------------------------------------
@@ -101,6 +131,8 @@ def saga_from_row(row: Any) -> SagaState:
         trace_context=m["trace_context"],
         event_seq=m["event_seq"],
         ended_at=m["ended_at"],
+        parent_id=m["parent_id"],
+        progress=Progress.from_json(m["progress"]),
     )
 
 
@@ -121,6 +153,7 @@ def _mutable_values(saga: SagaState) -> dict[str, Any]:
         "event_seq": saga.event_seq,
         "updated_at": saga.updated_at,
         "ended_at": saga.ended_at,
+        "progress": "" if saga.progress.legacy else saga.progress.to_json(),
     }
 
 
@@ -139,6 +172,7 @@ def insert_saga(connection: Connection, saga: SagaState, input_hash: str) -> Non
             "input_hash": input_hash,
             "trace_context": saga.trace_context,
             "deadline_at": saga.deadline_at,
+            "parent_id": saga.parent_id,
             "created_at": saga.created_at,
             **_mutable_values(saga),
         },
@@ -353,6 +387,11 @@ class PendingCommand:
     lease_owner: str | None
     lease_expires_at: float
 
+    @property
+    def handed_out(self) -> bool:
+        """Whether a dispatcher took it once, so its call may have gone out."""
+        return self.lease_owner is not None
+
     def in_flight(self, now: float) -> bool:
         return self.lease_owner is not None and self.lease_expires_at > now
 
@@ -367,6 +406,8 @@ def _command_from_row(row: Any) -> Command:
         first_attempt_at=m["first_attempt_at"],
         uncertain=bool(m["uncertain"]),
         due_at=m["due_at"],
+        track=m["track"],
+        wait_until=m["wait_until"],
     )
 
 
@@ -374,6 +415,7 @@ _PUT_COMMAND = Prepared(insert(OUTBOX).values({name: bindparam(name) for name in
 _FENCE = Prepared(
     delete(OUTBOX).where(
         OUTBOX.c.saga_id == bindparam("saga_id"),
+        OUTBOX.c.track == bindparam("track"),
         OUTBOX.c.lease_owner == bindparam("lease_owner"),
         OUTBOX.c.step_index == bindparam("step_index"),
         OUTBOX.c.direction == bindparam("direction"),
@@ -381,9 +423,24 @@ _FENCE = Prepared(
     )
 )
 _LOAD_PENDING = Prepared(
-    select(*[OUTBOX.c[name] for name in _OUTBOX_COLUMNS]).where(OUTBOX.c.saga_id == bindparam("saga_id"))
+    select(*[OUTBOX.c[name] for name in _OUTBOX_COLUMNS])
+    .where(OUTBOX.c.saga_id == bindparam("saga_id"))
+    .order_by(OUTBOX.c.track)
 )
-_DELETE_COMMAND = Prepared(delete(OUTBOX).where(OUTBOX.c.saga_id == bindparam("saga_id")))
+_DELETE_COMMANDS = Prepared(delete(OUTBOX).where(OUTBOX.c.saga_id == bindparam("saga_id")))
+_DELETE_COMMAND = Prepared(
+    delete(OUTBOX).where(OUTBOX.c.saga_id == bindparam("saga_id"), OUTBOX.c.track == bindparam("track"))
+)
+_WAKE = Prepared(
+    update(OUTBOX)
+    .where(
+        OUTBOX.c.saga_id == bindparam("saga_id"),
+        OUTBOX.c.wait_until.is_not(None),
+        OUTBOX.c.due_at.is_not(None),
+        or_(OUTBOX.c.lease_owner.is_(None), OUTBOX.c.lease_expires_at < bindparam("now")),
+    )
+    .values(due_at=bindparam("now"))
+)
 
 
 def put_command(connection: Connection, command: Command, lease_owner: str | None, lease_expires_at: float) -> None:
@@ -400,6 +457,8 @@ def put_command(connection: Connection, command: Command, lease_owner: str | Non
             "lease_owner": lease_owner,
             "lease_expires_at": lease_expires_at,
             "created_at": time.time(),
+            "track": command.track,
+            "wait_until": command.wait_until,
         },
     )
 
@@ -408,6 +467,7 @@ def fence(connection: Connection, command: Command, lease_owner: str) -> bool:
     """Remove the command if this owner still holds it: only the holder may record its outcome."""
     params = {
         "saga_id": command.saga_id,
+        "track": command.track,
         "lease_owner": lease_owner,
         "step_index": command.step_index,
         "direction": command.direction,
@@ -416,16 +476,74 @@ def fence(connection: Connection, command: Command, lease_owner: str) -> bool:
     return int(_FENCE.execute(connection, params).rowcount) == 1
 
 
+def load_pendings(connection: Connection, saga_id: str) -> dict[str, PendingCommand]:
+    """Every pending command of a saga, by track ("" is the main one)."""
+    pendings: dict[str, PendingCommand] = {}
+    for row in _LOAD_PENDING.execute(connection, {"saga_id": saga_id}).fetchall():
+        values = dict(zip(_OUTBOX_COLUMNS, row, strict=True))
+        command = _command_from_row(row)
+        pendings[command.track] = PendingCommand(command, values["lease_owner"], values["lease_expires_at"])
+    return pendings
+
+
 def load_pending(connection: Connection, saga_id: str) -> PendingCommand | None:
-    row = _LOAD_PENDING.execute(connection, {"saga_id": saga_id}).fetchone()
-    if row is None:
-        return None
-    values = dict(zip(_OUTBOX_COLUMNS, row, strict=True))
-    return PendingCommand(_command_from_row(row), values["lease_owner"], values["lease_expires_at"])
+    """The main track's pending command, or the first branch's when the main track has none."""
+    pendings = load_pendings(connection, saga_id)
+    return pendings.get("") or next(iter(pendings.values()), None)
 
 
-def delete_command(connection: Connection, saga_id: str) -> None:
-    _DELETE_COMMAND.execute(connection, {"saga_id": saga_id})
+def delete_command(connection: Connection, saga_id: str, track: str | None = None) -> None:
+    """Withdraw a saga's pending command on one track, or on every track."""
+    if track is None:
+        _DELETE_COMMANDS.execute(connection, {"saga_id": saga_id})
+    else:
+        _DELETE_COMMAND.execute(connection, {"saga_id": saga_id, "track": track})
+
+
+def wake(connection: Connection, saga_id: str, now: float) -> int:
+    """Make a saga's waits due now (a signal came, a child ended): each looks at itself when claimed."""
+    return int(_WAKE.execute(connection, {"saga_id": saga_id, "now": now}).rowcount)
+
+
+# -- signals and children ------------------------------------------------------------------
+
+_FIND_SIGNAL = Prepared(
+    select(SIGNAL.c.name, SIGNAL.c.payload_hash, SIGNAL.c.received_at).where(
+        SIGNAL.c.saga_id == bindparam("saga_id"), SIGNAL.c.signal_id == bindparam("signal_id")
+    )
+)
+_INSERT_SIGNAL = Prepared(
+    insert(SIGNAL).values(
+        {name: bindparam(name) for name in ("saga_id", "signal_id", "name", "payload_hash", "received_at", "actor")}
+    )
+)
+
+
+def find_signal(connection: Connection, saga_id: str, signal_id: str) -> tuple[str, str, float] | None:
+    """The (name, payload hash, received at) of a delivered signal, by its sender's id."""
+    row = _FIND_SIGNAL.execute(connection, {"saga_id": saga_id, "signal_id": signal_id}).fetchone()
+    return (row[0], row[1], float(row[2])) if row is not None else None
+
+
+def insert_signal(
+    connection: Connection, saga_id: str, signal_id: str, name: str, payload_hash: str, received_at: float, actor: str
+) -> None:
+    _INSERT_SIGNAL.execute(
+        connection,
+        {
+            "saga_id": saga_id,
+            "signal_id": signal_id,
+            "name": name,
+            "payload_hash": payload_hash,
+            "received_at": received_at,
+            "actor": actor,
+        },
+    )
+
+
+def children_of(connection: Connection, parent_id: str) -> list[SagaState]:
+    query = select(SAGA).where(SAGA.c.parent_id == parent_id).order_by(SAGA.c.created_at, SAGA.c.saga_id)
+    return [saga_from_row(row) for row in connection.execute(query)]
 
 
 def claim_due(
@@ -460,6 +578,17 @@ def release_leases(connection: Connection, owner: str) -> int:
     return connection.execute(
         update(OUTBOX).where(OUTBOX.c.lease_owner == owner).values(lease_owner=None, lease_expires_at=0.0)
     ).rowcount
+
+
+def waits_by_step(connection: Connection) -> list[tuple[str, int, int, int, float]]:
+    """Pending waits grouped by (saga type, version, step index): their count and the oldest one's start."""
+    query = (
+        select(SAGA.c.saga_type, SAGA.c.version, OUTBOX.c.step_index, func.count(), func.min(OUTBOX.c.first_attempt_at))
+        .select_from(OUTBOX.join(SAGA, SAGA.c.saga_id == OUTBOX.c.saga_id))
+        .where(OUTBOX.c.wait_until.is_not(None))
+        .group_by(SAGA.c.saga_type, SAGA.c.version, OUTBOX.c.step_index)
+    )
+    return [(str(t), int(v), int(i), int(n), float(m)) for t, v, i, n, m in connection.execute(query)]
 
 
 def outbox_depth(connection: Connection, now: float) -> tuple[int, float]:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import datetime
 from typing import Any
 
 import grpc
 
-from orchestrator.definition import SagaDefinition, Step
+from orchestrator.definition import Approval, ChildSaga, SagaDefinition, Step, Timer, WaitForSignal
 from orchestrator.engine import SagaState
 from orchestrator.status import Direction, EventType, SagaStatus
 from orchestrator.store import EventRecord, PendingCommand
@@ -62,13 +63,31 @@ def event_pb(event: EventRecord) -> pb.HistoryEvent:
 
 
 def _steps(
-    definition: SagaDefinition, saga: SagaState, events: list[EventRecord], pending: PendingCommand | None
+    definition: SagaDefinition, saga: SagaState, events: list[EventRecord], pendings: dict[str, PendingCommand]
 ) -> list[pb.SagaStep]:
-    steps = {step.name: pb.SagaStep(name=step.name, index=i) for i, step in enumerate(definition.steps)}
+    steps: dict[str, pb.SagaStep] = {}
+    for flat in definition.nodes:
+        group = definition.nodes[flat.group].node.name if flat.group >= 0 else ""
+        steps[flat.node.name] = pb.SagaStep(
+            name=flat.node.name,
+            index=flat.index,
+            kind=flat.node.node_kind,
+            group=group,
+            branch=flat.branch,
+            child_saga_id=saga.progress.children.get(flat.node.name, ""),
+        )
+    skipped = {definition.nodes[i].node.name for i in saga.progress.skipped}
+    waiting = {definition.nodes[p.command.step_index].node.name: p for p in pendings.values()}
+    finished_waits: set[str] = set()
     succeeded: set[str] = set()
     compensated: set[str] = set()
     failed: set[str] = set()
     for event in events:
+        if event.type in _WAIT_END_EVENTS and event.step in steps:
+            finished_waits.add(event.step)
+            if event.code not in ("OK", "APPROVED", "COMPLETED", ""):
+                steps[event.step].last_error = f"{event.code}: {event.message}"
+            continue
         direction = _ATTEMPT_EVENTS.get(event.type)
         if direction is None or event.step not in steps:
             continue
@@ -97,23 +116,79 @@ def _steps(
             steps[event.step].last_error = event.message
         else:
             steps[event.step].last_error = f"{event.code}: {event.message}"
-    on_wire = definition.steps[pending.command.step_index].name if pending else None
     for name, view in steps.items():
-        if name == on_wire and pending is not None:
-            view.state = "running" if pending.command.direction == Direction.ACTION else "compensating"
+        pending = waiting.get(name)
+        if pending is not None:
+            if pending.command.direction == Direction.COMPENSATION:
+                view.state = "compensating"
+            elif view.kind == "call":
+                view.state = "running"
+            else:
+                view.state = "waiting"
+        elif name in skipped:
+            view.state = "skipped"
         elif name in compensated:
             view.state = "compensated"
         elif name in succeeded:
             view.state = "succeeded"
         elif name in failed:
             view.state = "failed"
+        elif name in finished_waits or (view.kind == "parallel" and _group_done(definition, view, steps)):
+            view.state = "failed" if view.last_error else "succeeded"
         else:
             view.state = "skipped" if saga.ended else "pending"
     return list(steps.values())
 
 
+def _group_done(definition: SagaDefinition, group: pb.SagaStep, steps: dict[str, pb.SagaStep]) -> bool:
+    members = [f.node.name for f in definition.nodes if f.group == group.index]
+    return bool(members) and all(steps[name].state in ("succeeded", "compensated", "skipped") for name in members)
+
+
+def _clock(at: float) -> str:
+    return datetime.datetime.fromtimestamp(at, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def waits_pb(definition: SagaDefinition, saga: SagaState, pendings: dict[str, PendingCommand]) -> list[pb.SagaWait]:
+    """What the saga waits for, one entry per waiting track: timers, signals, approvals, children."""
+    waits: list[pb.SagaWait] = []
+    for track, pending in sorted(pendings.items()):
+        command = pending.command
+        if command.wait_until is None:
+            continue
+        node = definition.node(command.step_index)
+        wait = pb.SagaWait(step=node.name, branch=int(track) if track else 0, since=timestamp(command.first_attempt_at))
+        if command.due_at is not None or not saga.paused:
+            wait.until.CopyFrom(timestamp(command.wait_until))
+        ending = f"times out at {_clock(command.wait_until)}"
+        if isinstance(node, Timer):
+            wait.kind = "timer"
+            wait.description = (
+                f"timer {node.name} since {_clock(command.first_attempt_at)}, fires at {_clock(command.wait_until)}"
+            )
+        elif isinstance(node, Approval):
+            wait.kind, wait.signal = "approval", node.role
+            wait.description = f"approval {node.name} by {node.role} since {_clock(command.first_attempt_at)}, {ending}"
+        elif isinstance(node, WaitForSignal):
+            wait.kind, wait.signal = "signal", node.signal_name
+            wait.description = f"signal {node.signal_name} since {_clock(command.first_attempt_at)}, {ending}"
+        elif isinstance(node, ChildSaga):
+            wait.kind = "child"
+            wait.child_saga_id = saga.progress.children.get(node.name, "")
+            verb = "compensating" if command.direction == Direction.COMPENSATION else "running"
+            wait.description = (
+                f"child {node.definition.name} {wait.child_saga_id} {verb} since {_clock(command.first_attempt_at)}"
+            )
+        if track:
+            wait.description = f"branch {track} at step {node.name}: {wait.description}"
+        if saga.paused:
+            wait.description += " (held: paused)"
+        waits.append(wait)
+    return waits
+
+
 def steps_maybe_applied(
-    definition: SagaDefinition, events: list[EventRecord], pending: PendingCommand | None
+    definition: SagaDefinition, events: list[EventRecord], pendings: dict[str, PendingCommand]
 ) -> list[str]:
     """The steps whose effects may stand: succeeded, or last answered uncertainly, or handed out
     and not yet answered; and not compensated since. In definition order."""
@@ -121,7 +196,10 @@ def steps_maybe_applied(
     may_stand: dict[str, bool] = {}
     for event in events:
         step = by_name.get(event.step)
-        if step is None:
+        if isinstance(step, ChildSaga) and event.type == EventType.CHILD_STARTED:
+            may_stand[step.name] = True
+            continue
+        if not isinstance(step, Step):
             continue
         if event.type in (EventType.STEP_SUCCEEDED, EventType.EFFECT_AFTER_TERMINATE):
             may_stand[step.name] = event.code == "OK" or _may_have_happened(step, event.code, True)
@@ -129,9 +207,12 @@ def steps_maybe_applied(
             may_stand[step.name] = _may_have_happened(step, event.code, may_stand.get(step.name, False))
         elif event.type == EventType.COMPENSATION_SUCCEEDED:
             may_stand[step.name] = False
-    if pending is not None and pending.lease_owner is not None and pending.command.direction == Direction.ACTION:
-        may_stand[definition.steps[pending.command.step_index].name] = True
-    return [step.name for step in definition.steps if may_stand.get(step.name)]
+    for pending in pendings.values():
+        if pending.lease_owner is not None and pending.command.direction == Direction.ACTION:
+            node = definition.node(pending.command.step_index)
+            if isinstance(node, Step):
+                may_stand[node.name] = True
+    return [flat.node.name for flat in definition.nodes if may_stand.get(flat.node.name)]
 
 
 def _may_have_happened(step: Step, code_name: str, before: bool) -> bool:
@@ -143,10 +224,12 @@ def saga_pb(
     saga: SagaState,
     definition: SagaDefinition | None,
     events: list[EventRecord] | None = None,
-    pending: PendingCommand | None = None,
+    pendings: dict[str, PendingCommand] | None = None,
     *,
     include_history: bool = False,
+    children: list[SagaState] | None = None,
 ) -> pb.Saga:
+    pendings = pendings or {}
     view = pb.Saga(
         saga_id=saga.saga_id,
         saga_type=saga.saga_type,
@@ -158,20 +241,39 @@ def saga_pb(
         deadline_at=timestamp(saga.deadline_at),
         last_error=saga.last_error,
         trace_id=trace_id_of(saga.trace_context),
+        parent_saga_id=saga.parent_id,
     )
     if saga.ended_at is not None:
         view.ended_at.CopyFrom(timestamp(saga.ended_at))
     if definition is not None:
         if not saga.ended or saga.status == SagaStatus.NEEDS_ATTENTION:
-            view.current_step = definition.steps[saga.step_index].name
+            view.current_step = definition.node(saga.step_index).name
         if events is not None:
-            view.steps.extend(_steps(definition, saga, events, pending))
+            view.steps.extend(_steps(definition, saga, events, pendings))
             if saga.status == SagaStatus.TERMINATED:
-                view.steps_maybe_applied.extend(steps_maybe_applied(definition, events, pending))
+                view.steps_maybe_applied.extend(steps_maybe_applied(definition, events, pendings))
+        if not saga.ended:
+            view.waits.extend(waits_pb(definition, saga, pendings))
+    for child in children or []:
+        step = next((name for name, child_id in saga.progress.children.items() if child_id == child.saga_id), "")
+        view.children.append(
+            pb.ChildLink(step=step, saga_id=child.saga_id, saga_type=child.saga_type, status=api_status(child))
+        )
     if include_history and events is not None:
         view.history.extend(event_pb(event) for event in events)
     return view
 
+
+# Events that end a wait (or a child step) forward: the step is then done, or failed with the code.
+_WAIT_END_EVENTS = frozenset(
+    {
+        EventType.TIMER_FIRED,
+        EventType.SIGNAL_CONSUMED,
+        EventType.APPROVAL_DECIDED,
+        EventType.WAIT_TIMED_OUT,
+        EventType.CHILD_ENDED,
+    }
+)
 
 _ENDING_EVENTS: dict[str, Any] = {
     EventType.SAGA_COMPLETED: pb.SAGA_STATUS_COMPLETED,

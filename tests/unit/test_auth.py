@@ -26,7 +26,7 @@ def test_a_file_has_one_entry_a_line_with_comments_and_one_name_may_hold_two_tok
     ("text", "message"),
     [
         (f"alice{TOKEN}", "entry 1: expected name:token or name:token:role"),
-        (f"alice:{TOKEN}:admin", "role 'admin' must be one of operator, client"),
+        (f"alice:{TOKEN}:Admin!", "role 'Admin!' must be operator, client, or an approval role"),
         (f"alice:{TOKEN},bob:{TOKEN}", "entry 2: bob and alice share one token"),
         ("alice:short", "the token must be at least 16 characters"),
         (f"alice:{TOKEN} with space", "the token must be"),

@@ -303,7 +303,7 @@ async def test_an_operator_call_the_store_refuses_fails_alone(
     results = await start_many(dispatcher, [f"order-{uuid.uuid4().hex[:8]}" for _ in range(8)])
     saga_ids = [saga.saga_id for saga, _ in results]
     bad_id = saga_ids[2]
-    poison(monkeypatch, "load_pending", lambda connection, saga_id: saga_id == bad_id)
+    poison(monkeypatch, "load_pendings", lambda connection, saga_id: saga_id == bad_id)
     paused = await asyncio.gather(
         *(dispatcher.operate("pause", saga_id, "ops", "look") for saga_id in saga_ids), return_exceptions=True
     )

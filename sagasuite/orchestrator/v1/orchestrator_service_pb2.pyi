@@ -1,6 +1,7 @@
 import datetime
 
 from google.protobuf import any_pb2 as _any_pb2
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from sagasuite.common.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
@@ -112,18 +113,58 @@ class StepAttempt(_message.Message):
     def __init__(self, direction: _Optional[str] = ..., attempt: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class SagaStep(_message.Message):
-    __slots__ = ("name", "index", "state", "attempts", "last_error")
+    __slots__ = ("name", "index", "state", "attempts", "last_error", "kind", "group", "branch", "child_saga_id")
     NAME_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_FIELD_NUMBER: _ClassVar[int]
+    CHILD_SAGA_ID_FIELD_NUMBER: _ClassVar[int]
     name: str
     index: int
     state: str
     attempts: _containers.RepeatedCompositeFieldContainer[StepAttempt]
     last_error: str
-    def __init__(self, name: _Optional[str] = ..., index: _Optional[int] = ..., state: _Optional[str] = ..., attempts: _Optional[_Iterable[_Union[StepAttempt, _Mapping]]] = ..., last_error: _Optional[str] = ...) -> None: ...
+    kind: str
+    group: str
+    branch: int
+    child_saga_id: str
+    def __init__(self, name: _Optional[str] = ..., index: _Optional[int] = ..., state: _Optional[str] = ..., attempts: _Optional[_Iterable[_Union[StepAttempt, _Mapping]]] = ..., last_error: _Optional[str] = ..., kind: _Optional[str] = ..., group: _Optional[str] = ..., branch: _Optional[int] = ..., child_saga_id: _Optional[str] = ...) -> None: ...
+
+class SagaWait(_message.Message):
+    __slots__ = ("kind", "step", "branch", "signal", "since", "until", "child_saga_id", "description")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_FIELD_NUMBER: _ClassVar[int]
+    CHILD_SAGA_ID_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    step: str
+    branch: int
+    signal: str
+    since: _timestamp_pb2.Timestamp
+    until: _timestamp_pb2.Timestamp
+    child_saga_id: str
+    description: str
+    def __init__(self, kind: _Optional[str] = ..., step: _Optional[str] = ..., branch: _Optional[int] = ..., signal: _Optional[str] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., child_saga_id: _Optional[str] = ..., description: _Optional[str] = ...) -> None: ...
+
+class ChildLink(_message.Message):
+    __slots__ = ("step", "saga_id", "saga_type", "status")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    SAGA_ID_FIELD_NUMBER: _ClassVar[int]
+    SAGA_TYPE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    step: str
+    saga_id: str
+    saga_type: str
+    status: SagaStatus
+    def __init__(self, step: _Optional[str] = ..., saga_id: _Optional[str] = ..., saga_type: _Optional[str] = ..., status: _Optional[_Union[SagaStatus, str]] = ...) -> None: ...
 
 class HistoryEvent(_message.Message):
     __slots__ = ("seq", "at", "type", "step", "attempt", "code", "message", "actor")
@@ -146,7 +187,7 @@ class HistoryEvent(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., type: _Optional[str] = ..., step: _Optional[str] = ..., attempt: _Optional[int] = ..., code: _Optional[str] = ..., message: _Optional[str] = ..., actor: _Optional[str] = ...) -> None: ...
 
 class Saga(_message.Message):
-    __slots__ = ("saga_id", "saga_type", "definition_version", "business_key", "status", "created_at", "updated_at", "ended_at", "deadline_at", "current_step", "last_error", "steps", "history", "trace_id", "steps_maybe_applied")
+    __slots__ = ("saga_id", "saga_type", "definition_version", "business_key", "status", "created_at", "updated_at", "ended_at", "deadline_at", "current_step", "last_error", "steps", "history", "trace_id", "steps_maybe_applied", "waits", "parent_saga_id", "children")
     SAGA_ID_FIELD_NUMBER: _ClassVar[int]
     SAGA_TYPE_FIELD_NUMBER: _ClassVar[int]
     DEFINITION_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +203,9 @@ class Saga(_message.Message):
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
     STEPS_MAYBE_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    WAITS_FIELD_NUMBER: _ClassVar[int]
+    PARENT_SAGA_ID_FIELD_NUMBER: _ClassVar[int]
+    CHILDREN_FIELD_NUMBER: _ClassVar[int]
     saga_id: str
     saga_type: str
     definition_version: int
@@ -177,7 +221,10 @@ class Saga(_message.Message):
     history: _containers.RepeatedCompositeFieldContainer[HistoryEvent]
     trace_id: str
     steps_maybe_applied: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, saga_id: _Optional[str] = ..., saga_type: _Optional[str] = ..., definition_version: _Optional[int] = ..., business_key: _Optional[str] = ..., status: _Optional[_Union[SagaStatus, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deadline_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., current_step: _Optional[str] = ..., last_error: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[SagaStep, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[HistoryEvent, _Mapping]]] = ..., trace_id: _Optional[str] = ..., steps_maybe_applied: _Optional[_Iterable[str]] = ...) -> None: ...
+    waits: _containers.RepeatedCompositeFieldContainer[SagaWait]
+    parent_saga_id: str
+    children: _containers.RepeatedCompositeFieldContainer[ChildLink]
+    def __init__(self, saga_id: _Optional[str] = ..., saga_type: _Optional[str] = ..., definition_version: _Optional[int] = ..., business_key: _Optional[str] = ..., status: _Optional[_Union[SagaStatus, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deadline_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., current_step: _Optional[str] = ..., last_error: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[SagaStep, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[HistoryEvent, _Mapping]]] = ..., trace_id: _Optional[str] = ..., steps_maybe_applied: _Optional[_Iterable[str]] = ..., waits: _Optional[_Iterable[_Union[SagaWait, _Mapping]]] = ..., parent_saga_id: _Optional[str] = ..., children: _Optional[_Iterable[_Union[ChildLink, _Mapping]]] = ...) -> None: ...
 
 class ListSagasRequest(_message.Message):
     __slots__ = ("statuses", "saga_type", "created_after", "created_before", "business_key", "page_size", "page_token")
@@ -316,3 +363,49 @@ class GetSagaStatsResponse(_message.Message):
     completion_p99_ms: float
     oldest_in_flight: Saga
     def __init__(self, counts: _Optional[_Iterable[_Union[StatusCount, _Mapping]]] = ..., completion_p50_ms: _Optional[float] = ..., completion_p95_ms: _Optional[float] = ..., completion_p99_ms: _Optional[float] = ..., oldest_in_flight: _Optional[_Union[Saga, _Mapping]] = ...) -> None: ...
+
+class SignalSagaRequest(_message.Message):
+    __slots__ = ("saga_id", "saga_type", "business_key", "name", "signal_id", "payload")
+    SAGA_ID_FIELD_NUMBER: _ClassVar[int]
+    SAGA_TYPE_FIELD_NUMBER: _ClassVar[int]
+    BUSINESS_KEY_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_ID_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    saga_id: str
+    saga_type: str
+    business_key: str
+    name: str
+    signal_id: str
+    payload: _struct_pb2.Struct
+    def __init__(self, saga_id: _Optional[str] = ..., saga_type: _Optional[str] = ..., business_key: _Optional[str] = ..., name: _Optional[str] = ..., signal_id: _Optional[str] = ..., payload: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class SignalSagaResponse(_message.Message):
+    __slots__ = ("saga_id", "received_at", "duplicate")
+    SAGA_ID_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_AT_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    saga_id: str
+    received_at: _timestamp_pb2.Timestamp
+    duplicate: bool
+    def __init__(self, saga_id: _Optional[str] = ..., received_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., duplicate: bool = ...) -> None: ...
+
+class DecideApprovalRequest(_message.Message):
+    __slots__ = ("saga_id", "step", "approve", "reason")
+    SAGA_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    APPROVE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    saga_id: str
+    step: str
+    approve: bool
+    reason: str
+    def __init__(self, saga_id: _Optional[str] = ..., step: _Optional[str] = ..., approve: bool = ..., reason: _Optional[str] = ...) -> None: ...
+
+class DecideApprovalResponse(_message.Message):
+    __slots__ = ("saga", "duplicate")
+    SAGA_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    saga: Saga
+    duplicate: bool
+    def __init__(self, saga: _Optional[_Union[Saga, _Mapping]] = ..., duplicate: bool = ...) -> None: ...

@@ -90,6 +90,16 @@ class OrchestratorServiceStub(object):
                 request_serializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.GetSagaStatsRequest.SerializeToString,
                 response_deserializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.GetSagaStatsResponse.FromString,
                 _registered_method=True)
+        self.SignalSaga = channel.unary_unary(
+                '/sagasuite.orchestrator.v1.OrchestratorService/SignalSaga',
+                request_serializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.SignalSagaRequest.SerializeToString,
+                response_deserializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.SignalSagaResponse.FromString,
+                _registered_method=True)
+        self.DecideApproval = channel.unary_unary(
+                '/sagasuite.orchestrator.v1.OrchestratorService/DecideApproval',
+                request_serializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.DecideApprovalRequest.SerializeToString,
+                response_deserializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.DecideApprovalResponse.FromString,
+                _registered_method=True)
 
 
 class OrchestratorServiceServicer(object):
@@ -178,6 +188,27 @@ class OrchestratorServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SignalSaga(self, request, context):
+        """Delivers a named signal with a JSON payload to a saga, addressed by id or by type and business
+        key. Exactly once per signal_id: a repeat is answered as before; the same id with another name
+        or payload is FAILED_PRECONDITION SIGNAL_ID_REUSED. A signal that arrives before its wait is
+        kept and consumed when the wait begins. Refused FAILED_PRECONDITION SAGA_ENDED for an ended
+        saga and SIGNAL_NOT_AWAITED when its definition never waits for the name. Access as StartSaga.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DecideApproval(self, request, context):
+        """Approves or rejects a saga's approval step, once: a repeat of the same decision is answered as
+        before, the other decision is FAILED_PRECONDITION SIGNAL_ID_REUSED. Needs a token whose role is
+        the approval's role or operator (PERMISSION_DENIED APPROVAL_ROLE_REQUIRED otherwise); the
+        decider's name is recorded in the history. A rejection compensates.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrchestratorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -235,6 +266,16 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.GetSagaStats,
                     request_deserializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.GetSagaStatsRequest.FromString,
                     response_serializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.GetSagaStatsResponse.SerializeToString,
+            ),
+            'SignalSaga': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignalSaga,
+                    request_deserializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.SignalSagaRequest.FromString,
+                    response_serializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.SignalSagaResponse.SerializeToString,
+            ),
+            'DecideApproval': grpc.unary_unary_rpc_method_handler(
+                    servicer.DecideApproval,
+                    request_deserializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.DecideApprovalRequest.FromString,
+                    response_serializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.DecideApprovalResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -535,6 +576,60 @@ class OrchestratorService(object):
             '/sagasuite.orchestrator.v1.OrchestratorService/GetSagaStats',
             sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.GetSagaStatsRequest.SerializeToString,
             sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.GetSagaStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SignalSaga(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sagasuite.orchestrator.v1.OrchestratorService/SignalSaga',
+            sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.SignalSagaRequest.SerializeToString,
+            sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.SignalSagaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DecideApproval(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sagasuite.orchestrator.v1.OrchestratorService/DecideApproval',
+            sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.DecideApprovalRequest.SerializeToString,
+            sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.DecideApprovalResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -63,6 +63,19 @@ class OrchestratorServiceStub:
     """
     GetSagaStats: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.GetSagaStatsRequest, _orchestrator_service_pb2.GetSagaStatsResponse]
     """Returns counts by status, completion latency percentiles and the oldest saga in flight."""
+    SignalSaga: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.SignalSagaRequest, _orchestrator_service_pb2.SignalSagaResponse]
+    """Delivers a named signal with a JSON payload to a saga, addressed by id or by type and business
+    key. Exactly once per signal_id: a repeat is answered as before; the same id with another name
+    or payload is FAILED_PRECONDITION SIGNAL_ID_REUSED. A signal that arrives before its wait is
+    kept and consumed when the wait begins. Refused FAILED_PRECONDITION SAGA_ENDED for an ended
+    saga and SIGNAL_NOT_AWAITED when its definition never waits for the name. Access as StartSaga.
+    """
+    DecideApproval: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.DecideApprovalRequest, _orchestrator_service_pb2.DecideApprovalResponse]
+    """Approves or rejects a saga's approval step, once: a repeat of the same decision is answered as
+    before, the other decision is FAILED_PRECONDITION SIGNAL_ID_REUSED. Needs a token whose role is
+    the approval's role or operator (PERMISSION_DENIED APPROVAL_ROLE_REQUIRED otherwise); the
+    decider's name is recorded in the history. A rejection compensates.
+    """
 
 @_typing.type_check_only
 class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
@@ -99,6 +112,19 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     """
     GetSagaStats: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.GetSagaStatsRequest, _orchestrator_service_pb2.GetSagaStatsResponse]  # type: ignore[assignment]
     """Returns counts by status, completion latency percentiles and the oldest saga in flight."""
+    SignalSaga: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.SignalSagaRequest, _orchestrator_service_pb2.SignalSagaResponse]  # type: ignore[assignment]
+    """Delivers a named signal with a JSON payload to a saga, addressed by id or by type and business
+    key. Exactly once per signal_id: a repeat is answered as before; the same id with another name
+    or payload is FAILED_PRECONDITION SIGNAL_ID_REUSED. A signal that arrives before its wait is
+    kept and consumed when the wait begins. Refused FAILED_PRECONDITION SAGA_ENDED for an ended
+    saga and SIGNAL_NOT_AWAITED when its definition never waits for the name. Access as StartSaga.
+    """
+    DecideApproval: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.DecideApprovalRequest, _orchestrator_service_pb2.DecideApprovalResponse]  # type: ignore[assignment]
+    """Approves or rejects a saga's approval step, once: a repeat of the same decision is answered as
+    before, the other decision is FAILED_PRECONDITION SIGNAL_ID_REUSED. Needs a token whose role is
+    the approval's role or operator (PERMISSION_DENIED APPROVAL_ROLE_REQUIRED otherwise); the
+    decider's name is recorded in the history. A rejection compensates.
+    """
 
 class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
     """Runs order sagas across the inventory, payment, shipping and notify services."""
@@ -198,5 +224,30 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_service_pb2.GetSagaStatsResponse, _abc.Awaitable[_orchestrator_service_pb2.GetSagaStatsResponse]]:
         """Returns counts by status, completion latency percentiles and the oldest saga in flight."""
+
+    @_abc_1.abstractmethod
+    def SignalSaga(
+        self,
+        request: _orchestrator_service_pb2.SignalSagaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_service_pb2.SignalSagaResponse, _abc.Awaitable[_orchestrator_service_pb2.SignalSagaResponse]]:
+        """Delivers a named signal with a JSON payload to a saga, addressed by id or by type and business
+        key. Exactly once per signal_id: a repeat is answered as before; the same id with another name
+        or payload is FAILED_PRECONDITION SIGNAL_ID_REUSED. A signal that arrives before its wait is
+        kept and consumed when the wait begins. Refused FAILED_PRECONDITION SAGA_ENDED for an ended
+        saga and SIGNAL_NOT_AWAITED when its definition never waits for the name. Access as StartSaga.
+        """
+
+    @_abc_1.abstractmethod
+    def DecideApproval(
+        self,
+        request: _orchestrator_service_pb2.DecideApprovalRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_service_pb2.DecideApprovalResponse, _abc.Awaitable[_orchestrator_service_pb2.DecideApprovalResponse]]:
+        """Approves or rejects a saga's approval step, once: a repeat of the same decision is answered as
+        before, the other decision is FAILED_PRECONDITION SIGNAL_ID_REUSED. Needs a token whose role is
+        the approval's role or operator (PERMISSION_DENIED APPROVAL_ROLE_REQUIRED otherwise); the
+        decider's name is recorded in the history. A rejection compensates.
+        """
 
 def add_OrchestratorServiceServicer_to_server(servicer: OrchestratorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
