@@ -12,7 +12,7 @@ from orchestrator.config import OrchestratorSettings
 from orchestrator.definition import DefinitionRegistry, SagaDefinition
 from orchestrator.dispatcher import Dispatcher
 from orchestrator.observability import Observability
-from orchestrator.sagas.order import ORDER_SAGA
+from orchestrator.sagas.order import ORDER_SAGA, order_saga_v2
 from orchestrator.server import OrchestratorServicer
 from orchestrator.watch import WatchHub
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
@@ -46,7 +46,14 @@ async def serve(settings: OrchestratorSettings) -> None:
     """Serve until SIGTERM or SIGINT, then leave discovery, stop dispatching, drain and close."""
     database = Database(settings.resolved_database_url())
     store.ensure_schema(database)
-    registry = DefinitionRegistry([ORDER_SAGA, *load_definitions(settings.saga_definitions)])
+    try:
+        order_v2 = order_saga_v2(settings.review_threshold, settings.review_timeout_seconds, settings.review_role)
+        registry = DefinitionRegistry([ORDER_SAGA, order_v2, *load_definitions(settings.saga_definitions)])
+        order_definition = (
+            registry.get("OrderSaga", settings.order_saga_version) if settings.order_saga_version else None
+        )
+    except (ValueError, LookupError) as error:
+        raise SystemExit(f"configuration error: {error}") from error
     try:
         # DISCOVERY=consul: this replica registers itself as "orchestrator" once it dispatches.
         announcer = announcer_from_settings(settings, contract=pb.DESCRIPTOR.package)
@@ -102,6 +109,7 @@ async def serve(settings: OrchestratorSettings) -> None:
         access=access,
         watches=watches,
         rpc_server=rpc_server,
+        order_definition=order_definition,
     )
     server.add_service(
         lambda grpc_server: pb_grpc.add_OrchestratorServiceServicer_to_server(servicer, grpc_server),

@@ -24,6 +24,16 @@ class OrchestratorSettings(ServiceSettings):
     commit_batch: int = Field(512, ge=1, description="most transitions recorded in one transaction")
     default_saga_deadline_seconds: int = Field(300, ge=1, le=7 * 24 * 3600)
     saga_definitions: str = Field("", description="extra definitions to load, as module:attribute,...")
+    order_saga_version: int = Field(0, ge=0, description="the OrderSaga version PlaceOrder starts; 0: the latest")
+    review_threshold: int = Field(
+        100_000, ge=0, description="OrderSaga v2: orders of this many minor units or more wait for a fraud review"
+    )
+    review_timeout_seconds: float = Field(
+        24 * 3600.0, gt=0, le=6 * 24 * 3600, description="OrderSaga v2: how long a fraud review may wait"
+    )
+    review_role: str = Field(
+        "reviewer", pattern="^[a-z][a-z0-9_]{0,39}$", description="token role that may decide reviews"
+    )
     outbox_metrics_interval_seconds: float = Field(
         5.0, gt=0, description="how often the outbox depth gauges are refreshed (with METRICS_PORT set)"
     )

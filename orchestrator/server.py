@@ -113,12 +113,15 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         access: AccessControl | None = None,
         watches: WatchHub | None = None,
         rpc_server: RpcServer | None = None,
+        order_definition: SagaDefinition | None = None,
     ) -> None:
         self.rpc_server = rpc_server if rpc_server is not None else RpcServer()  # what rpc() reports each call to
         self._database = database
         self._registry = registry
         self._dispatcher = dispatcher
         self._default_deadline = default_deadline_seconds
+        # What PlaceOrder starts: ORDER_SAGA_VERSION's OrderSaga, or the latest registered.
+        self._order_definition = order_definition
         self._observability = observability
         # Without one, operator calls are refused (no token configured) and everything else is open.
         self._access = access if access is not None else AccessControl(TokenSource())
@@ -144,7 +147,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             definition,
             business_key,
             message,  # type: ignore[arg-type]
-            deadline_seconds or self._default_deadline,
+            deadline_seconds or definition.deadline or self._default_deadline,
             saga_span.trace_context if saga_span is not None else "",
         )
         if saga_span is not None:
@@ -155,7 +158,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
     async def PlaceOrder(self, request: pb.PlaceOrderRequest, call: CallContext) -> pb.PlaceOrderResponse:
         self._access.authorize(call.grpc_context, "start", "PlaceOrder")
         validate_place_order(request)
-        definition = self._registry.latest("OrderSaga")
+        definition = self._order_definition or self._registry.latest("OrderSaga")
         business_key = definition.business_key_of(request)
         saga, created = await self._start(definition, business_key, request, request.deadline_seconds, call)
         return pb.PlaceOrderResponse(saga_id=saga.saga_id, status=api_status(saga), created=created)

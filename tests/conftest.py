@@ -13,6 +13,9 @@ import pytest
 from devstack.launcher import ManagedProcess
 
 REQUIRE_ALL = os.environ.get("SAGASUITE_REQUIRE_ALL") == "1"
+# Every orchestrator a test starts inherits this: the tests written for the four sequential calls
+# run OrderSaga v1, and the tests of v2 (tests/integration/test_long_running.py) ask for it.
+os.environ.setdefault("ORDER_SAGA_VERSION", "1")
 POSTGRES_ADMIN_URL = os.environ.get("SAGASUITE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 

@@ -87,6 +87,8 @@ def restart_orchestrator(stack: LocalStack, definitions: str) -> None:
     assert stack.orchestrator is not None
     stack.orchestrator.stop()
     stack.orchestrator.env["SAGA_DEFINITIONS"] = definitions
+    # PlaceOrder starts the deployed test version (3) when it is loaded, else v1.
+    stack.orchestrator.env["ORDER_SAGA_VERSION"] = "3" if ORDER_V2 in definitions else "1"
     stack.orchestrator.restart()
 
 
@@ -547,9 +549,9 @@ async def test_running_sagas_finish_on_their_version_after_a_new_one_is_deployed
         assert succeeded_steps(saga) == V1_STEPS, render(saga)
         assert saga.history[0].message == "OrderSaga v1"
     saga = await wait_for(clients, new, ENDED)
-    assert (status_name(saga.status), saga.definition_version) == ("COMPLETED", 2), render(saga)
+    assert (status_name(saga.status), saga.definition_version) == ("COMPLETED", 3), render(saga)
     assert succeeded_steps(saga) == V2_STEPS, render(saga)
-    assert saga.history[0].message == "OrderSaga v2"
+    assert saga.history[0].message == "OrderSaga v3"
     assert [step.name for step in saga.steps] == V2_STEPS
     for order_id in [*old_orders, new_order]:
         assert ledger_kinds(await clients.ledger(order_id)) == ["CHARGE"]

@@ -60,7 +60,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, receiver: OtlpReceiver) -> I
     config = StackConfig(
         tmp_path_factory.mktemp("traced"),
         common_env={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "50"},
-        orchestrator_env=definitions_env("PATIENT_SHIPPING_ORDER_SAGA"),
+        orchestrator_env={**definitions_env("PATIENT_SHIPPING_ORDER_SAGA"), "ORDER_SAGA_VERSION": "3"},
         service_env={"shipping": {"FAULTS": SLOW_SHIPPING}},
     )
     with LocalStack(config) as started:
