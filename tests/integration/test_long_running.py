@@ -7,7 +7,7 @@ import contextlib
 import datetime
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -71,7 +71,7 @@ async def start(clients: Clients, saga_type: str, order_id: str, **order: object
     return (await clients.orchestrator.StartSaga(packed)).saga_id
 
 
-def signal(saga_id: str, signal_id: str, **payload: object) -> pb.SignalSagaRequest:
+def signal(saga_id: str, signal_id: str, **payload: str) -> pb.SignalSagaRequest:
     body = struct_pb2.Struct()
     body.update(payload)
     return pb.SignalSagaRequest(saga_id=saga_id, name="payment_ok", signal_id=signal_id, payload=body)
@@ -81,7 +81,7 @@ def types(saga: pb.Saga) -> list[str]:
     return [event.type for event in saga.history]
 
 
-def waiting_on(step: str) -> object:
+def waiting_on(step: str) -> Callable[[pb.Saga], bool]:
     return lambda saga: any(wait.step == step for wait in saga.waits)
 
 
