@@ -8,6 +8,7 @@ from inventory_svc.store import seed_if_empty
 from sagasuite.inventory.v1 import inventory_service_pb2 as pb
 from sagasuite.inventory.v1 import inventory_service_pb2_grpc as pb_grpc
 from svckit.convert import lines_from_pb, lines_to_pb, timestamp
+from svckit.idempotency import Effect, KeyedServicer, keyed
 from svckit.process import ServiceProcess
 from svckit.server import CallContext, rpc
 from svckit.validation import MAX_LINES, Violations
@@ -31,40 +32,34 @@ def _reservation_pb(reservation: service.Reservation) -> pb.Reservation:
     )
 
 
-class InventoryServicer(pb_grpc.InventoryServiceServicer):
+def _reserve_response(reservation: service.Reservation) -> pb.ReserveStockResponse:
+    return pb.ReserveStockResponse(reservation=_reservation_pb(reservation))
+
+
+def _release_response(reservation: service.Reservation, was_reserved: bool) -> pb.ReleaseStockResponse:
+    return pb.ReleaseStockResponse(reservation=_reservation_pb(reservation), was_reserved=was_reserved)
+
+
+class InventoryServicer(KeyedServicer, pb_grpc.InventoryServiceServicer):
     """Implements sagasuite.inventory.v1.InventoryService."""
 
-    def __init__(self, process: ServiceProcess) -> None:
-        self._process = process
-        self.rpc_server = process.rpc_server  # what rpc() reports each call to
-
-    @rpc(mutating=True)
-    async def ReserveStock(self, request: pb.ReserveStockRequest, call: CallContext) -> pb.ReserveStockResponse:
+    @keyed(pb.ReserveStockResponse)
+    def ReserveStock(self, request: pb.ReserveStockRequest) -> Effect[pb.ReserveStockResponse]:
         lines = lines_from_pb(request.items)
         service.validate_reserve(request.order_id, lines)
-        return await self._process.idempotent(
-            call,
-            request,
-            lambda c: pb.ReserveStockResponse(reservation=_reservation_pb(service.reserve(c, request.order_id, lines))),
-            pb.ReserveStockResponse,
-        )
+        return lambda c: _reserve_response(service.reserve(c, request.order_id, lines))
 
-    @rpc(mutating=True)
-    async def ReleaseStock(self, request: pb.ReleaseStockRequest, call: CallContext) -> pb.ReleaseStockResponse:
+    @keyed(pb.ReleaseStockResponse)
+    def ReleaseStock(self, request: pb.ReleaseStockRequest) -> Effect[pb.ReleaseStockResponse]:
         service.validate_release(request.order_id, request.reason)
-
-        def effect(connection):  # type: ignore[no-untyped-def]
-            reservation, was_reserved = service.release(connection, request.order_id)
-            return pb.ReleaseStockResponse(reservation=_reservation_pb(reservation), was_reserved=was_reserved)
-
-        return await self._process.idempotent(call, request, effect, pb.ReleaseStockResponse)
+        return lambda c: _release_response(*service.release(c, request.order_id))
 
     @rpc(mutating=False)
     async def GetReservation(self, request: pb.GetReservationRequest, call: CallContext) -> pb.GetReservationResponse:
         violations = Violations()
         violations.identifier("order_id", request.order_id)
         violations.raise_if_any()
-        reservation = await self._process.database.transaction(lambda c: service.get_reservation(c, request.order_id))
+        reservation = await self.database.transaction(lambda c: service.get_reservation(c, request.order_id))
         return pb.GetReservationResponse(reservation=_reservation_pb(reservation))
 
     @rpc(mutating=False)
@@ -74,7 +69,7 @@ class InventoryServicer(pb_grpc.InventoryServiceServicer):
             for index, sku in enumerate(request.skus):
                 violations.identifier(f"skus[{index}]", sku)
         violations.raise_if_any()
-        levels = await self._process.database.transaction(lambda c: service.stock_levels(c, list(request.skus)))
+        levels = await self.database.transaction(lambda c: service.stock_levels(c, list(request.skus)))
         return pb.GetStockResponse(
             levels=[pb.StockLevel(sku=s.sku, name=s.name, available=s.available, reserved=s.reserved) for s in levels]
         )

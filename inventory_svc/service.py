@@ -11,6 +11,7 @@ from sqlalchemy import Connection
 from inventory_svc import store
 from inventory_svc.store import ReservationRecord
 from svckit.errors import FailedPrecondition, NotFound
+from svckit.idempotency import OrderEffectRefusal
 from svckit.validation import Line, Violations, decode_lines, encode_lines, quote
 
 __all__ = [
@@ -66,27 +67,19 @@ class ReservationNotFound(NotFound):
         self.order_id = order_id
 
 
-class OrderReleased(FailedPrecondition):
+class OrderReleased(OrderEffectRefusal):
     """The order's stock was released (or released in advance, a tombstone): it cannot reserve again."""
 
-    def __init__(self, order_id: str) -> None:
-        super().__init__(
-            "ORDER_RELEASED", f"order {order_id} was released; it cannot reserve stock again", {"order_id": order_id}
-        )
-        self.order_id = order_id
+    REASON = "ORDER_RELEASED"
+    MESSAGE = "order {order_id} was released; it cannot reserve stock again"
 
 
-class OrderAlreadyReserved(FailedPrecondition):
+class OrderAlreadyReserved(OrderEffectRefusal):
     """The order holds a reservation already: one reservation per order."""
 
-    def __init__(self, order_id: str, reservation_id: str) -> None:
-        super().__init__(
-            "ORDER_ALREADY_RESERVED",
-            f"order {order_id} already holds reservation {reservation_id}",
-            {"order_id": order_id, "reservation_id": reservation_id},
-        )
-        self.order_id = order_id
-        self.reservation_id = reservation_id
+    REASON = "ORDER_ALREADY_RESERVED"
+    MESSAGE = "order {order_id} already holds reservation {record_id}"
+    RECORD_ID = "reservation_id"
 
 
 class OutOfStock(FailedPrecondition):
@@ -125,9 +118,8 @@ def reserve(connection: Connection, order_id: str, lines: list[Line]) -> Reserva
     """Hold every line or none; refuses an order that was released, or reserved already."""
     existing = store.get_reservation(connection, order_id)
     if existing is not None:
-        if existing.status in (RELEASED, TOMBSTONE):
-            raise OrderReleased(order_id)
-        raise OrderAlreadyReserved(order_id, existing.reservation_id)
+        refusal = OrderReleased if existing.status in (RELEASED, TOMBSTONE) else OrderAlreadyReserved
+        raise refusal(order_id, existing.reservation_id)
     unknown = sorted({line.sku for line in lines} - store.known_skus(connection, [line.sku for line in lines]))
     if unknown:
         raise UnknownSku(unknown[0])

@@ -6,8 +6,6 @@ import asyncio
 import contextlib
 import time
 
-from sqlalchemy import Connection
-
 from notify_svc import service
 from notify_svc.channels import Channel, FileChannel, make_channel
 from notify_svc.config import NotifySettings
@@ -16,6 +14,7 @@ from sagasuite.notify.v1 import notify_service_pb2 as pb
 from sagasuite.notify.v1 import notify_service_pb2_grpc as pb_grpc
 from svckit.convert import lines_from_pb, money_from_pb, timestamp
 from svckit.faults import FaultInjector, parse_faults
+from svckit.idempotency import Effect, KeyedServicer, keyed
 from svckit.process import ServiceProcess
 from svckit.server import CallContext, rpc
 
@@ -68,38 +67,33 @@ def _summary_from_pb(request: pb.SendConfirmationRequest) -> service.OrderSummar
     return service.OrderSummary(lines_from_pb(summary.items), money_from_pb(summary, "amount"), summary.tracking_number)
 
 
-class NotifyServicer(pb_grpc.NotifyServiceServicer):
+def _send_response(notification: service.Notification) -> pb.SendConfirmationResponse:
+    return pb.SendConfirmationResponse(notification=_notification_pb(notification))
+
+
+class NotifyServicer(KeyedServicer, pb_grpc.NotifyServiceServicer):
     """Implements sagasuite.notify.v1.NotifyService."""
 
     def __init__(self, process: ServiceProcess, channel: Channel, deliverer: Deliverer | None) -> None:
-        self._process = process
-        self.rpc_server = process.rpc_server  # what rpc() reports each call to
+        super().__init__(process)
         self._channel = channel
         self._deliverer = deliverer
 
-    @rpc(mutating=True)
-    async def SendConfirmation(
-        self, request: pb.SendConfirmationRequest, call: CallContext
-    ) -> pb.SendConfirmationResponse:
-        summary = service.validate_send(request.order_id, request.recipient, _summary_from_pb(request))
-        recorded: list[service.Recorded] = []
-
-        def effect(connection: Connection) -> pb.SendConfirmationResponse:
-            # A retried transaction runs this again; only the last run's outcome committed.
-            recorded[:] = [
-                service.record_confirmation(
-                    connection, request.order_id, request.recipient, summary, self._channel.name, time.time()
-                )
-            ]
-            return pb.SendConfirmationResponse(notification=_notification_pb(recorded[0].notification))
-
+    def _wake_deliverer(self) -> None:
         # The notification and its delivery row commit with the idempotency record; delivery is
         # the deliverer's job, so the call does not wait for it. Should this call be cancelled
-        # while its transaction still commits, the deliverer's next poll finds the row.
-        response = await self._process.idempotent(call, request, effect, pb.SendConfirmationResponse)
-        if recorded and recorded[0].fresh and self._deliverer is not None:
+        # while its transaction still commits, the deliverer's next poll finds the row. A call that
+        # found the order confirmed earlier, under another key, wakes it for a poll that finds nothing.
+        if self._deliverer is not None:
             self._deliverer.wake()
-        return response
+
+    @keyed(pb.SendConfirmationResponse, committed=_wake_deliverer)
+    def SendConfirmation(self, request: pb.SendConfirmationRequest) -> Effect[pb.SendConfirmationResponse]:
+        summary = service.validate_send(request.order_id, request.recipient, _summary_from_pb(request))
+        channel = self._channel.name
+        return lambda c: _send_response(
+            service.record_confirmation(c, request.order_id, request.recipient, summary, channel, time.time())
+        )
 
     @rpc(mutating=False)
     async def ListNotifications(
@@ -108,7 +102,7 @@ class NotifyServicer(pb_grpc.NotifyServiceServicer):
         page_size, before_seq, state = service.validate_list(
             request.order_id, request.page_size, request.page_token, _state_name(request.delivery_state)
         )
-        page = await self._process.database.transaction(
+        page = await self.database.transaction(
             lambda c: service.list_notifications(c, request.order_id, page_size, before_seq, state)
         )
         return pb.ListNotificationsResponse(

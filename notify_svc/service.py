@@ -29,7 +29,6 @@ __all__ = [
     "Notification",
     "NotificationPage",
     "OrderSummary",
-    "Recorded",
     "list_notifications",
     "record_confirmation",
     "render_body",
@@ -82,14 +81,6 @@ class Notification:
     body: str
     sent_at: float
     delivery: DeliveryStatus | None = None
-
-
-@dataclass(frozen=True)
-class Recorded:
-    """The order's notification, and whether this call recorded it (and so queued its delivery)."""
-
-    notification: Notification
-    fresh: bool
 
 
 @dataclass(frozen=True)
@@ -169,7 +160,7 @@ def render_body(order_id: str, summary: OrderSummary) -> str:
 
 def record_confirmation(
     connection: Connection, order_id: str, recipient: str, summary: OrderSummary, channel: str, now: float
-) -> Recorded:
+) -> Notification:
     """Record the order's confirmation and queue its delivery, due now; or return the one recorded earlier.
 
     See the module docstring. A fresh recording is for the deliverer to pick up once committed.
@@ -184,11 +175,11 @@ def record_confirmation(
     )
     if store.insert_if_absent(connection, row):
         store.insert_delivery(connection, row.notification_id, DeliveryState.PENDING, due_at=now)
-        return Recorded(_view(row), fresh=True)
+        return _view(row)
     existing = store.get_by_order(connection, order_id)
     if existing is None:
         raise AssertionError(f"order {order_id} conflicted on insert but has no notification")
-    return Recorded(_view(existing), fresh=False)
+    return _view(existing)
 
 
 def list_notifications(

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Connection
-
 from payment_svc import service
 from payment_svc.config import PaymentSettings
 from sagasuite.payment.v1 import payment_service_pb2 as pb
 from sagasuite.payment.v1 import payment_service_pb2_grpc as pb_grpc
 from svckit.convert import money_from_pb, money_to_pb, timestamp
+from svckit.idempotency import Effect, KeyedServicer, keyed
 from svckit.process import ServiceProcess
 from svckit.server import CallContext, rpc
 
@@ -44,45 +43,39 @@ def _entry_pb(entry: service.LedgerEntry) -> pb.LedgerEntry:
     )
 
 
-class PaymentServicer(pb_grpc.PaymentServiceServicer):
+def _charge_response(payment: service.Payment) -> pb.ChargeResponse:
+    return pb.ChargeResponse(payment=_payment_pb(payment))
+
+
+def _refund_response(payment: service.Payment, was_charged: bool) -> pb.RefundResponse:
+    return pb.RefundResponse(payment=_payment_pb(payment), was_charged=was_charged)
+
+
+class PaymentServicer(KeyedServicer, pb_grpc.PaymentServiceServicer):
     """Implements sagasuite.payment.v1.PaymentService."""
 
-    def __init__(self, process: ServiceProcess) -> None:
-        self._process = process
-        self.rpc_server = process.rpc_server  # what rpc() reports each call to
-
-    @rpc(mutating=True)
-    async def Charge(self, request: pb.ChargeRequest, call: CallContext) -> pb.ChargeResponse:
+    @keyed(pb.ChargeResponse)
+    def Charge(self, request: pb.ChargeRequest) -> Effect[pb.ChargeResponse]:
         amount = money_from_pb(request, "amount")
         service.validate_charge(request.order_id, amount, request.payment_token)
         assert amount is not None  # validate_charge refuses a missing amount
+        return lambda c: _charge_response(service.charge(c, request.order_id, amount, request.payment_token))
 
-        def effect(connection: Connection) -> pb.ChargeResponse:
-            payment = service.charge(connection, request.order_id, amount, request.payment_token)
-            return pb.ChargeResponse(payment=_payment_pb(payment))
-
-        return await self._process.idempotent(call, request, effect, pb.ChargeResponse)
-
-    @rpc(mutating=True)
-    async def Refund(self, request: pb.RefundRequest, call: CallContext) -> pb.RefundResponse:
+    @keyed(pb.RefundResponse)
+    def Refund(self, request: pb.RefundRequest) -> Effect[pb.RefundResponse]:
         service.validate_refund(request.order_id, request.reason)
-
-        def effect(connection: Connection) -> pb.RefundResponse:
-            payment, was_charged = service.refund(connection, request.order_id)
-            return pb.RefundResponse(payment=_payment_pb(payment), was_charged=was_charged)
-
-        return await self._process.idempotent(call, request, effect, pb.RefundResponse)
+        return lambda c: _refund_response(*service.refund(c, request.order_id))
 
     @rpc(mutating=False)
     async def GetPayment(self, request: pb.GetPaymentRequest, call: CallContext) -> pb.GetPaymentResponse:
         service.validate_order_id(request.order_id)
-        payment = await self._process.database.transaction(lambda c: service.get_payment(c, request.order_id))
+        payment = await self.database.transaction(lambda c: service.get_payment(c, request.order_id))
         return pb.GetPaymentResponse(payment=_payment_pb(payment))
 
     @rpc(mutating=False)
     async def ListPayments(self, request: pb.ListPaymentsRequest, call: CallContext) -> pb.ListPaymentsResponse:
         query = service.parse_ledger_query(request.order_id, request.page_size, request.page_token)
-        page = await self._process.database.transaction(lambda c: service.ledger_page(c, query))
+        page = await self.database.transaction(lambda c: service.ledger_page(c, query))
         return pb.ListPaymentsResponse(
             entries=[_entry_pb(entry) for entry in page.entries], next_page_token=page.next_page_token
         )

@@ -26,6 +26,7 @@ from sqlalchemy import Connection
 from payment_svc import store
 from payment_svc.store import LedgerEntryRecord, PaymentRecord
 from svckit.errors import FailedPrecondition, NotFound
+from svckit.idempotency import OrderEffectRefusal
 from svckit.page_token import encode_sequence
 from svckit.validation import MAX_PAYMENT_TOKEN_LENGTH, PAYMENT_TOKEN_PREFIX, Money, Violations
 
@@ -73,30 +74,20 @@ class PaymentNotFound(NotFound):
         self.order_id = order_id
 
 
-class OrderRefunded(FailedPrecondition):
+class OrderRefunded(OrderEffectRefusal):
     """The order was refunded (or refunded in advance, a tombstone): it cannot be charged again."""
 
-    def __init__(self, order_id: str, payment_id: str) -> None:
-        super().__init__(
-            "ORDER_REFUNDED",
-            f"order {order_id} was refunded; it cannot be charged again",
-            {"order_id": order_id, "payment_id": payment_id},
-        )
-        self.order_id = order_id
-        self.payment_id = payment_id
+    REASON = "ORDER_REFUNDED"
+    MESSAGE = "order {order_id} was refunded; it cannot be charged again"
+    RECORD_ID = "payment_id"
 
 
-class OrderAlreadyCharged(FailedPrecondition):
+class OrderAlreadyCharged(OrderEffectRefusal):
     """The order has a charge already: one charge per order."""
 
-    def __init__(self, order_id: str, payment_id: str) -> None:
-        super().__init__(
-            "ORDER_ALREADY_CHARGED",
-            f"order {order_id} was already charged by payment {payment_id}",
-            {"order_id": order_id, "payment_id": payment_id},
-        )
-        self.order_id = order_id
-        self.payment_id = payment_id
+    REASON = "ORDER_ALREADY_CHARGED"
+    MESSAGE = "order {order_id} was already charged by payment {record_id}"
+    RECORD_ID = "payment_id"
 
 
 class CardDeclined(FailedPrecondition):
@@ -218,9 +209,8 @@ def charge(connection: Connection, order_id: str, amount: Money, payment_token: 
     """Charge the order once; refuses an order charged already, refunded, or refunded in advance."""
     existing = store.get_payment(connection, order_id)
     if existing is not None:
-        if existing.status in (REFUNDED, TOMBSTONE):
-            raise OrderRefunded(order_id, existing.payment_id)
-        raise OrderAlreadyCharged(order_id, existing.payment_id)
+        refusal = OrderRefunded if existing.status in (REFUNDED, TOMBSTONE) else OrderAlreadyCharged
+        raise refusal(order_id, existing.payment_id)
     declined = DECLINING_TOKENS.get(payment_token)
     if declined is not None:
         raise declined(order_id)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Connection
-
 from sagasuite.shipping.v1 import shipping_service_pb2 as pb
 from sagasuite.shipping.v1 import shipping_service_pb2_grpc as pb_grpc
 from shipping_svc import service
 from shipping_svc.config import ShippingSettings
 from svckit.convert import address_from_pb, address_to_pb, lines_from_pb, lines_to_pb, timestamp
+from svckit.idempotency import Effect, KeyedServicer, keyed
 from svckit.process import ServiceProcess
 from svckit.server import CallContext, rpc
 from svckit.validation import Violations
@@ -36,42 +35,36 @@ def _shipment_pb(shipment: service.Shipment) -> pb.Shipment:
     return message
 
 
-class ShippingServicer(pb_grpc.ShippingServiceServicer):
+def _create_response(shipment: service.Shipment) -> pb.CreateShipmentResponse:
+    return pb.CreateShipmentResponse(shipment=_shipment_pb(shipment))
+
+
+def _cancel_response(shipment: service.Shipment, was_created: bool) -> pb.CancelShipmentResponse:
+    return pb.CancelShipmentResponse(shipment=_shipment_pb(shipment), was_created=was_created)
+
+
+class ShippingServicer(KeyedServicer, pb_grpc.ShippingServiceServicer):
     """Implements sagasuite.shipping.v1.ShippingService."""
 
-    def __init__(self, process: ServiceProcess) -> None:
-        self._process = process
-        self.rpc_server = process.rpc_server  # what rpc() reports each call to
-
-    @rpc(mutating=True)
-    async def CreateShipment(self, request: pb.CreateShipmentRequest, call: CallContext) -> pb.CreateShipmentResponse:
+    @keyed(pb.CreateShipmentResponse)
+    def CreateShipment(self, request: pb.CreateShipmentRequest) -> Effect[pb.CreateShipmentResponse]:
         address = address_from_pb(request, "address")
         lines = lines_from_pb(request.items)
         service.validate_create(request.order_id, address, lines)
         assert address is not None  # validate_create refuses a request without one
+        return lambda c: _create_response(service.create_shipment(c, request.order_id, address, lines))
 
-        def effect(connection: Connection) -> pb.CreateShipmentResponse:
-            shipment = service.create_shipment(connection, request.order_id, address, lines)
-            return pb.CreateShipmentResponse(shipment=_shipment_pb(shipment))
-
-        return await self._process.idempotent(call, request, effect, pb.CreateShipmentResponse)
-
-    @rpc(mutating=True)
-    async def CancelShipment(self, request: pb.CancelShipmentRequest, call: CallContext) -> pb.CancelShipmentResponse:
+    @keyed(pb.CancelShipmentResponse)
+    def CancelShipment(self, request: pb.CancelShipmentRequest) -> Effect[pb.CancelShipmentResponse]:
         service.validate_cancel(request.order_id, request.reason)
-
-        def effect(connection: Connection) -> pb.CancelShipmentResponse:
-            shipment, was_created = service.cancel_shipment(connection, request.order_id)
-            return pb.CancelShipmentResponse(shipment=_shipment_pb(shipment), was_created=was_created)
-
-        return await self._process.idempotent(call, request, effect, pb.CancelShipmentResponse)
+        return lambda c: _cancel_response(*service.cancel_shipment(c, request.order_id))
 
     @rpc(mutating=False)
     async def GetShipment(self, request: pb.GetShipmentRequest, call: CallContext) -> pb.GetShipmentResponse:
         violations = Violations()
         violations.identifier("order_id", request.order_id)
         violations.raise_if_any()
-        shipment = await self._process.database.transaction(lambda c: service.get_shipment(c, request.order_id))
+        shipment = await self.database.transaction(lambda c: service.get_shipment(c, request.order_id))
         return pb.GetShipmentResponse(shipment=_shipment_pb(shipment))
 
 

@@ -12,7 +12,8 @@ from sqlalchemy import Connection
 
 from shipping_svc import store
 from shipping_svc.store import ShipmentRecord
-from svckit.errors import FailedPrecondition, NotFound
+from svckit.errors import NotFound
+from svckit.idempotency import OrderEffectRefusal
 from svckit.validation import Line, PostalAddress, Violations, decode_lines, encode_lines
 
 __all__ = [
@@ -58,29 +59,19 @@ class ShipmentNotFound(NotFound):
         self.order_id = order_id
 
 
-class OrderCancelled(FailedPrecondition):
+class OrderCancelled(OrderEffectRefusal):
     """The order's shipment was cancelled (or cancelled in advance, a tombstone): it cannot be shipped again."""
 
-    def __init__(self, order_id: str) -> None:
-        super().__init__(
-            "ORDER_CANCELLED",
-            f"order {order_id} had its shipment cancelled; it cannot be shipped again",
-            {"order_id": order_id},
-        )
-        self.order_id = order_id
+    REASON = "ORDER_CANCELLED"
+    MESSAGE = "order {order_id} had its shipment cancelled; it cannot be shipped again"
 
 
-class OrderAlreadyShipped(FailedPrecondition):
+class OrderAlreadyShipped(OrderEffectRefusal):
     """The order has a shipment already: one shipment per order."""
 
-    def __init__(self, order_id: str, shipment_id: str) -> None:
-        super().__init__(
-            "ORDER_ALREADY_SHIPPED",
-            f"order {order_id} already has shipment {shipment_id}",
-            {"order_id": order_id, "shipment_id": shipment_id},
-        )
-        self.order_id = order_id
-        self.shipment_id = shipment_id
+    REASON = "ORDER_ALREADY_SHIPPED"
+    MESSAGE = "order {order_id} already has shipment {record_id}"
+    RECORD_ID = "shipment_id"
 
 
 def _view(row: ShipmentRecord, status: str | None = None) -> Shipment:
@@ -131,9 +122,8 @@ def create_shipment(connection: Connection, order_id: str, address: PostalAddres
     """
     existing = store.get_shipment(connection, order_id)
     if existing is not None:
-        if existing.status in (CANCELLED, TOMBSTONE):
-            raise OrderCancelled(order_id)
-        raise OrderAlreadyShipped(order_id, existing.shipment_id)
+        refusal = OrderCancelled if existing.status in (CANCELLED, TOMBSTONE) else OrderAlreadyShipped
+        raise refusal(order_id, existing.shipment_id)
     row = ShipmentRecord(
         order_id=order_id,
         shipment_id=_new_shipment_id(),

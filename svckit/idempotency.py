@@ -1,12 +1,13 @@
-"""Idempotency records that commit in the same transaction as the effect they guard."""
+"""Keyed effects: a mutating RPC written as its effect, run once per key with its record in one transaction."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeAlias, TypeVar
 
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
@@ -15,11 +16,24 @@ from sqlalchemy import Column, Connection, LargeBinary, bindparam, delete, func,
 from sqlmodel import Field, SQLModel
 
 from svckit.db import Database, KeyBusy, Prepared, key_lock_id, may_wait_for_locks, savepoint
-from svckit.errors import DeadlineExceeded, DomainError, IdempotencyKeyReused, error_from_status
+from svckit.errors import DeadlineExceeded, DomainError, FailedPrecondition, IdempotencyKeyReused, error_from_status
+from svckit.server import CallContext, RpcServer, rpc
 
-__all__ = ["IdempotencyRecord", "IdempotencyStore", "IdempotentResult"]
+__all__ = [
+    "Effect",
+    "IdempotencyRecord",
+    "IdempotencyStore",
+    "IdempotentResult",
+    "KeyedServicer",
+    "OrderEffectRefusal",
+    "keyed",
+]
 
 ResponseT = TypeVar("ResponseT", bound=Message)
+RequestT = TypeVar("RequestT", bound=Message)
+
+Effect: TypeAlias = Callable[[Connection], ResponseT]
+"""What a keyed call does: the change, made on the call's connection, and the response that reports it."""
 
 _OK = 0
 
@@ -100,7 +114,7 @@ class IdempotencyStore:
         lock_name = f"order/{order_id}" if isinstance(order_id, str) and order_id else f"key/{key}"
         lock = key_lock_id(lock_name)
 
-        def work(connection: Connection) -> IdempotentResult[ResponseT]:
+        def work(connection: Connection) -> IdempotentResult[ResponseT] | _Refusal:
             # Checked before the effect too: a call whose caller has gone must not take locks or do
             # work (a queued batch, a retry after a deadlock) only to be rolled back.
             if deadline is not None and time.monotonic() >= deadline:
@@ -137,12 +151,12 @@ class IdempotencyStore:
             if refusal is not None:
                 # The refusal is recorded; raising after the insert would roll it back, so the
                 # caller raises it once the transaction has committed.
-                return IdempotentResult(_Refusal(refusal), replayed=False)  # type: ignore[arg-type]
+                return _Refusal(refusal)
             return IdempotentResult(response, replayed=False)
 
         result = await self._database.transaction(work)
-        if isinstance(result.response, _Refusal):
-            raise result.response.error
+        if isinstance(result, _Refusal):
+            raise result.error
         return result
 
     def _claim_and_read(
@@ -195,3 +209,71 @@ def _replay(
     status = status_pb2.Status.FromString(bytes(payload))
     details: list[any_pb2.Any] = list(status.details)
     raise error_from_status(status.code, status.message, details)
+
+
+class _ServiceParts(Protocol):
+    """What a servicer takes from its service process (a svckit.process.ServiceProcess)."""
+
+    database: Database
+    idempotency: IdempotencyStore
+    rpc_server: RpcServer
+
+
+class KeyedServicer:
+    """Base of a service's servicer: what rpc() reports to, the store keyed() runs effects through, the database."""
+
+    def __init__(self, process: _ServiceParts) -> None:
+        self.rpc_server = process.rpc_server
+        self.idempotency = process.idempotency
+        self.database = process.database
+
+
+ServicerT = TypeVar("ServicerT", bound=KeyedServicer)
+
+
+def keyed(
+    response_type: type[ResponseT], *, committed: Callable[[ServicerT], None] | None = None
+) -> Callable[[Callable[[ServicerT, RequestT], Effect[ResponseT]]], Callable[..., Awaitable[Any]]]:
+    """Wrap a servicer method written as its effect into a mutating rpc() whose effect runs once per key.
+
+    The method is called as method(self, request): it validates the request (a refusal raised there
+    takes no lock and leaves no record) and returns the Effect, which self.idempotency runs in one
+    transaction with its record, or does not run when the key replays. committed(self) follows an
+    effect this call ran and committed, never a replay or a refusal.
+    """
+
+    def decorate(method: Callable[[ServicerT, RequestT], Effect[ResponseT]]) -> Callable[..., Awaitable[Any]]:
+        @functools.wraps(method)
+        async def handler(servicer: ServicerT, request: RequestT, call: CallContext) -> ResponseT:
+            effect = method(servicer, request)
+            result = await servicer.idempotency.execute(
+                call.idempotency_key, call.method, request, effect, response_type, call.deadline
+            )
+            call.replayed = result.replayed
+            if committed is not None and not result.replayed:
+                committed(servicer)
+            return result.response
+
+        return rpc(mutating=True)(handler)
+
+    return decorate
+
+
+class OrderEffectRefusal(FailedPrecondition):
+    """A refusal of an effect an order has once: it was applied already under another key, or compensated.
+
+    One subclass per condition sets REASON, MESSAGE (formatted with order_id and record_id, the id
+    of the order's record) and RECORD_ID, the ErrorInfo metadata name of that id when it is given.
+    """
+
+    REASON: ClassVar[str]
+    MESSAGE: ClassVar[str]
+    RECORD_ID: ClassVar[str | None] = None
+
+    def __init__(self, order_id: str, record_id: str) -> None:
+        metadata = {"order_id": order_id}
+        if self.RECORD_ID is not None:
+            metadata[self.RECORD_ID] = record_id
+        super().__init__(self.REASON, self.MESSAGE.format(order_id=order_id, record_id=record_id), metadata)
+        self.order_id = order_id
+        self.record_id = record_id

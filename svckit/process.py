@@ -9,14 +9,13 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message
-from sqlalchemy import Connection
 
 from svckit.config import ServiceSettings
 from svckit.db import Database
 from svckit.idempotency import IdempotencyStore
 from svckit.logs import configure_logging
 from svckit.registration import announcer_from_settings
-from svckit.server import CallContext, GrpcServer, RpcServer
+from svckit.server import GrpcServer, RpcServer
 
 __all__ = ["ServiceProcess"]
 
@@ -34,26 +33,12 @@ class ServiceProcess:
         self.database = Database(settings.resolved_database_url())
         self.database.create_schema()
         self.idempotency = IdempotencyStore(self.database, settings.idempotency_retention_seconds)
-        # The servicers hand it to the rpc wrapper: FAULTS, call observers, tracing.
+        # The servicers (svckit.idempotency.KeyedServicer) hand it to the rpc wrapper: FAULTS, call observers, tracing.
         self.rpc_server = RpcServer.from_settings(settings)
         self._registrations: list[tuple[Callable[[grpc.aio.Server], Any], str]] = []
 
     def add_service(self, register: Callable[[grpc.aio.Server], Any], full_name: str) -> None:
         self._registrations.append((register, full_name))
-
-    async def idempotent(
-        self,
-        call: CallContext,
-        request: Message,
-        effect: Callable[[Connection], ResponseT],
-        response_type: type[ResponseT],
-    ) -> ResponseT:
-        """Run effect once per idempotency key, in one transaction with its record."""
-        result = await self.idempotency.execute(
-            call.idempotency_key, call.method, request, effect, response_type, call.deadline
-        )
-        call.replayed = result.replayed
-        return result.response
 
     async def _clean_idempotency_records(self) -> None:
         while True:

@@ -1,4 +1,4 @@
-"""svckit.idempotency.IdempotencyStore on real SQLite and PostgreSQL: atomic effects, replays, refusals."""
+"""svckit.idempotency on real SQLite and PostgreSQL: atomic effects, replays, refusals, and keyed() servicer methods."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import grpc
 import pytest
 from google.protobuf.wrappers_pb2 import Int64Value, StringValue
 from sqlalchemy import Connection, func, insert, select, update
@@ -26,7 +27,9 @@ from svckit.errors import (
     PermissionDenied,
     Unauthenticated,
 )
-from svckit.idempotency import IdempotencyRecord, IdempotencyStore
+from svckit.idempotency import Effect as KeyedEffect
+from svckit.idempotency import IdempotencyRecord, IdempotencyStore, KeyedServicer, OrderEffectRefusal, keyed
+from svckit.server import RpcServer
 
 RETENTION_SECONDS = 3600.0
 
@@ -334,3 +337,120 @@ def test_two_processes_worth_of_stores_execute_each_key_once(database: Database,
         applied = set(connection.execute(select(_EFFECTS.c.id)).scalars())
         assert applied == set(responses[1].values())
         assert connection.execute(select(func.count()).select_from(_RECORDS)).scalar_one() == len(keys)
+
+
+class _Aborted(Exception):
+    """What the fake context's abort() raises, as grpc's own does: the call ends there."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+
+
+class _CallContext:
+    """The little of a grpc.aio.ServicerContext that rpc() reads: metadata, the deadline, abort."""
+
+    def __init__(self, key: str) -> None:
+        self._metadata = (("idempotency-key", key),)
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    async def abort(self, code: grpc.StatusCode, details: str, trailing_metadata: Any = ()) -> None:
+        raise _Aborted(code, details)
+
+
+class _Parts:
+    """What a servicer takes from its service process."""
+
+    def __init__(self, database: Database, store: IdempotencyStore) -> None:
+        self.database = database
+        self.idempotency = store
+        self.rpc_server = RpcServer()
+
+
+class _Servicer(KeyedServicer):
+    """One keyed method, its effect swapped per test; counts the commits it is told of."""
+
+    def __init__(self, parts: _Parts, effect: Effect) -> None:
+        super().__init__(parts)
+        self.effect = effect
+        self.commits = 0
+
+    def _committed(self) -> None:
+        self.commits += 1
+
+    @keyed(Int64Value, committed=_committed)
+    def Charge(self, request: StringValue) -> KeyedEffect[Int64Value]:
+        if not request.value:
+            raise InvalidArgument.of("value", "is required")
+        return self.effect
+
+
+async def _charge(servicer: _Servicer, key: str, request: StringValue) -> Int64Value:
+    response: Int64Value = await servicer.Charge(request, _CallContext(key))
+    return response
+
+
+async def test_a_keyed_method_runs_its_effect_once_and_is_told_of_that_commit_only(
+    store: IdempotencyStore, database: Database
+) -> None:
+    servicer = _Servicer(_Parts(database, store), Effect())
+    first = await _charge(servicer, "k-1", _request())
+    again = await _charge(servicer, "k-1", _request())
+    assert again == first
+    assert servicer.effect.calls == 1
+    assert servicer.commits == 1  # a replay is not a commit of this call
+    assert _effect_rows(database) == ["charge"]
+    with pytest.raises(_Aborted) as reused:
+        await _charge(servicer, "k-1", _request("order-2"))
+    assert reused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert servicer.effect.calls == 1 and servicer.commits == 1
+
+
+async def test_a_keyed_method_refuses_before_the_transaction_and_is_not_told_of_a_refusal(
+    store: IdempotencyStore, database: Database
+) -> None:
+    servicer = _Servicer(_Parts(database, store), Effect(fail_with=FailedPrecondition("OUT_OF_STOCK", "none left")))
+    with pytest.raises(_Aborted) as invalid:
+        await _charge(servicer, "k-bad", _request(""))
+    assert invalid.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert servicer.effect.calls == 0
+    assert _record_keys(database) == []  # a request refused at the edge leaves no record
+    for _ in range(2):  # the refusal, then its replay
+        with pytest.raises(_Aborted) as refused:
+            await _charge(servicer, "k-refused", _request())
+        assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert servicer.effect.calls == 1
+    assert servicer.commits == 0
+    assert _record_keys(database) == ["k-refused"]
+
+
+class _Undone(OrderEffectRefusal):
+    REASON = "ORDER_UNDONE"
+    MESSAGE = "order {order_id} was undone; it cannot be done again"
+
+
+class _Done(OrderEffectRefusal):
+    REASON = "ORDER_ALREADY_DONE"
+    MESSAGE = "order {order_id} already has thing {record_id}"
+    RECORD_ID = "thing_id"
+
+
+def test_an_order_effect_refusal_says_its_reason_and_names_its_record_only_when_told() -> None:
+    undone, done = _Undone("order-1", "thing-7"), _Done("order-1", "thing-7")
+    assert (undone.reason, undone.message, undone.metadata) == (
+        "ORDER_UNDONE",
+        "order order-1 was undone; it cannot be done again",
+        {"order_id": "order-1"},
+    )
+    assert (done.reason, done.message, done.metadata) == (
+        "ORDER_ALREADY_DONE",
+        "order order-1 already has thing thing-7",
+        {"order_id": "order-1", "thing_id": "thing-7"},
+    )
+    assert done.code == undone.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert (done.order_id, done.record_id) == ("order-1", "thing-7")
