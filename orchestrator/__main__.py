@@ -83,19 +83,22 @@ async def serve(settings: OrchestratorSettings) -> None:
     # Bound before the dispatcher is built: the default replica id names the bound port (PORT=0
     # binds a free one), so a restart on the same port takes back the leases of its previous run at once.
     server = GrpcServer(settings, rpc_server)
-    dispatcher = Dispatcher(
-        database,
-        registry,
-        channels,
-        replica_id=settings.resolved_replica_id(server.port),
-        lease_seconds=settings.lease_seconds,
-        poll_interval=settings.poll_interval_seconds,
-        claim_batch=settings.claim_batch,
-        max_in_flight=settings.max_in_flight,
-        commit_batch=settings.commit_batch,
-        observer=observability.observer(),
-        wrap_call=observability.wrap_call(),
-    )
+    try:
+        dispatcher = Dispatcher(
+            database,
+            registry,
+            channels,
+            replica_id=settings.resolved_replica_id(server.port),
+            lease_seconds=settings.lease_seconds,
+            poll_interval=settings.poll_interval_seconds,
+            claim_batch=settings.claim_batch,
+            max_in_flight=settings.max_in_flight,
+            commit_batch=settings.commit_batch,
+            observer=observability.observer(),
+            wrap_call=observability.wrap_call(),
+        )
+    except ValueError as error:  # a step's timeout that does not fit in LEASE_SECONDS
+        raise SystemExit(f"configuration error: {error}") from error
     observability.bind(dispatcher)
     # WatchSaga's streams: fed by this dispatcher's commits, and by one reader for other replicas'.
     watches = WatchHub(database, max_watchers=settings.max_watchers, read_interval=settings.watch_read_interval_seconds)

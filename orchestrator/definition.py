@@ -439,6 +439,18 @@ class SagaDefinition:
             raise ValueError(f"{where}: compensatable steps must come before retriable ones")
         for flat_node in flat:
             self._check_node(where, flat_node)
+        pivot = self.pivot_index
+        for flat_node in flat[pivot + 1 :]:
+            node = flat_node.node
+            compensates = isinstance(node, Approval) or (
+                isinstance(node, WaitForSignal) and node.on_timeout is OnTimeout.COMPENSATE
+            )
+            if compensates:
+                raise ValueError(
+                    f"{where}: {node.node_kind} {node.name} comes after the pivot ({flat[pivot].node.name}), "
+                    "where nothing can be compensated: move it before the pivot, or (a signal wait) choose "
+                    "on_timeout=CONTINUE or FAIL"
+                )
 
     def _check_node(self, where: str, flat_node: FlatNode) -> None:
         node = flat_node.node
@@ -516,7 +528,7 @@ class SagaDefinition:
         return isinstance(node, Step | ChildSaga) and _compensation_kind(node) is StepKind.COMPENSATABLE
 
     def signal_names(self) -> set[str]:
-        """Every signal name a wait of this definition (or of its children) consumes."""
+        """Every signal name a wait of this definition consumes (a child's waits are the child's own)."""
         return {node.signal_name for node in _walk(self.steps) if isinstance(node, WaitForSignal | Approval)}
 
     def children(self) -> list[SagaDefinition]:

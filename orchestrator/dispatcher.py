@@ -27,10 +27,21 @@ from orchestrator.definition import (
     StepKind,
     approval_signal,
 )
-from orchestrator.engine import ChildStart, Command, Engine, Event, Others, Outcome, SagaState, Transition
+from orchestrator.engine import (
+    ChildStart,
+    Command,
+    Engine,
+    Event,
+    Others,
+    Outcome,
+    SagaState,
+    Transition,
+    child_past_pivot,
+)
 from orchestrator.errors import (
     ApprovalRoleRequired,
     BusinessKeyConflict,
+    IllegalState,
     SagaEnded,
     SagaNotFound,
     SignalIdReused,
@@ -54,6 +65,7 @@ OPERATIONS = tuple(OperatorCall)
 # Signals a saga may keep unconsumed at once: a sender in a loop cannot grow one saga's row without end.
 MAX_KEPT_SIGNALS = 100
 _Pendings = dict[str, PendingCommand]
+_Children = dict[str, SagaState]
 # Operator calls that make a saga send calls again: they need its definition.
 _RUNS_THE_SAGA = frozenset({OperatorCall.RESUME, OperatorCall.CANCEL, OperatorCall.RETRY})
 # Tries of one unit alone (a start, an outcome, an operator call) against transient conflicts.
@@ -233,7 +245,9 @@ class Dispatcher:
         self.observer = observer or DispatchObserver()
         self._wrap_call = wrap_call
         # Each operator call's transition, given the saga, its pending command (if any) and the call.
-        self._operations: dict[OperatorCall, Callable[[SagaState, _Pendings, _Operate, float], Transition]] = {
+        self._operations: dict[
+            OperatorCall, Callable[[SagaState, _Pendings, _Operate, float, _Children], Transition]
+        ] = {
             OperatorCall.PAUSE: self._pause,
             OperatorCall.RESUME: self._resume,
             OperatorCall.CANCEL: self._cancel,
@@ -448,6 +462,11 @@ class Dispatcher:
             self._launch(command, saga)
         for result in outcome.unrecorded:
             self._record_again(result)
+        for saga, transition in outcome.changed:
+            for event in transition.events:
+                if event.type is EventType.APPROVAL_REMINDER:
+                    log.warning("saga %s (%s %s): approval %s still waits: %s", saga.saga_id, saga.saga_type,
+                                saga.business_key, event.step, event.message)  # fmt: skip
         try:
             for saga in outcome.started:
                 self.observer.saga_started(saga)
@@ -775,7 +794,10 @@ class Dispatcher:
             # Refused before anything changes (DefinitionMissing): this replica could not run it.
             self.definition_of(saga)
         pendings = store.load_pendings(connection, saga.saga_id)
-        transition = self._operations[item.operation](saga, pendings, item, now)
+        children: _Children = {}
+        if item.operation is OperatorCall.CANCEL and saga.progress.children:
+            children = store.load_sagas(connection, sorted(saga.progress.children.values()))
+        transition = self._operations[item.operation](saga, pendings, item, now, children)
         commands = transition.commands()
         for track, pending in pendings.items():
             call = pending.command
@@ -825,13 +847,32 @@ class Dispatcher:
 
     # -- the operator calls, one transition each (looked up in self._operations) --------------
 
-    def _pause(self, saga: SagaState, pendings: _Pendings, item: _Operate, now: float) -> Transition:
+    def _pause(
+        self, saga: SagaState, pendings: _Pendings, item: _Operate, now: float, children: _Children
+    ) -> Transition:
         return self._engine.pause(saga, _as_others(pendings, now), item.actor, item.reason, now)
 
-    def _resume(self, saga: SagaState, pendings: _Pendings, item: _Operate, now: float) -> Transition:
+    def _resume(
+        self, saga: SagaState, pendings: _Pendings, item: _Operate, now: float, children: _Children
+    ) -> Transition:
         return self._engine.resume(saga, _as_others(pendings, now), item.actor, now)
 
-    def _cancel(self, saga: SagaState, pendings: _Pendings, item: _Operate, now: float) -> Transition:
+    def _cancel(
+        self, saga: SagaState, pendings: _Pendings, item: _Operate, now: float, children: _Children
+    ) -> Transition:
+        definition = self.definition_of(saga)
+        for pending in pendings.values():
+            node = definition.node(pending.command.step_index)
+            if isinstance(node, ChildSaga) and pending.command.direction == Direction.ACTION:
+                child_id = saga.progress.children.get(node.name, "")
+                child = children.get(child_id)
+                if child is not None and child_past_pivot(node, child):
+                    raise IllegalState(
+                        OperatorCall.CANCEL,
+                        saga.saga_id,
+                        saga.effective_status,
+                        f"a saga whose child {child_id} has not passed its own pivot ({node.name} has)",
+                    )
         for pending in pendings.values():
             if pending.handed_out:
                 # It was handed to a dispatcher once: treat its outcome as unknown.
@@ -839,10 +880,14 @@ class Dispatcher:
         others = _as_others(pendings, now)
         return self._engine.cancel(self.definition_of(saga), saga, others, False, item.actor, item.reason, now)
 
-    def _terminate(self, saga: SagaState, pendings: _Pendings, item: _Operate, now: float) -> Transition:
+    def _terminate(
+        self, saga: SagaState, pendings: _Pendings, item: _Operate, now: float, children: _Children
+    ) -> Transition:
         return self._engine.terminate(saga, item.actor, item.reason, now)
 
-    def _retry(self, saga: SagaState, pendings: _Pendings, item: _Operate, now: float) -> Transition:
+    def _retry(
+        self, saga: SagaState, pendings: _Pendings, item: _Operate, now: float, children: _Children
+    ) -> Transition:
         return self._engine.retry(saga, item.actor, now, self.definition_of(saga))
 
     def _record(
@@ -929,6 +974,13 @@ class Dispatcher:
     ) -> SignalReceipt:
         """Record a signal once: a repeat of its id is answered as before, another payload under it refused."""
         payload_hash = hashlib.sha256(item.name.encode() + b"\0" + (item.dedup or item.payload)).hexdigest()
+        definition = self.definition_of(saga)
+        if item.decision:
+            # Who may decide comes first: a caller without the role learns nothing of earlier decisions.
+            step = item.name.removeprefix(approval_signal(""))
+            node = definition.step_by_name.get(step)
+            if isinstance(node, Approval) and "operator" not in item.roles and node.role not in item.roles:
+                raise ApprovalRoleRequired(saga.saga_id, step, node.role)
         found = store.find_signal(connection, saga.saga_id, item.signal_id)
         if found is not None:
             _, stored_hash, received_at = found
@@ -937,16 +989,9 @@ class Dispatcher:
             return SignalReceipt(saga, received_at, True)
         if saga.ended:
             raise SagaEnded(saga.saga_id, saga.status)
-        definition = self.definition_of(saga)
         if item.name not in definition.signal_names():
             awaited = sorted(definition.signal_names())
             raise SignalNotAwaited(saga.saga_id, definition.name, item.name.removeprefix(approval_signal("")), awaited)
-        if item.decision:
-            step = item.name.removeprefix(approval_signal(""))
-            node = definition.step_by_name[step]
-            assert isinstance(node, Approval)
-            if "operator" not in item.roles and node.role not in item.roles:
-                raise ApprovalRoleRequired(saga.saga_id, step, node.role)
         if len(saga.progress.signals) >= MAX_KEPT_SIGNALS:
             raise TooManySignals(saga.saga_id, len(saga.progress.signals))
         store.insert_signal(connection, saga.saga_id, item.signal_id, item.name, payload_hash, now, item.actor)

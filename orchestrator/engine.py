@@ -211,6 +211,8 @@ class Transition:
     more: list[Command] = field(default_factory=list)
     drop: list[str] = field(default_factory=list)
     start_child: ChildStart | None = None
+    # What the transition was computed against: the saga's commands on other tracks.
+    others: Others = field(default_factory=lambda: Others(), repr=False, compare=False)
 
     def commands(self) -> list[Command]:
         return ([self.next_command] if self.next_command is not None else []) + self.more
@@ -224,6 +226,7 @@ class ChildStart:
     business_key: str
     input_payload: bytes
     deadline_at: float
+    track: str = ""
 
 
 @dataclass(frozen=True)
@@ -278,7 +281,7 @@ class Engine:
         now: float,
         others: Others,
     ) -> Transition:
-        transition = Transition()
+        transition = Transition(others=others)
         if outcome.ok:
             assert outcome.response is not None
             saga.results[step.name] = outcome.response
@@ -453,7 +456,7 @@ class Engine:
             try:
                 runs = bool(node.when(self._context(definition, saga)))
             except Exception as error:
-                self._cannot_run(saga, node.name, "its condition", error, now, transition)
+                self._cannot_run(definition, saga, index, track, "its condition", error, now, transition)
                 return
             if not runs:
                 saga.progress.skipped.append(index)
@@ -468,7 +471,7 @@ class Engine:
             try:
                 wake = node.wake_at(self._context(definition, saga), now)
             except Exception as error:
-                self._cannot_run(saga, node.name, "its wake-up time", error, now, transition)
+                self._cannot_run(definition, saga, index, track, "its wake-up time", error, now, transition)
                 return
             wake = self._capped(definition, saga, index, wake)
             transition.events.append(
@@ -483,7 +486,7 @@ class Engine:
             )
             if self._stored_signal(saga, node.signal_name) is not None:
                 # It came before the wait began: consume it now, never lose it.
-                self._consume(definition, saga, index, track, now, transition, Others())
+                self._consume(definition, saga, index, track, now, transition, transition.others)
                 return
             due = until
             if isinstance(node, Approval) and node.remind_after is not None:
@@ -547,9 +550,22 @@ class Engine:
         return definition.context(saga.saga_id, saga.input, saga.results, saga.business_key)
 
     def _cannot_run(
-        self, saga: SagaState, name: str, what: str, error: Exception, now: float, transition: Transition
+        self,
+        definition: SagaDefinition,
+        saga: SagaState,
+        index: int,
+        track: str,
+        what: str,
+        error: Exception,
+        now: float,
+        transition: Transition,
     ) -> None:
+        name = definition.node(index).name
         saga.last_error = f"{name}: {what} failed: {type(error).__name__}: {error}"
+        if track:
+            # A branch either completes or fails its group: the group compensates, as for a failed step.
+            self._unwind(definition, saga, transition, now, saga.last_error, transition.others, track=track)
+            return
         self._need_attention(saga, now, transition)
 
     def _done(self, saga: SagaState, index: int, track: str) -> None:
@@ -582,8 +598,8 @@ class Engine:
         """A claimed wait: a timer fires, a signal wait consumes its signal or times out, a child is looked at."""
         self._settle_legacy(definition, saga)
         saga.updated_at = now
-        transition = Transition()
         others = others or Others()
+        transition = Transition(others=others)
         node = definition.node(command.step_index)
         if saga.ended:
             return transition
@@ -666,7 +682,12 @@ class Engine:
             Event(EventType.WAIT_TIMED_OUT, now, node.name, code="DEADLINE_EXCEEDED", message=saga.last_error)
         )
         on_timeout = OnTimeout.COMPENSATE if isinstance(node, Approval) else node.on_timeout
-        if command.wait_until is not None and command.wait_until >= saga.deadline_at:
+        if (
+            command.wait_until is not None
+            and command.wait_until >= saga.deadline_at
+            and (command.step_index <= definition.pivot_index)
+        ):
+            # It was cut short by the saga deadline, which compensates whatever the wait says.
             on_timeout = OnTimeout.COMPENSATE
         if on_timeout is OnTimeout.CONTINUE:
             self._advance(definition, saga, command.step_index, command.track, now, transition)
@@ -765,12 +786,12 @@ class Engine:
             payload = child_input.SerializeToString(deterministic=True)
             key = node.definition.business_key_of(child_input)
         except Exception as error:
-            self._cannot_run(saga, node.name, "building the child's input", error, now, transition)
+            self._cannot_run(definition, saga, index, track, "building the child's input", error, now, transition)
             return
         child_deadline = saga.deadline_at
         if node.definition.deadline is not None:
             child_deadline = min(child_deadline, now + node.definition.deadline)
-        transition.start_child = ChildStart(node.definition, key, payload, child_deadline)
+        transition.start_child = ChildStart(node.definition, key, payload, child_deadline, track)
         # The parent waits on its own row: the child's end wakes it, the saga deadline bounds it.
         self._put(transition, track, self._wait(saga, index, track, now, saga.deadline_at, due=saga.deadline_at))
 
@@ -812,7 +833,17 @@ class Engine:
             self._done(saga, command.step_index, command.track)
             self._advance(definition, saga, command.step_index, command.track, now, transition)
             return transition
-        if child.status in (Status.COMPENSATED, Status.TERMINATED):
+        if child.status == Status.TERMINATED:
+            # Its effects may stand and nothing undid them: an operator decides, nothing is unwound.
+            saga.last_error = (
+                f"{node.name}: child {child.saga_id} was terminated ({child.last_error}); its effects may stand"
+            )
+            transition.events.append(
+                Event(EventType.CHILD_ENDED, now, node.name, code=str(child.status), message=saga.last_error)
+            )
+            self._need_attention(saga, now, transition)
+            return transition
+        if child.status == Status.COMPENSATED:
             saga.last_error = f"{node.name}: child {child.saga_id} ended {child.status}: {child.last_error}"
             transition.events.append(
                 Event(EventType.CHILD_ENDED, now, node.name, code=str(child.status), message=saga.last_error)
@@ -833,10 +864,11 @@ class Engine:
             transition.events.append(
                 Event(EventType.WAIT_TIMED_OUT, now, node.name, code="DEADLINE_EXCEEDED", message=saga.last_error)
             )
-            if command.step_index <= definition.pivot_index:
+            if command.step_index <= definition.pivot_index and not child_past_pivot(node, child):
                 self._done(saga, command.step_index, command.track)
                 self._unwind(definition, saga, transition, now, saga.last_error, others, track=command.track)
             else:
+                # Past its own pivot the child's order stands (a shipment made): an operator decides.
                 self._need_attention(saga, now, transition)
             return transition
         transition.next_command = self._schedule(saga, command, until)
@@ -928,6 +960,12 @@ class Engine:
         saga.status = Status.COMPENSATING
         saga.cancel_requested = False
         draining = False
+        # Commands this very transition gave other branches (entered together) are withdrawn too.
+        for placed in transition.commands():
+            if placed.track != track:
+                self._withdraw(transition, placed)
+        if transition.start_child is not None and transition.start_child.track != track:
+            transition.start_child = None
         for other, command in others.commands.items():
             if other == track:
                 continue
@@ -944,6 +982,12 @@ class Engine:
             transition.events.append(Event(EventType.BRANCHES_STOPPING, now, message=saga.progress.draining))
             return
         self._begin_compensation(definition, saga, transition, now, reason)
+
+    def _withdraw(self, transition: Transition, command: Command) -> None:
+        if transition.next_command is command:
+            transition.next_command = transition.more.pop(0) if transition.more else None
+        elif command in transition.more:
+            transition.more.remove(command)
 
     def _settle_branch(
         self,
@@ -1049,6 +1093,7 @@ class Engine:
         saga.updated_at = now
         transition = Transition([Event(EventType.SAGA_CANCEL_REQUESTED, now, message=reason, actor=actor)])
         others = pending if isinstance(pending, Others) else _single(pending, in_flight)
+        transition.others = others
         main = others.commands.get("")
         if (
             saga.progress.group < 0
@@ -1108,6 +1153,11 @@ class Engine:
 
 # How long a parent waits for a child it asked to compensate before an operator must look.
 _CHILD_COMPENSATION_WAIT = 24 * 3600.0
+
+
+def child_past_pivot(node: ChildSaga, child: SagaState) -> bool:
+    """Whether a running child has passed its own pivot: then it only goes forward, and its parent may not cancel it."""
+    return child.status == Status.RUNNING and child.step_index > node.definition.pivot_index
 
 
 def compensation_order(definition: SagaDefinition, done: list[list[Any]]) -> list[int]:

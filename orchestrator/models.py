@@ -110,7 +110,8 @@ class SignalRow(SQLModel, table=True):
 
     saga_id: str = Field(primary_key=True, max_length=40)
     signal_id: str = Field(primary_key=True, max_length=200)
-    name: str = Field(max_length=80)
+    # A SignalSaga name (64 at most), or "approval:" and an approval step's name (100 at most).
+    name: str = Field(max_length=120)
     payload_hash: str = Field(max_length=64)
     received_at: float
     actor: str = Field(default="", max_length=100)

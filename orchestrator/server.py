@@ -31,7 +31,7 @@ from svckit.db import Database
 from svckit.errors import DomainError, InvalidArgument, RetryableError, abort_call
 from svckit.page_token import decode_cursor, encode_cursor
 from svckit.server import CallContext, RpcServer, rpc
-from svckit.validation import Violations, quote
+from svckit.validation import Violations, forbidden_character, quote
 
 __all__ = ["OrchestratorServicer", "validate_place_order"]
 
@@ -180,7 +180,9 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             )
         violations.raise_if_any()
         try:
-            definition = self._registry.latest(request.saga_type)
+            # ORDER_SAGA_VERSION pins OrderSaga for StartSaga as for PlaceOrder.
+            pinned = self._order_definition if request.saga_type == "OrderSaga" else None
+            definition = pinned or self._registry.latest(request.saga_type)
         except LookupError:
             known = ", ".join(self._registry.names())
             raise InvalidArgument.of(
@@ -461,29 +463,31 @@ def _signal_payload(violations: Violations, payload: struct_pb2.Struct) -> None:
     if size > MAX_SIGNAL_PAYLOAD_BYTES:
         violations.add("payload", f"must be at most {MAX_SIGNAL_PAYLOAD_BYTES} bytes serialized, got {size}")
         return
-    violations.contents("payload.", payload)
-    for path, number in _numbers(payload, "payload"):
-        if not math.isfinite(number):
-            violations.add(path, "must be a finite number: JSON has no NaN or infinity")
-            return
+    _check_json(violations, payload, "payload")
 
 
-def _numbers(value: Message, path: str) -> list[tuple[str, float]]:
-    """Every number in a Struct, with its path: JSON cannot carry NaN or infinity, so neither may a payload."""
-    found: list[tuple[str, float]] = []
+def _check_json(violations: Violations, value: Message, path: str) -> None:
+    """Keys and strings without control characters, numbers finite (JSON has no NaN): at any depth of a Struct."""
     if isinstance(value, struct_pb2.Struct):
         for key, item in value.fields.items():
-            found += _numbers(item, f"{path}.{key}")
+            position = forbidden_character(key)
+            if position is not None:
+                violations.add(f"{path}[{quote(key)}]", f"the key holds a control character at position {position}")
+                return
+            _check_json(violations, item, f"{path}.{key}")
     elif isinstance(value, struct_pb2.ListValue):
         for index, item in enumerate(value.values):
-            found += _numbers(item, f"{path}[{index}]")
+            _check_json(violations, item, f"{path}[{index}]")
     elif isinstance(value, struct_pb2.Value):
         kind = value.WhichOneof("kind")
-        if kind == "number_value":
-            found.append((path, value.number_value))
+        if kind == "number_value" and not math.isfinite(value.number_value):
+            violations.add(path, "must be a finite number: JSON has no NaN or infinity")
+        elif kind == "string_value":
+            position = forbidden_character(value.string_value)
+            if position is not None:
+                violations.add(path, f"holds a control character at position {position}")
         elif kind in ("struct_value", "list_value"):
-            found += _numbers(getattr(value, kind), path)
-    return found
+            _check_json(violations, getattr(value, kind), path)
 
 
 def _reason(reason: str, *, required: bool) -> None:

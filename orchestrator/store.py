@@ -88,9 +88,13 @@ def _migrate_1_to_2(connection: Connection) -> None:
     their completed steps are the compensatable ones before their step index.
     """
     connection.execute(text("ALTER TABLE saga ADD COLUMN parent_id VARCHAR(40) NOT NULL DEFAULT ''"))
-    connection.execute(text("ALTER TABLE saga ADD COLUMN progress TEXT NOT NULL DEFAULT ''"))
+    connection.execute(text("ALTER TABLE saga ADD COLUMN progress VARCHAR NOT NULL DEFAULT ''"))
     connection.execute(text("CREATE INDEX ix_saga_parent ON saga (parent_id)"))
     connection.execute(text("ALTER TABLE outbox RENAME TO outbox_v1"))
+    if connection.dialect.name == "postgresql":
+        # The old key keeps its name through the rename: free it, so the new table's is outbox_pkey as
+        # in a database created at schema 2.
+        connection.execute(text("ALTER TABLE outbox_v1 RENAME CONSTRAINT outbox_pkey TO outbox_v1_pkey"))
     connection.execute(text("DROP INDEX ix_outbox_due"))
     OUTBOX.create(connection)
     kept = ", ".join(name for name in _OUTBOX_COLUMNS if name not in ("track", "wait_until"))

@@ -468,6 +468,24 @@ def _copies(value: Any, count: int) -> list[Any]:
     return [value] * max(1, min(count, _LIST_BYTES // max(1, _size(value))))
 
 
+def _elements(message: Message, field: FieldDescriptor) -> list[Any]:
+    """A repeated field's elements; a map's as entry messages (iterating a map gives only its keys)."""
+    current = getattr(message, field.name)
+    if field.message_type is None or not field.message_type.GetOptions().map_entry:
+        return list(current)
+    entry_class = message_factory.GetMessageClass(field.message_type)
+    value_field = field.message_type.fields_by_name["value"]
+    entries = []
+    for key in current:
+        entry = entry_class(key=key)
+        if value_field.message_type is not None:
+            entry.value.CopyFrom(current[key])
+        else:
+            entry.value = current[key]
+        entries.append(entry)
+    return entries
+
+
 def _assign(message: Message, field: FieldDescriptor, value: Any) -> None:
     """Set one field of message to value (a list for a repeated field), replacing what was there."""
     if field.message_type is not None and field.message_type.GetOptions().map_entry:
@@ -790,7 +808,7 @@ def _mutated_copy(draw: st.DrawFn, descriptor: Descriptor, base: Message) -> tup
             return message, f"{name} unchanged ({note} would be too deep)"
         return message, f"{name} carries {note}"
     if field.is_repeated:
-        elements = draw(_repeated_mutation(field, list(getattr(holder, field.name))))
+        elements = draw(_repeated_mutation(field, _elements(holder, field)))
         _assign(holder, field, elements)
         return message, f"{name} = {len(elements)} elements, first {abbreviate(elements[0]) if elements else '-'}"
     if (

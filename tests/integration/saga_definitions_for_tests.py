@@ -6,6 +6,7 @@ import dataclasses
 
 from orchestrator.definition import (
     ChildSaga,
+    OnTimeout,
     Parallel,
     RetryPolicy,
     SagaContext,
@@ -123,7 +124,11 @@ PARALLEL_ORDER_SAGA = SagaDefinition(
 # A child that ships and then waits for a signal long enough to be paused, cancelled or terminated.
 SHIPPING_CHILD_SAGA = SagaDefinition(
     name="ShippingChild", version=1, input_type=PlaceOrderRequest, business_key=order_key,
-    steps=(CREATE_SHIPMENT, WaitForSignal("await_pickup", signal="picked_up", timeout=60.0)),
+    steps=(
+        CREATE_SHIPMENT,
+        # After its pivot: a wait there cannot compensate, so its timeout leaves it to an operator.
+        WaitForSignal("await_pickup", signal="picked_up", timeout=60.0, on_timeout=OnTimeout.FAIL),
+    ),
 )
 # Reserve, run the child, then charge: with a declined card the parent compensates the completed child whole.
 PARENT_ORDER_SAGA = SagaDefinition(

@@ -24,7 +24,7 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import any_pb2, timestamp_pb2
+from google.protobuf import any_pb2, struct_pb2, timestamp_pb2
 from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
@@ -541,6 +541,18 @@ def _bases(target: Target) -> dict[str, hostile.Base]:
         "orchestrator.CancelSaga": operator(lambda saga_id: pb.CancelSagaRequest(saga_id=saga_id, reason="fuzz")),
         "orchestrator.TerminateSaga": operator(lambda saga_id: pb.TerminateSagaRequest(saga_id=saga_id, reason="fuzz")),
         "orchestrator.GetSagaStats": fixed(pb.GetSagaStatsRequest(created_after=an_hour_ago)),
+        # Both refused FAILED_PRECONDITION SAGA_ENDED after every check of the request itself.
+        "orchestrator.SignalSaga": fixed(
+            pb.SignalSagaRequest(
+                saga_id=ended_saga,
+                name="payment_ok",
+                signal_id="fuzz-signal-1",
+                payload=struct_pb2.Struct(fields={"note": struct_pb2.Value(string_value="fuzz")}),
+            )
+        ),
+        "orchestrator.DecideApproval": fixed(
+            pb.DecideApprovalRequest(saga_id=ended_saga, step="fraud_review", approve=True, reason="fuzz")
+        ),
         "inventory.ReserveStock": keyed(lambda key: inventory_pb.ReserveStockRequest(order_id=key, items=lines)),
         "inventory.ReleaseStock": keyed(lambda key: inventory_pb.ReleaseStockRequest(order_id=key, reason="fuzz")),
         "inventory.GetReservation": fixed(inventory_pb.GetReservationRequest(order_id=ended_order)),
@@ -858,6 +870,17 @@ _REGRESSIONS: dict[str, list[tuple[str, Edit]]] = {
             _set("created_after", timestamp_pb2.Timestamp(seconds=4_611_686_018_427_387_904)),
         ),
         ("F2: created_after nanos 1e9", _set("created_after", timestamp_pb2.Timestamp(nanos=1_000_000_000))),
+    ],
+    "orchestrator.SignalSaga": [
+        (
+            "a NaN in the payload",
+            _set("payload", struct_pb2.Struct(fields={"n": struct_pb2.Value(number_value=float("nan"))})),
+        ),
+        ("a 100,000-character signal name", _set("name", "s" * 100_000)),
+        ("a forged log line in signal_id", _set("signal_id", "sig" + hostile.FORGED_LOG_LINE)),
+    ],
+    "orchestrator.DecideApproval": [
+        ("a forged audit line in reason", _set("reason", "fuzz" + hostile.FORGED_LOG_LINE)),
     ],
     "orchestrator.PauseSaga": [
         ("F3 (issue 9.5): a forged audit line in reason", _set("reason", "fuzz" + hostile.FORGED_LOG_LINE))
