@@ -98,6 +98,10 @@ class DispatchObserver:
     def definitions_missing(self, counts: dict[tuple[str, int], int]) -> None:
         """In-flight sagas on record per (type, version) whose definition this replica has not loaded."""
 
+    def child_trace_context(self, parent: SagaState, step: str, child_type: str) -> str:
+        """The traceparent a child saga starts under: by default its parent's."""
+        return parent.trace_context
+
 
 @dataclass
 class _Start:
@@ -776,7 +780,7 @@ class Dispatcher:
                 start.input_payload,
                 hashlib.sha256(start.input_payload).hexdigest(),
                 start.deadline_at,
-                parent.trace_context,
+                self._child_trace_context(parent, node_name, start.definition.name),
                 parent.saga_id,
                 now,
                 batch,
@@ -1094,6 +1098,13 @@ class Dispatcher:
                     grpc.StatusCode.UNKNOWN, f"dispatcher: {type(error).__name__}: {error}", None, now, now
                 )
         self._queue.put_nowait(_Result(command, outcome, launched_at))
+
+    def _child_trace_context(self, parent: SagaState, step: str, child_type: str) -> str:
+        try:
+            return self.observer.child_trace_context(parent, step, child_type)
+        except Exception:
+            log.exception("the dispatch observer failed; the child starts under its parent's trace")
+            return parent.trace_context
 
     def _call_finished(self, saga: SagaState, step: str, direction: str, outcome: Outcome) -> None:
         try:

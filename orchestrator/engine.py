@@ -40,6 +40,7 @@ __all__ = [
     "DEFINITION_MISSING",
     "EFFECT_AFTER_TERMINATE",
     "ENDED_STATUSES",
+    "WAIT_END_EVENTS",
     "Command",
     "Engine",
     "Event",
@@ -195,6 +196,20 @@ class Event:
     message: str = ""
     duration_ms: float = 0.0
     actor: str = "orchestrator"
+    # For an event that ends a wait: when the wait began (a span's start; not stored in the history).
+    since: float = 0.0
+
+
+# Events that end a wait, forward: each is drawn as one span from the wait's start to its end.
+WAIT_END_EVENTS = frozenset(
+    {
+        EventType.TIMER_FIRED,
+        EventType.SIGNAL_CONSUMED,
+        EventType.APPROVAL_DECIDED,
+        EventType.WAIT_TIMED_OUT,
+        EventType.CHILD_ENDED,
+    }
+)
 
 
 @dataclass
@@ -596,6 +611,22 @@ class Engine:
         child: SagaState | None = None,
     ) -> Transition:
         """A claimed wait: a timer fires, a signal wait consumes its signal or times out, a child is looked at."""
+        transition = self._on_wake(definition, saga, command, now, others, child)
+        step = definition.node(command.step_index).name
+        for event in transition.events:
+            if event.type in WAIT_END_EVENTS and event.step == step:
+                event.since = command.first_attempt_at
+        return transition
+
+    def _on_wake(
+        self,
+        definition: SagaDefinition,
+        saga: SagaState,
+        command: Command,
+        now: float,
+        others: Others | None,
+        child: SagaState | None,
+    ) -> Transition:
         self._settle_legacy(definition, saga)
         saga.updated_at = now
         others = others or Others()

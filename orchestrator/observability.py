@@ -44,7 +44,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from orchestrator import store
 from orchestrator.definition import DefinitionRegistry
 from orchestrator.dispatcher import Dispatcher, DispatchObserver
-from orchestrator.engine import Outcome, SagaState, Transition
+from orchestrator.engine import WAIT_END_EVENTS, Event, Outcome, SagaState, Transition
 from orchestrator.status import Direction, EventType, SagaStatus, WaitKind
 from svckit.db import Database
 from svckit.idempotency_key import step_key
@@ -332,6 +332,43 @@ class Observability(DispatchObserver):
                 TIMER_LATENESS_SECONDS.labels(saga.saga_type).observe(event.duration_ms / 1000)
             elif self._metrics and event.type in (EventType.SIGNAL_CONSUMED, EventType.APPROVAL_DECIDED):
                 SIGNAL_DELIVERY_SECONDS.labels(saga.saga_type).observe(event.duration_ms / 1000)
+
+        if self._tracer is not None:
+            for event in transition.events:
+                if event.type in WAIT_END_EVENTS:
+                    self._wait_span(saga, event)
+
+    def _wait_span(self, saga: SagaState, event: Event) -> None:
+        """A wait as one span under the saga's: from when it began to its end (fired, consumed, timed out)."""
+        assert self._tracer is not None
+        attributes = _saga_attributes(saga.saga_type, saga.business_key)
+        attributes.update({"saga.id": saga.saga_id, "saga.step": event.step, "saga.wait.outcome": event.type})
+        if event.code:
+            attributes["saga.wait.code"] = event.code
+        span = self._tracer.start_span(
+            f"wait {event.step}",
+            context=self._saga_context(saga),
+            kind=SpanKind.INTERNAL,
+            attributes=attributes,
+            start_time=_ns(event.since or event.at),
+        )
+        if event.type == EventType.WAIT_TIMED_OUT:
+            span.set_status(Status(StatusCode.ERROR, event.message))
+        span.end(end_time=_ns(event.at))
+
+    def child_trace_context(self, parent: SagaState, step: str, child_type: str) -> str:
+        """A span for the parent's child step, under the parent's saga span: the child's spans go under it."""
+        if self._tracer is None:
+            return parent.trace_context
+        attributes = _saga_attributes(parent.saga_type, parent.business_key)
+        attributes.update({"saga.id": parent.saga_id, "saga.step": step, "saga.child.type": child_type})
+        span = self._tracer.start_span(
+            f"child {step}", context=self._saga_context(parent), kind=SpanKind.INTERNAL, attributes=attributes
+        )
+        carrier: dict[str, str] = {}
+        _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
+        span.end()
+        return carrier.get("traceparent", parent.trace_context)
 
     def signal_received(self, name: str, duplicate: bool) -> None:
         if self._metrics:

@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 
 from orchestrator.definition import Approval, ChildSaga, SagaDefinition, Step, Timer, WaitForSignal
+from orchestrator.engine import WAIT_END_EVENTS as _WAIT_END_EVENTS
 from orchestrator.engine import SagaState
 from orchestrator.status import Direction, EventType, SagaStatus
 from orchestrator.store import EventRecord, PendingCommand
@@ -263,17 +264,6 @@ def saga_pb(
         view.history.extend(event_pb(event) for event in events)
     return view
 
-
-# Events that end a wait (or a child step) forward: the step is then done, or failed with the code.
-_WAIT_END_EVENTS = frozenset(
-    {
-        EventType.TIMER_FIRED,
-        EventType.SIGNAL_CONSUMED,
-        EventType.APPROVAL_DECIDED,
-        EventType.WAIT_TIMED_OUT,
-        EventType.CHILD_ENDED,
-    }
-)
 
 _ENDING_EVENTS: dict[str, Any] = {
     EventType.SAGA_COMPLETED: pb.SAGA_STATUS_COMPLETED,
