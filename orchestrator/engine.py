@@ -490,14 +490,16 @@ class Engine:
                 return
             wake = self._capped(definition, saga, index, wake)
             transition.events.append(
-                Event(EventType.WAIT_STARTED, now, node.name, message=f"timer until {_clock(wake)}")
+                Event(EventType.WAIT_STARTED, now, node.name, message=_on(track, f"timer fires at {_clock(wake)}"))
             )
             self._put(transition, track, self._wait(saga, index, track, now, wake, due=wake))
         elif isinstance(node, WaitForSignal | Approval):
             until = self._capped(definition, saga, index, now + node.timeout)
-            what = "approval" if isinstance(node, Approval) else f"signal {node.signal_name}"
+            what = f"approval by {node.role}" if isinstance(node, Approval) else f"signal {node.signal_name}"
             transition.events.append(
-                Event(EventType.WAIT_STARTED, now, node.name, message=f"{what} until {_clock(until)}")
+                Event(
+                    EventType.WAIT_STARTED, now, node.name, message=_on(track, f"{what}, times out at {_clock(until)}")
+                )
             )
             if self._stored_signal(saga, node.signal_name) is not None:
                 # It came before the wait began: consume it now, never lose it.
@@ -1235,6 +1237,11 @@ def _single(pending: Command | None, in_flight: bool) -> Others:
     if pending is None:
         return Others()
     return Others({pending.track: pending}, frozenset({pending.track}) if in_flight else frozenset())
+
+
+def _on(track: str, text: str) -> str:
+    """A wait's description, with the branch it stands on."""
+    return f"branch {track}: {text}" if track else text
 
 
 def _clock(at: float) -> str:
