@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from orchestrator.definition import (
+    Approval,
     ChildSaga,
     OnTimeout,
     Parallel,
@@ -134,5 +135,44 @@ SHIPPING_CHILD_SAGA = SagaDefinition(
 PARENT_ORDER_SAGA = SagaDefinition(
     name="ParentOrder", version=1, input_type=PlaceOrderRequest, business_key=order_key, deadline=120.0,
     steps=(RESERVE_STOCK, ChildSaga("shipping", SHIPPING_CHILD_SAGA, build_input=lambda s: s.input), CHARGE_PAYMENT),
+)
+# fmt: on
+
+# fmt: off
+# A wait that leaves its timeout to an operator: RetrySaga waits again.
+FAILING_WAIT_ORDER_SAGA = SagaDefinition(
+    name="FailingWaitOrder", version=1, input_type=PlaceOrderRequest, business_key=order_key,
+    steps=(RESERVE_STOCK,
+           WaitForSignal("await_payment", signal="payment_ok", timeout=1.0, on_timeout=OnTimeout.FAIL),
+           CHARGE_PAYMENT),
+)
+# A child that waits before it ships (before its own pivot): cancelling its parent unwinds it.
+WAITING_CHILD_SAGA = SagaDefinition(
+    name="WaitingChild", version=1, input_type=PlaceOrderRequest, business_key=order_key,
+    steps=(WaitForSignal("await_stock_check", signal="stock_checked", timeout=60.0), CREATE_SHIPMENT),
+)
+PATIENT_PARENT_SAGA = SagaDefinition(
+    name="PatientParent", version=1, input_type=PlaceOrderRequest, business_key=order_key, deadline=120.0,
+    steps=(RESERVE_STOCK, ChildSaga("shipping", WAITING_CHILD_SAGA, build_input=lambda s: s.input), CHARGE_PAYMENT),
+)
+# fmt: on
+
+
+# -- crash tests of the long-running kinds (tests/integration/test_long_running_crash.py) --------
+
+
+# fmt: off
+# ParallelOrder whose reserve may take 20 s (a lease lasts 30): a latency fault holds it on the wire
+# while the charge branch fails, long enough to kill the orchestrator there however busy the machine is.
+PATIENT_PARALLEL_ORDER_SAGA = SagaDefinition(
+    name="PatientParallelOrder", version=1, input_type=PlaceOrderRequest, business_key=order_key,
+    steps=(Parallel("prepare", branches=((dataclasses.replace(RESERVE_STOCK, timeout=20.0),),
+                                         (Timer("settle", duration=0.5), CHARGE_PAYMENT),
+                                         (CREATE_SHIPMENT,))),),
+)
+# Reserve, an approval that reminds after one second (v2's reminds after an hour), charge.
+REMINDED_ORDER_SAGA = SagaDefinition(
+    name="RemindedOrder", version=1, input_type=PlaceOrderRequest, business_key=order_key,
+    steps=(RESERVE_STOCK, Approval("go_ahead", timeout=60.0, role="reviewer", remind_after=1.0), CHARGE_PAYMENT),
 )
 # fmt: on

@@ -41,6 +41,8 @@ DEFINITIONS = definitions_env(
     "TIMED_ORDER_SAGA",
     "PARALLEL_ORDER_SAGA",
     "PARENT_ORDER_SAGA",
+    "FAILING_WAIT_ORDER_SAGA",
+    "PATIENT_PARENT_SAGA",
 )
 # OrderSaga v2 with a low review threshold: the tests' orders of 50.00 or more wait for a review.
 V2_ENV = {**DEFINITIONS, "ORDER_SAGA_VERSION": "2", "REVIEW_THRESHOLD": "5000"}
@@ -300,6 +302,46 @@ async def test_cancel_compensates_a_saga_waiting_for_its_review(clients: Clients
     saga = await wait_for(clients, saga_id, ENDED)
     assert status_name(saga.status) == "COMPENSATED", render(saga)
     assert ledger_kinds(await clients.ledger(order_id)) == ["CHARGE", "REFUND"]
+
+
+async def test_retry_of_a_failed_wait_waits_again(clients: Clients) -> None:
+    order_id = new_order_id("wait-retry")
+    saga_id = await start(clients, "FailingWaitOrder", order_id)
+    saga = await wait_for(clients, saga_id, ENDED)
+    assert status_name(saga.status) == "NEEDS_ATTENTION" and "timed out" in saga.last_error, render(saga)
+    await clients.orchestrator.RetrySaga(pb.RetrySagaRequest(saga_id=saga_id))
+    saga = await wait_for(clients, saga_id, waiting_on("await_payment"))
+    assert types(saga).count("WaitStarted") == 2, render(saga)
+    await clients.orchestrator.SignalSaga(signal(saga_id, "after-retry", token="tok_visa"))
+    saga = await wait_for(clients, saga_id, ENDED)
+    assert status_name(saga.status) == "COMPLETED", render(saga)
+    assert ledger_kinds(await clients.ledger(order_id)) == ["CHARGE"]
+
+
+async def test_cancel_unwinds_a_waiting_child_and_is_refused_past_the_childs_pivot(clients: Clients) -> None:
+    order_id = new_order_id("cancel-child")
+    saga_id = await start(clients, "PatientParent", order_id)
+    saga = await wait_for(clients, saga_id, lambda s: bool(s.children))
+    child_id = saga.children[0].saga_id
+    await wait_for(clients, child_id, waiting_on("await_stock_check"))
+    await clients.orchestrator.CancelSaga(pb.CancelSagaRequest(saga_id=saga_id, reason="changed mind"))
+    saga = await wait_for(clients, saga_id, ENDED)
+    assert status_name(saga.status) == "COMPENSATED", render(saga)
+    child = await wait_for(clients, child_id, ENDED)
+    assert status_name(child.status) == "COMPENSATED", render(child)
+    assert (await clients.reservation(order_id)).status == inventory_pb.RESERVATION_STATUS_RELEASED
+    error = await refused(clients.shipment(order_id))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+
+    # A child past its own pivot (its shipment made) is not cancelled with its parent.
+    shipped = new_order_id("cancel-shipped")
+    saga_id = await start(clients, "ParentOrder", shipped)
+    saga = await wait_for(clients, saga_id, lambda s: bool(s.children))
+    await wait_for(clients, saga.children[0].saga_id, waiting_on("await_pickup"))
+    error = await refused(clients.orchestrator.CancelSaga(pb.CancelSagaRequest(saga_id=saga_id, reason="too late")))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error.details()
+    assert "pivot" in (error.details() or "")
+    await clients.orchestrator.TerminateSaga(pb.TerminateSagaRequest(saga_id=saga_id, reason="clean up"))
 
 
 def test_wait_payload_reaches_later_steps() -> None:
