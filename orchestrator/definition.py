@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import enum
 import json
+import math
 import random
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -440,16 +441,20 @@ class SagaDefinition:
         for flat_node in flat:
             self._check_node(where, flat_node)
         pivot = self.pivot_index
-        for flat_node in flat[pivot + 1 :]:
+        for flat_node in flat:
             node = flat_node.node
             compensates = isinstance(node, Approval) or (
                 isinstance(node, WaitForSignal) and node.on_timeout is OnTimeout.COMPENSATE
             )
-            if compensates:
+            if compensates and not self.before_pivot(flat_node.index):
+                where_pivot = (
+                    f"comes after the pivot ({flat[pivot].node.name})"
+                    if pivot >= 0
+                    else "is in a definition with no compensatable step"
+                )
                 raise ValueError(
-                    f"{where}: {node.node_kind} {node.name} comes after the pivot ({flat[pivot].node.name}), "
-                    "where nothing can be compensated: move it before the pivot, or (a signal wait) choose "
-                    "on_timeout=CONTINUE or FAIL"
+                    f"{where}: {node.node_kind} {node.name} {where_pivot}, where nothing can be compensated: "
+                    "move it before the pivot, or (a signal wait) choose on_timeout=CONTINUE or FAIL"
                 )
 
     def _check_node(self, where: str, flat_node: FlatNode) -> None:
@@ -479,8 +484,14 @@ class SagaDefinition:
                         f"{where}: wait {node.name} in a parallel branch cannot fail for an operator "
                         "on timeout: choose compensate or continue"
                     )
-            if isinstance(node, Approval) and node.remind_after is not None and node.remind_after >= node.timeout:
-                raise ValueError(f"{where}: approval {node.name}: remind_after must be shorter than its timeout")
+            if (
+                isinstance(node, Approval)
+                and node.remind_after is not None
+                and not 0 < node.remind_after < node.timeout
+            ):
+                raise ValueError(
+                    f"{where}: approval {node.name}: remind_after must be positive and shorter than its timeout"
+                )
         elif isinstance(node, ChildSaga):
             if node.definition.name == self.name:
                 raise ValueError(f"{where}: child step {node.name} cannot start its own definition")
@@ -492,8 +503,8 @@ class SagaDefinition:
 
     def _check_wait(self, where: str, name: str, what: str, seconds: float) -> None:
         # Every wait ends: a wait without a positive timeout would hang with no alarm.
-        if not seconds > 0:
-            raise ValueError(f"{where}: {name}: the {what} must be a positive number of seconds")
+        if not 0 < seconds < math.inf:
+            raise ValueError(f"{where}: {name}: the {what} must be a positive, finite number of seconds")
         if self.deadline is not None and seconds > self.deadline:
             raise ValueError(
                 f"{where}: {name}: the {what} ({seconds:g} s) exceeds the saga deadline ({self.deadline:g} s)"
@@ -513,6 +524,18 @@ class SagaDefinition:
             and _compensation_kind(flat_node.node) is StepKind.COMPENSATABLE
         ]
         return compensatable[-1] if compensatable else -1
+
+    def before_pivot(self, index: int) -> bool:
+        """Whether the node at a flat index can still be compensated: up to the pivot, or in the pivot's group.
+
+        Branches are flattened one after another, so a node of an earlier branch can have a smaller
+        index than the pivot (in a later branch) and still run after it; the group decides.
+        """
+        pivot = self.pivot_index
+        if pivot < 0:
+            return False
+        group = self.nodes[pivot].group
+        return index <= pivot or (group >= 0 and self.nodes[index].group == group)
 
     def node(self, index: int) -> Node:
         return self.nodes[index].node

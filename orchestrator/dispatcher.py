@@ -1158,6 +1158,10 @@ def _call_of(command: Command) -> tuple[str, str]:
 
 
 def _as_others(pendings: dict[str, PendingCommand], now: float) -> Others:
+    for pending in pendings.values():
+        if pending.handed_out and not pending.in_flight(now):
+            # Taken by a dispatcher whose lease ran out (it died, or is slow): its call may have gone out.
+            pending.command.uncertain = True
     return Others(
         {track: pending.command for track, pending in pendings.items()},
         frozenset(track for track, pending in pendings.items() if pending.in_flight(now)),

@@ -297,6 +297,9 @@ class Engine:
         others: Others,
     ) -> Transition:
         transition = Transition(others=others)
+        # Another branch stopped the saga for an operator: this one's call is recorded, nothing more
+        # is sent (a retry enters the group again).
+        held = bool(command.track) and saga.status == Status.NEEDS_ATTENTION
         if outcome.ok:
             assert outcome.response is not None
             saga.results[step.name] = outcome.response
@@ -305,10 +308,12 @@ class Engine:
             )
             if step.kind is StepKind.COMPENSATABLE:
                 self._done(saga, command.step_index, command.track)
+            if held:
+                return transition
             if saga.progress.draining:
                 self._settle_branch(definition, saga, command.track, others, transition, now)
                 return transition
-            if saga.cancel_requested and command.step_index <= definition.pivot_index:
+            if saga.cancel_requested and definition.before_pivot(command.step_index):
                 self._unwind(definition, saga, transition, now, "cancelled", others)
                 return transition
             self._advance(definition, saga, command.step_index, command.track, now, transition)
@@ -331,6 +336,10 @@ class Engine:
             )
         )
         compensatable = step.kind is StepKind.COMPENSATABLE
+        if held:
+            if uncertain:
+                self._done(saga, command.step_index, command.track)
+            return transition
         if saga.progress.draining:
             if uncertain:
                 self._done(saga, command.step_index, command.track)
@@ -474,7 +483,8 @@ class Engine:
                 self._cannot_run(definition, saga, index, track, "its condition", error, now, transition)
                 return
             if not runs:
-                saga.progress.skipped.append(index)
+                if index not in saga.progress.skipped:
+                    saga.progress.skipped.append(index)
                 transition.events.append(Event(EventType.STEP_SKIPPED, now, node.name, message="condition false"))
                 self._advance(definition, saga, index, track, now, transition)
                 return
@@ -561,7 +571,7 @@ class Engine:
 
     def _capped(self, definition: SagaDefinition, saga: SagaState, index: int, until: float) -> float:
         # The saga deadline bounds every wait that could still be compensated.
-        return min(until, saga.deadline_at) if index <= definition.pivot_index else until
+        return min(until, saga.deadline_at) if definition.before_pivot(index) else until
 
     def _context(self, definition: SagaDefinition, saga: SagaState) -> Any:
         return definition.context(saga.saga_id, saga.input, saga.results, saga.business_key)
@@ -636,6 +646,11 @@ class Engine:
         node = definition.node(command.step_index)
         if saga.ended:
             return transition
+        if command.track and saga.status == Status.NEEDS_ATTENTION:
+            # Another branch stopped the saga for an operator; a retry enters the group again.
+            if isinstance(node, ChildSaga):
+                self._done(saga, command.step_index, command.track)
+            return transition
         if command.direction == COMPENSATION:
             assert isinstance(node, ChildSaga)
             return self._on_child_compensation(definition, saga, node, command, child, now)
@@ -658,7 +673,7 @@ class Engine:
             if (
                 command.wait_until is not None
                 and command.wait_until >= saga.deadline_at
-                and (command.step_index <= definition.pivot_index)
+                and definition.before_pivot(command.step_index)
             ):
                 self._unwind(definition, saga, transition, now, "saga deadline passed", others, track=command.track)
                 return transition
@@ -693,7 +708,11 @@ class Engine:
                         track=command.track,
                         wait_until=until,
                     )
-                transition.next_command = self._schedule(saga, command, until)
+                due = until
+                if isinstance(node, Approval) and node.remind_after is not None and command.attempt == 1:
+                    # Woken early (a resume, a signal of another name): the reminder keeps its time.
+                    due = min(until, command.first_attempt_at + node.remind_after)
+                transition.next_command = self._schedule(saga, command, due)
                 return transition
             return self._timed_out(definition, saga, node, command, now, others, transition)
         assert isinstance(node, ChildSaga)
@@ -718,13 +737,13 @@ class Engine:
         if (
             command.wait_until is not None
             and command.wait_until >= saga.deadline_at
-            and (command.step_index <= definition.pivot_index)
+            and definition.before_pivot(command.step_index)
         ):
             # It was cut short by the saga deadline, which compensates whatever the wait says.
             on_timeout = OnTimeout.COMPENSATE
         if on_timeout is OnTimeout.CONTINUE:
             self._advance(definition, saga, command.step_index, command.track, now, transition)
-        elif on_timeout is OnTimeout.FAIL or command.step_index > definition.pivot_index:
+        elif on_timeout is OnTimeout.FAIL or not definition.before_pivot(command.step_index):
             self._need_attention(saga, now, transition)
         else:
             self._unwind(definition, saga, transition, now, saga.last_error, others, track=command.track)
@@ -897,7 +916,7 @@ class Engine:
             transition.events.append(
                 Event(EventType.WAIT_TIMED_OUT, now, node.name, code="DEADLINE_EXCEEDED", message=saga.last_error)
             )
-            if command.step_index <= definition.pivot_index and not child_past_pivot(node, child):
+            if definition.before_pivot(command.step_index) and not child_past_pivot(node, child):
                 self._done(saga, command.step_index, command.track)
                 self._unwind(definition, saga, transition, now, saga.last_error, others, track=command.track)
             else:
@@ -973,6 +992,8 @@ class Engine:
             return transition
         child.paused = False
         child.status = Status.RUNNING
+        # A completed child being undone has not ended (again) until its compensation does.
+        child.ended_at = None
         self._unwind(definition, child, transition, now, "its parent compensates", others)
         return transition
 
@@ -1175,8 +1196,9 @@ class Engine:
                 transition.next_command = Command(saga.saga_id, saga.compensations[0], COMPENSATION, 1, now, due_at=now)
             return transition
         saga.status = Status.RUNNING
-        if definition is not None and not isinstance(definition.node(saga.step_index), Step):
-            # A failed wait waits again; a child step looks at its child again.
+        if definition is not None:
+            # The node is entered afresh: a failed wait waits again, a child step looks at its child
+            # again, a step's condition is evaluated again.
             self._settle_legacy(definition, saga)
             self._enter(definition, saga, saga.step_index, "", now, transition)
             return transition
