@@ -209,6 +209,18 @@ class _BatchOutcome:
         self.unrecorded += other.unrecorded
 
 
+@dataclass
+class _Writes:
+    """One batch's transaction as its units write into it: the connection, its clock, and what changed."""
+
+    connection: Connection
+    now: float
+    batch: _BatchOutcome
+    event_rows: list[dict[str, Any]] = field(default_factory=list)
+    # Sagas changed in this batch, by id: written once at its end.
+    dirty: dict[str, SagaState] = field(default_factory=dict)
+
+
 class Dispatcher:
     """Owns every write to the orchestrator database; calls go out only for committed commands."""
 
@@ -601,7 +613,7 @@ class Dispatcher:
             batch.replies.append((item.reply, NotRecorded(f"{item.operation} call", error)))
 
     def _apply(self, connection: Connection, items: list[_Item], batch: _BatchOutcome) -> None:
-        now = time.time()
+        w = _Writes(connection, time.time(), batch)
         for item in items:
             if isinstance(item, _Signal) and not item.saga_id:
                 # Addressed by type and business key: find its id first, so it is locked in order below.
@@ -617,63 +629,61 @@ class Dispatcher:
         )
         # In sorted order: two replicas locking some of the same sagas never deadlock.
         sagas = store.load_sagas(connection, saga_ids, for_update=self._database.is_postgres)
-        dirty: dict[str, SagaState] = {}
-        event_rows: list[dict[str, Any]] = []
         for item in items:
             if isinstance(item, _Start):
-                self._apply_start(connection, item, now, batch, event_rows)
+                self._apply_start(w, item)
             elif isinstance(item, _Result):
-                batch.finished_calls.append(_call_of(item.command))
+                w.batch.finished_calls.append(_call_of(item.command))
                 saga = sagas.get(item.command.saga_id)
                 if saga is None or not store.fence(connection, item.command, self.replica_id):
                     # Another replica took the command over, or an operator removed it: its
                     # holder records the outcome; the call's effect is keyed, so nothing doubles.
                     continue
                 definition = self.definition_of(saga)
-                others = self._others(connection, saga, now)
-                transition = self._engine.on_outcome(definition, saga, item.command, item.outcome, now, others)
-                self._record(connection, saga, transition, now, batch, event_rows, dirty)
+                others = self._others(connection, saga, w.now)
+                transition = self._engine.on_outcome(definition, saga, item.command, item.outcome, w.now, others)
+                self._record(w, saga, transition)
             elif isinstance(item, _Wake):
-                batch.finished_calls.append(_call_of(item.command))
+                w.batch.finished_calls.append(_call_of(item.command))
                 saga = sagas.get(item.command.saga_id)
                 if saga is None or not store.fence(connection, item.command, self.replica_id):
                     continue
-                self._apply_wake(connection, saga, item.command, now, batch, event_rows, dirty)
+                self._apply_wake(w, saga, item.command)
             elif isinstance(item, _Signal):
                 saga = sagas.get(item.saga_id)
                 try:
                     if saga is None:
                         raise SignalTargetNotFound(item.saga_id, item.saga_type, item.business_key)
-                    receipt = self._apply_signal(connection, saga, item, now, batch, event_rows, dirty)
+                    receipt = self._apply_signal(w, saga, item)
                 except DomainError as refusal:
-                    batch.replies.append((item.reply, refusal))
+                    w.batch.replies.append((item.reply, refusal))
                     continue
-                batch.replies.append((item.reply, receipt))
+                w.batch.replies.append((item.reply, receipt))
             elif isinstance(item, _Park):
-                batch.finished_calls.append(_call_of(item.command))
+                w.batch.finished_calls.append(_call_of(item.command))
                 saga = sagas.get(item.command.saga_id)
                 if saga is None or not store.fence(connection, item.command, self.replica_id):
                     continue
-                self._record(connection, saga, self._park(saga, item, now), now, batch, event_rows, dirty)
+                self._record(w, saga, self._park(saga, item, w.now))
             else:
                 saga = sagas.get(item.saga_id)
                 if saga is None:
-                    batch.replies.append((item.reply, SagaNotFound(item.saga_id)))
+                    w.batch.replies.append((item.reply, SagaNotFound(item.saga_id)))
                     continue
                 try:
-                    transition = self._apply_operation(connection, saga, item, now)
+                    transition = self._apply_operation(connection, saga, item, w.now)
                 except DomainError as refusal:
-                    batch.replies.append((item.reply, refusal))
+                    w.batch.replies.append((item.reply, refusal))
                     continue
-                self._record(connection, saga, transition, now, batch, event_rows, dirty)
+                self._record(w, saga, transition)
                 if item.operation in self._reach_children:
-                    self._operate_children(connection, saga, item, now, batch, event_rows, dirty)
-                batch.replies.append((item.reply, saga))
-        store.update_sagas(connection, dirty.values())
-        store.insert_events(connection, event_rows)
+                    self._operate_children(w, saga, item)
+                w.batch.replies.append((item.reply, saga))
+        store.update_sagas(connection, w.dirty.values())
+        store.insert_events(connection, w.event_rows)
         if self._watches is not None and self._watches.watching:
-            for row in event_rows:
-                batch.events_by_saga.setdefault(row["saga_id"], []).append(EventRecord(**row))
+            for row in w.event_rows:
+                w.batch.events_by_saga.setdefault(row["saga_id"], []).append(EventRecord(**row))
 
     def _park(self, saga: SagaState, item: _Park, now: float) -> Transition:
         if saga.ended:
@@ -687,37 +697,32 @@ class Dispatcher:
             return Transition([Event(EventType.EFFECT_AFTER_TERMINATE, now, code="UNKNOWN", message=message)])
         return self._engine.definition_missing(saga, item.detail, now)
 
-    def _apply_start(
-        self, connection: Connection, item: _Start, now: float, batch: _BatchOutcome, event_rows: list[dict[str, Any]]
-    ) -> None:
+    def _apply_start(self, w: _Writes, item: _Start) -> None:
         input_hash = hashlib.sha256(item.input_payload).hexdigest()
-        found = store.find_by_business_key(connection, item.definition.name, item.business_key)
+        found = store.find_by_business_key(w.connection, item.definition.name, item.business_key)
         if found is not None:
             existing, existing_hash = found
             if existing_hash != input_hash:
                 conflict = BusinessKeyConflict(item.definition.name, item.business_key, existing.saga_id)
-                batch.replies.append((item.reply, conflict))
+                w.batch.replies.append((item.reply, conflict))
             else:
-                batch.replies.append((item.reply, (existing, False)))
+                w.batch.replies.append((item.reply, (existing, False)))
             return
         saga = self._insert_saga(
-            connection,
+            w,
             item.definition,
             item.business_key,
             item.input_payload,
             input_hash,
-            now + item.deadline_seconds,
+            w.now + item.deadline_seconds,
             item.trace_context,
             "",
-            now,
-            batch,
-            event_rows,
         )
-        batch.replies.append((item.reply, (saga, True)))
+        w.batch.replies.append((item.reply, (saga, True)))
 
     def _insert_saga(
         self,
-        connection: Connection,
+        w: _Writes,
         definition: SagaDefinition,
         business_key: str,
         input_payload: bytes,
@@ -725,9 +730,6 @@ class Dispatcher:
         deadline_at: float,
         trace_context: str,
         parent_id: str,
-        now: float,
-        batch: _BatchOutcome,
-        event_rows: list[dict[str, Any]],
     ) -> SagaState:
         saga = SagaState(
             saga_id=uuid.uuid4().hex,
@@ -737,44 +739,36 @@ class Dispatcher:
             input=input_payload,
             status=SagaStatus.RUNNING,
             deadline_at=deadline_at,
-            created_at=now,
-            updated_at=now,
+            created_at=w.now,
+            updated_at=w.now,
             trace_context=trace_context,
             parent_id=parent_id,
         )
-        transition = self._engine.start(definition, saga, now)
-        store.append_events(saga, transition.events, event_rows)
-        store.insert_saga(connection, saga, input_hash)
+        transition = self._engine.start(definition, saga, w.now)
+        store.append_events(saga, transition.events, w.event_rows)
+        store.insert_saga(w.connection, saga, input_hash)
         for command in transition.commands():
-            self._put_next(connection, saga, command, now, batch)
+            self._put_next(w, saga, command)
         if transition.start_child is not None:
-            self._start_child(connection, saga, transition.start_child, now, batch, event_rows)
-            store.update_sagas(connection, [saga])
-        batch.started.append(saga)
-        batch.changed.append((saga, transition))
+            self._start_child(w, saga, transition.start_child)
+            store.update_sagas(w.connection, [saga])
+        w.batch.started.append(saga)
+        w.batch.changed.append((saga, transition))
         return saga
 
-    def _start_child(
-        self,
-        connection: Connection,
-        parent: SagaState,
-        start: ChildStart,
-        now: float,
-        batch: _BatchOutcome,
-        event_rows: list[dict[str, Any]],
-    ) -> None:
+    def _start_child(self, w: _Writes, parent: SagaState, start: ChildStart) -> None:
         """Start (or find, after a crash or a retry) the child a parent's step asks for, in the parent's transaction."""
         node_name = next(
             flat.node.name
             for flat in self.definition_of(parent).nodes
             if isinstance(flat.node, ChildSaga) and flat.node.definition is start.definition
         )
-        found = store.find_by_business_key(connection, start.definition.name, start.business_key)
+        found = store.find_by_business_key(w.connection, start.definition.name, start.business_key)
         if found is not None:
             child, created = found[0], False
         else:
             child = self._insert_saga(
-                connection,
+                w,
                 start.definition,
                 start.business_key,
                 start.input_payload,
@@ -782,16 +776,15 @@ class Dispatcher:
                 start.deadline_at,
                 self._child_trace_context(parent, node_name, start.definition.name),
                 parent.saga_id,
-                now,
-                batch,
-                event_rows,
             )
             created = True
-        store.append_events(parent, [self._engine.child_started(parent, node_name, child, now, created)], event_rows)
+        store.append_events(
+            parent, [self._engine.child_started(parent, node_name, child, w.now, created)], w.event_rows
+        )
         if not created and (child.ended or child.parent_id != parent.saga_id):
             # Ended already (a retried parent), or the key belongs to another saga: look at it now.
-            store.wake(connection, parent.saga_id, now)
-            batch.wake_in = 0.0
+            store.wake(w.connection, parent.saga_id, w.now)
+            w.batch.wake_in = 0.0
 
     def _apply_operation(self, connection: Connection, saga: SagaState, item: _Operate, now: float) -> Transition:
         if item.operation in _RUNS_THE_SAGA and not saga.ended:
@@ -823,31 +816,22 @@ class Dispatcher:
         transition.next_command, transition.more, transition.drop = None, commands, []
         return transition
 
-    def _operate_children(
-        self,
-        connection: Connection,
-        saga: SagaState,
-        item: _Operate,
-        now: float,
-        batch: _BatchOutcome,
-        event_rows: list[dict[str, Any]],
-        dirty: dict[str, SagaState],
-    ) -> None:
+    def _operate_children(self, w: _Writes, saga: SagaState, item: _Operate) -> None:
         """Pause, resume and terminate reach a saga's children that have not ended, and theirs."""
         for child_id in sorted(saga.progress.children.values()):
-            child = dirty.get(child_id) or store.load_sagas(
-                connection, [child_id], for_update=self._database.is_postgres
+            child = w.dirty.get(child_id) or store.load_sagas(
+                w.connection, [child_id], for_update=self._database.is_postgres
             ).get(child_id)
             if child is None or child.ended:
                 continue
             reason = f"its parent {saga.saga_id}: {item.reason}" if item.reason else f"its parent {saga.saga_id}"
             child_item = _Operate(item.operation, child_id, item.actor, reason, item.reply)
             try:
-                transition = self._apply_operation(connection, child, child_item, now)
+                transition = self._apply_operation(w.connection, child, child_item, w.now)
             except DomainError:
                 continue  # already where the call would put it (paused, say): nothing to do
-            self._record(connection, child, transition, now, batch, event_rows, dirty)
-            self._operate_children(connection, child, child_item, now, batch, event_rows, dirty)
+            self._record(w, child, transition)
+            self._operate_children(w, child, child_item)
 
     # -- the operator calls, one transition each (looked up in self._operations) --------------
 
@@ -894,29 +878,20 @@ class Dispatcher:
     ) -> Transition:
         return self._engine.retry(saga, item.actor, now, self.definition_of(saga))
 
-    def _record(
-        self,
-        connection: Connection,
-        saga: SagaState,
-        transition: Transition,
-        now: float,
-        batch: _BatchOutcome,
-        event_rows: list[dict[str, Any]],
-        dirty: dict[str, SagaState],
-    ) -> None:
-        store.append_events(saga, transition.events, event_rows)
+    def _record(self, w: _Writes, saga: SagaState, transition: Transition) -> None:
+        store.append_events(saga, transition.events, w.event_rows)
         for track in transition.drop:
-            store.delete_command(connection, saga.saga_id, track)
+            store.delete_command(w.connection, saga.saga_id, track)
         for command in transition.commands():
-            self._put_next(connection, saga, command, now, batch)
-        dirty[saga.saga_id] = saga
+            self._put_next(w, saga, command)
+        w.dirty[saga.saga_id] = saga
         if transition.start_child is not None:
-            self._start_child(connection, saga, transition.start_child, now, batch, event_rows)
+            self._start_child(w, saga, transition.start_child)
         if saga.parent_id and (saga.ended or saga.status == SagaStatus.NEEDS_ATTENTION):
             # The parent's wait on this child looks at it now, in its own transaction.
-            if store.wake(connection, saga.parent_id, now):
-                batch.wake_in = 0.0
-        batch.changed.append((saga, transition))
+            if store.wake(w.connection, saga.parent_id, w.now):
+                w.batch.wake_in = 0.0
+        w.batch.changed.append((saga, transition))
 
     def _others(self, connection: Connection, saga: SagaState, now: float) -> Others:
         """The saga's pending commands on other tracks: only a saga in a parallel group (or unwinding one) has any."""
@@ -924,58 +899,38 @@ class Dispatcher:
             return Others()
         return _as_others(store.load_pendings(connection, saga.saga_id), now)
 
-    def _apply_wake(
-        self,
-        connection: Connection,
-        saga: SagaState,
-        command: Command,
-        now: float,
-        batch: _BatchOutcome,
-        event_rows: list[dict[str, Any]],
-        dirty: dict[str, SagaState],
-    ) -> None:
+    def _apply_wake(self, w: _Writes, saga: SagaState, command: Command) -> None:
         definition = self.definition_of(saga)
         node = definition.node(command.step_index)
         child: SagaState | None = None
         if isinstance(node, ChildSaga):
-            child = self._child_of(connection, saga, node, dirty)
+            child = self._child_of(w, saga, node)
             if command.direction == Direction.COMPENSATION and child is not None and child.parent_id == saga.saga_id:
                 if child.status in (SagaStatus.COMPLETED, SagaStatus.RUNNING):
                     child_transition = self._engine.unwind_child(
                         node.definition,
                         child,
-                        _as_others(store.load_pendings(connection, child.saga_id), now),
+                        _as_others(store.load_pendings(w.connection, child.saga_id), w.now),
                         "orchestrator",
-                        now,
+                        w.now,
                     )
                     for track in list(child_transition.drop):
-                        store.delete_command(connection, child.saga_id, track)
+                        store.delete_command(w.connection, child.saga_id, track)
                     child_transition.drop = []
-                    self._record(connection, child, child_transition, now, batch, event_rows, dirty)
-        others = self._others(connection, saga, now)
-        transition = self._engine.on_wake(definition, saga, command, now, others, child)
-        self._record(connection, saga, transition, now, batch, event_rows, dirty)
+                    self._record(w, child, child_transition)
+        others = self._others(w.connection, saga, w.now)
+        transition = self._engine.on_wake(definition, saga, command, w.now, others, child)
+        self._record(w, saga, transition)
 
-    def _child_of(
-        self, connection: Connection, saga: SagaState, node: ChildSaga, dirty: dict[str, SagaState]
-    ) -> SagaState | None:
+    def _child_of(self, w: _Writes, saga: SagaState, node: ChildSaga) -> SagaState | None:
         child_id = saga.progress.children.get(node.name)
         if child_id is None:
             return None
-        if child_id in dirty:
-            return dirty[child_id]
-        return store.load_sagas(connection, [child_id], for_update=self._database.is_postgres).get(child_id)
+        if child_id in w.dirty:
+            return w.dirty[child_id]
+        return store.load_sagas(w.connection, [child_id], for_update=self._database.is_postgres).get(child_id)
 
-    def _apply_signal(
-        self,
-        connection: Connection,
-        saga: SagaState,
-        item: _Signal,
-        now: float,
-        batch: _BatchOutcome,
-        event_rows: list[dict[str, Any]],
-        dirty: dict[str, SagaState],
-    ) -> SignalReceipt:
+    def _apply_signal(self, w: _Writes, saga: SagaState, item: _Signal) -> SignalReceipt:
         """Record a signal once: a repeat of its id is answered as before, another payload under it refused."""
         payload_hash = hashlib.sha256(item.name.encode() + b"\0" + (item.dedup or item.payload)).hexdigest()
         definition = self.definition_of(saga)
@@ -985,7 +940,7 @@ class Dispatcher:
             node = definition.step_by_name.get(step)
             if isinstance(node, Approval) and "operator" not in item.roles and node.role not in item.roles:
                 raise ApprovalRoleRequired(saga.saga_id, step, node.role)
-        found = store.find_signal(connection, saga.saga_id, item.signal_id)
+        found = store.find_signal(w.connection, saga.saga_id, item.signal_id)
         if found is not None:
             _, stored_hash, received_at = found
             if stored_hash != payload_hash:
@@ -998,29 +953,27 @@ class Dispatcher:
             raise SignalNotAwaited(saga.saga_id, definition.name, item.name.removeprefix(approval_signal("")), awaited)
         if len(saga.progress.signals) >= MAX_KEPT_SIGNALS:
             raise TooManySignals(saga.saga_id, len(saga.progress.signals))
-        store.insert_signal(connection, saga.saga_id, item.signal_id, item.name, payload_hash, now, item.actor)
+        store.insert_signal(w.connection, saga.saga_id, item.signal_id, item.name, payload_hash, w.now, item.actor)
         transition = self._engine.receive_signal(
-            saga, item.name, item.signal_id, item.payload, item.actor, now, item.decision
+            saga, item.name, item.signal_id, item.payload, item.actor, w.now, item.decision
         )
-        self._record(connection, saga, transition, now, batch, event_rows, dirty)
-        if store.wake(connection, saga.saga_id, now):
-            batch.wake_in = 0.0
-        return SignalReceipt(saga, now, False)
+        self._record(w, saga, transition)
+        if store.wake(w.connection, saga.saga_id, w.now):
+            w.batch.wake_in = 0.0
+        return SignalReceipt(saga, w.now, False)
 
-    def _put_next(
-        self, connection: Connection, saga: SagaState, command: Command | None, now: float, batch: _BatchOutcome
-    ) -> None:
+    def _put_next(self, w: _Writes, saga: SagaState, command: Command | None) -> None:
         if command is None:
             return
-        if command.due_at is not None and command.due_at <= now and not self._stopping:
+        if command.due_at is not None and command.due_at <= w.now and not self._stopping:
             # Leased to ourselves in the same transaction: it goes out right after the commit,
             # with no poll in between.
-            store.put_command(connection, command, self.replica_id, now + self._lease_seconds)
-            batch.to_dispatch.append((command, saga))
+            store.put_command(w.connection, command, self.replica_id, w.now + self._lease_seconds)
+            w.batch.to_dispatch.append((command, saga))
         else:
-            store.put_command(connection, command, None, 0.0)
+            store.put_command(w.connection, command, None, 0.0)
             if command.due_at is not None:
-                batch.wake_in = min(batch.wake_in, command.due_at - now)
+                w.batch.wake_in = min(w.batch.wake_in, command.due_at - w.now)
 
     # -- claiming and calling --------------------------------------------------------------
 
