@@ -255,11 +255,19 @@ def saga_pb(
                 view.steps_maybe_applied.extend(steps_maybe_applied(definition, events, pendings))
         if not saga.ended:
             view.waits.extend(waits_pb(definition, saga, pendings))
-    for child in children or []:
-        step = next((name for name, child_id in saga.progress.children.items() if child_id == child.saga_id), "")
-        view.children.append(
-            pb.ChildLink(step=step, saga_id=child.saga_id, saga_type=child.saga_type, status=api_status(child))
-        )
+    if children is not None:
+        for child in children:
+            step = next((name for name, child_id in saga.progress.children.items() if child_id == child.saga_id), "")
+            view.children.append(
+                pb.ChildLink(step=step, saga_id=child.saga_id, saga_type=child.saga_type, status=api_status(child))
+            )
+    elif saga.progress.children and definition is not None:
+        # A listing links the children from the parent's own row: their status needs GetSaga.
+        by_name = definition.step_by_name
+        for step, child_id in saga.progress.children.items():
+            node = by_name.get(step)
+            child_type = node.definition.name if isinstance(node, ChildSaga) else ""
+            view.children.append(pb.ChildLink(step=step, saga_id=child_id, saga_type=child_type))
     if include_history and events is not None:
         view.history.extend(event_pb(event) for event in events)
     return view

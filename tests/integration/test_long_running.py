@@ -215,6 +215,11 @@ async def test_order_saga_v2_runs_its_branches_review_and_child(clients: Clients
     assert child.saga_type == "FulfilmentSaga" and status_name(child.status) == "COMPLETED"
     child_view = await clients.saga(child.saga_id)
     assert child_view.parent_saga_id == saga.saga_id
+    # A listing links both ways too.
+    listed = await clients.orchestrator.ListSagas(pb.ListSagasRequest(business_key=small))
+    by_type = {s.saga_type: s for s in listed.sagas}
+    assert by_type["FulfilmentSaga"].parent_saga_id == saga.saga_id
+    assert [c.saga_id for c in by_type["OrderSaga"].children] == [child.saga_id]
     assert len(await clients.notifications(small)) == 1
 
     big = new_order_id("v2-big")
