@@ -1,9 +1,13 @@
 """Prints the CPU time (user + sys, median of N runs) of `saga` commands next to a bare `import grpc`.
 
 Run it from a checkout: `.venv/bin/python bench/cli_startup.py [--runs 15] [--address host:port]`.
-Without --address it starts the local stack (devstack) for `saga ls --json` and `saga stats --json` and stops it
-afterwards. Each round runs every command once, as a child process; its CPU time is the growth of RUSAGE_CHILDREN
-across the run, which counts the child's own user and system time, not the wall time spent waiting on the machine.
+Without --address it starts the local stack (devstack) for the commands that call the orchestrator (`saga ls`,
+`saga stats`) and stops it afterwards. Each round runs every command once, as a child process; its CPU time is the
+growth of RUSAGE_CHILDREN across the run, which counts the child's own user and system time, not the wall time
+spent waiting on the machine. Every command runs with its bytecode caches warm, as an installed `saga` does: the
+first run of each writes them to a temporary PYTHONPYCACHEPREFIX (the checkout is left alone), the measured runs
+read them. The `saga` it runs imports sagactl as the environment says: PYTHONPATH pointing at another copy of
+sagactl/ measures that copy.
 """
 
 from __future__ import annotations
@@ -40,8 +44,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=15, help="runs per command; the median is printed")
     parser.add_argument("--address", default="", help="a running orchestrator for `saga ls` (default: start one)")
     options = parser.parse_args()
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     with ExitStack() as stack:
+        caches = stack.enter_context(tempfile.TemporaryDirectory(prefix="cli-startup-pycache-"))
+        env = {**os.environ, "PYTHONPYCACHEPREFIX": caches}
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         address = options.address
         if not address:
             from devstack.stack import LocalStack, StackConfig
@@ -55,8 +61,11 @@ def main() -> None:
             "saga --version": [saga, "--version"],
             "saga ls --json": [saga, "ls", "--json", "--address", address],
             "saga stats --json": [saga, "stats", "--json", "--address", address],
+            # Through typer: a command's own help (rendered by rich), and a table.
+            "saga ls --help": [saga, "ls", "--help"],
+            "saga ls": [saga, "ls", "--address", address],
         }
-        for argv in commands.values():  # once each first, so every run finds the bytecode caches warm
+        for argv in commands.values():  # once each first: it writes the bytecode caches every later run reads
             child_cpu_seconds(argv, env)
         # Round after round of every command, so a change in the machine's load weighs on all of them alike.
         samples: dict[str, list[float]] = {label: [] for label in commands}

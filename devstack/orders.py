@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from sagasuite.common.v1.common_pb2 import Address, LineItem, Money
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 
-__all__ = ["DEFAULT_ITEMS", "DEMO_ADDRESS", "order_request"]
+__all__ = ["DEFAULT_ITEMS", "DEMO_ADDRESS", "UNIT_PRICE_MINOR", "order_request"]
 
 # Where every demo, test and benchmark order is shipped.
 DEMO_ADDRESS = Address(
@@ -19,6 +19,8 @@ DEMO_ADDRESS = Address(
 )
 # Two lines of plentiful stock in the default catalogue.
 DEFAULT_ITEMS: tuple[tuple[str, int], ...] = (("BOOK-001", 1), ("MUG-042", 2))
+# The price of one unit where an order names no amount (`saga order`, the demo), in minor units.
+UNIT_PRICE_MINOR = 2999
 
 
 def order_request(

@@ -6,50 +6,32 @@ import os
 import re
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from sagactl.settings import DEFAULT_ADDRESS, ENV_ADDRESS, EXIT_FAILED, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_USAGE
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
 
+if TYPE_CHECKING:
+    from sagactl.settings import ClientConfig
+
 __all__ = [
-    "DEFAULT_ADDRESS",
-    "ENV_ADDRESS",
-    "ENV_CA_FILE",
-    "ENV_TOKEN",
-    "EXIT_FAILED",
-    "EXIT_OK",
-    "EXIT_REFUSED",
-    "EXIT_UNREACHABLE",
-    "EXIT_USAGE",
     "OPERATIONS",
     "STATUS_WORDS",
     "BadOption",
-    "ClientConfig",
     "ClientError",
     "SagaClient",
+    "check_address",
     "filter_request",
     "health_of",
     "parse_duration",
     "parse_statuses",
     "stamp_ago",
 ]
-
-DEFAULT_ADDRESS = "127.0.0.1:50050"
-ENV_ADDRESS = "SAGA_ADDRESS"
-ENV_TOKEN = "SAGA_TOKEN"
-ENV_CA_FILE = "SAGA_CA_FILE"
-
-EXIT_OK = 0
-# A saga ended in anything but COMPLETED, or some calls of a batch were refused.
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_UNREACHABLE = 3
-EXIT_REFUSED = 4
 
 _UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 _REFUSED = {
@@ -147,16 +129,6 @@ class ClientError(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True)
-class ClientConfig:
-    """Where the orchestrator is and how to reach it."""
-
-    address: str = DEFAULT_ADDRESS
-    token: str = ""
-    ca_file: str = ""
-    timeout: float = 10.0
-
-
 def _one_line(text: str) -> str:
     return " ".join(text.split())
 
@@ -231,10 +203,26 @@ def health_of(channel: grpc.Channel, timeout: float = 0.5) -> str:
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
 
+def check_address(address: str) -> None:
+    """A ClientError (a usage error) for an address no channel can be opened to: blank, or with control characters."""
+    # gRPC would report an empty target as UNKNOWN, and blanks or control characters as a failed lookup.
+    where = f"the orchestrator address (--address or {ENV_ADDRESS})"
+    if not address.strip():
+        empty = "empty" if not address else "blank"
+        raise ClientError(f"{where} is {empty}: expected host:port, e.g. {DEFAULT_ADDRESS}", EXIT_USAGE)
+    position = next((index for index, character in enumerate(address) if not character.isprintable()), None)
+    if position is not None:
+        shown = repr(address[:40]) + ("..." if len(address) > 40 else "")
+        raise ClientError(
+            f"{where} {shown} has a control character at position {position}: expected host:port", EXIT_USAGE
+        )
+
+
 class SagaClient:
     """One channel to the orchestrator; every call sends the bearer token when one is set."""
 
     def __init__(self, config: ClientConfig) -> None:
+        check_address(config.address)
         self.config = config
         self.channel = open_channel(config.address, config.ca_file)
         self.stub = pb_grpc.OrchestratorServiceStub(self.channel)

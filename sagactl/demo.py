@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 from rich.console import Console
 
-from devstack.orders import DEMO_ADDRESS, order_request
+from devstack.orders import DEMO_ADDRESS, UNIT_PRICE_MINOR, order_request
 from devstack.stack import LocalStack, StackConfig
 from sagactl.render import saga_bars, saga_header, saga_timeline, status_name
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
@@ -26,7 +26,9 @@ DEMO_FAULTS = {"payment": {"FAULTS": f"Charge:fail_first=2,order_contains={TRANS
 def demo_order(
     order_id: str, *, token: str = "tok_visa", sku: str = "BOOK-001", quantity: int = 1
 ) -> pb.PlaceOrderRequest:
-    return order_request(order_id, items=[(sku, quantity)], minor_units=2999 * quantity, currency="EUR", token=token)
+    return order_request(
+        order_id, items=[(sku, quantity)], minor_units=UNIT_PRICE_MINOR * quantity, currency="EUR", token=token
+    )
 
 
 def demo_orders(run_id: str) -> list[tuple[str, pb.PlaceOrderRequest]]:

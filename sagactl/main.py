@@ -1,4 +1,4 @@
-"""The `saga` entry point: answers --version and the --json read commands before typer and rich are imported."""
+"""The `saga` entry point: answers --version, --help and the --json read commands before typer and rich load."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = ["fast_read", "installed_version", "main"]
+__all__ = ["fast_read", "main"]
 
 # The fast path covers `saga ls|show|stats ... --json`: scripts and monitors call these often, and typer
 # and rich cost more CPU than grpc's own import. It reads only the options below, the way typer would; any
 # argument it is not sure of (--help, a malformed number, an unknown word, "-x5" forms) sends the whole
-# command line to typer, so usage errors, help texts and every other command stay in sagactl/app.py alone.
+# command line to typer, so usage errors, help texts and every other command stay in the typer commands alone.
 
 # Options that take a value -> the name the fast path keeps it under; shared by the three commands.
 _CONNECTION = {
@@ -54,16 +54,6 @@ class _ReadCall:
     statuses: list[str] = field(default_factory=list)
     flags: set[str] = field(default_factory=set)
     positional: list[str] = field(default_factory=list)
-
-
-def installed_version() -> str:
-    """The installed sagasuite distribution's version, or a note that it is not installed."""
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version("sagasuite")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown (not installed as a package)"
 
 
 def _understood(args: list[str]) -> _ReadCall | None:
@@ -108,12 +98,7 @@ def fast_read(args: list[str]) -> int | None:
     if call is None:
         return None
     from sagactl.client import (
-        DEFAULT_ADDRESS,
-        ENV_ADDRESS,
-        ENV_CA_FILE,
-        ENV_TOKEN,
         BadOption,
-        ClientConfig,
         ClientError,
         SagaClient,
         filter_request,
@@ -122,6 +107,7 @@ def fast_read(args: list[str]) -> int | None:
         stamp_ago,
     )
     from sagactl.render import json_text, list_dict, saga_dict, stats_dict
+    from sagactl.settings import DEFAULT_ADDRESS, ENV_ADDRESS, ENV_CA_FILE, ENV_TOKEN, ClientConfig
     from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 
     values = call.values
@@ -171,8 +157,17 @@ def fast_read(args: list[str]) -> int | None:
 def main() -> None:
     args = sys.argv[1:]
     if args == ["--version"]:
-        print(f"sagasuite {installed_version()}")
+        from sagactl.settings import version_line
+
+        print(version_line())
         return
+    if args in ([], ["--help"]):
+        from sagactl.roothelp import root_help
+        from sagactl.settings import EXIT_OK, EXIT_USAGE
+
+        # What the typer app prints too (its root group formats sagactl.roothelp), exit code included.
+        sys.stdout.write(root_help())
+        sys.exit(EXIT_USAGE if not args else EXIT_OK)
     exit_code = fast_read(args)
     if exit_code is not None:
         sys.exit(exit_code)

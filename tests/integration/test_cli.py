@@ -361,6 +361,14 @@ def test_an_unreachable_orchestrator_is_one_line_and_exit_3(saga: Any) -> None:
         assert result.stderr.count("\n") == 1, result.stderr
 
 
+def test_an_empty_or_blank_address_is_one_usage_line_and_exit_2(saga: Any) -> None:
+    for address in ("", "   "):
+        for args in (["ls"], ["stats", "--json"], ["order", "--no-wait"], ["pause", "x"]):
+            result = ok(saga(*args, "--address", address), code=2)
+            assert result.stdout == "" and result.stderr.count("\n") == 1, result.stderr
+            assert result.stderr.startswith("saga: error: the orchestrator address (--address or SAGA_ADDRESS)")
+
+
 def test_ca_file_connects_with_tls(saga: Any, start_process: Any, tmp_path: Path) -> None:
     from devstack.devcerts import issue, make_ca
 
@@ -383,10 +391,11 @@ def test_ca_file_connects_with_tls(saga: Any, start_process: Any, tmp_path: Path
 def test_every_command_has_help_with_examples(saga: Any) -> None:
     top = ok(saga("--help")).stdout
     for code in ("0", "1", "2", "3", "4"):
-        assert re.search(rf"^\s+{code}\s+\w", top, re.MULTILINE), top
+        assert re.search(rf"^[\s│]+{code}\s+\w", top, re.MULTILINE), top
     for variable in ("SAGA_ADDRESS", "SAGA_TOKEN", "SAGA_CA_FILE"):
         assert variable in top
     for command in COMMANDS:
+        assert re.search(rf"^│ {command} +\w", top, re.MULTILINE), f"{command} not listed:\n{top}"
         text = ok(saga(command, "--help")).stdout
         assert "Examples" in text and f"saga {command}" in text, f"{command}:\n{text}"
 

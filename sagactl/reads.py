@@ -1,0 +1,183 @@
+"""The read commands: `saga ls`, `saga show`, `saga watch` and `saga stats`."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import typer
+
+from sagactl.common import (
+    Json_,
+    OlderThan_,
+    Order_,
+    Since_,
+    Statuses_,
+    Type_,
+    calls_orchestrator,
+    ended_well,
+    filter_request,
+    new_console,
+    parse_duration,
+    parse_statuses,
+    print_events,
+    print_json,
+)
+from sagactl.settings import EXIT_FAILED, ClientConfig
+
+__all__ = ["commands"]
+
+commands = typer.Typer()
+
+
+@commands.command(
+    "ls",
+    epilog="[bold]Examples[/]\n\n"
+    "  saga ls\n\n"
+    "  saga ls --status needs_attention --since 1h\n\n"
+    "  saga ls --status in_flight --older-than 10m --type OrderSaga\n\n"
+    "  saga ls --order ord-42 --json\n\n"
+    "  saga ls --limit 100 --page-token <token printed under the previous page>\n\n"
+    "  saga ls --all --json",
+)
+@calls_orchestrator
+def list_sagas(
+    status: Statuses_ = None,
+    saga_type: Type_ = "",
+    order: Order_ = "",
+    since: Since_ = "",
+    older_than: OlderThan_ = "",
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, max=500, help="sagas per page")] = 20,
+    page_token: Annotated[str, typer.Option(help="continue after a previous page")] = "",
+    all_pages: Annotated[bool, typer.Option("--all", help="every page, not just one")] = False,
+    as_json: Json_ = False,
+    *,
+    config: ClientConfig,
+) -> None:
+    """List sagas, newest first, filtered by status, type, age and order id; one page at a time."""
+    from sagactl.client import SagaClient
+    from sagactl.render import list_dict, saga_list
+
+    request = filter_request(parse_statuses(status), saga_type, order, since, older_than)
+    request.page_size = limit
+    request.page_token = page_token
+    with SagaClient(config) as client:
+        sagas, next_token = client.list_page(request, all_pages=all_pages)
+    if as_json:
+        print_json(list_dict(sagas, next_token))
+        return
+    console = new_console()
+    if not sagas:
+        console.print("no sagas match", style="dim")
+        return
+    console.print(saga_list(sagas, time.time()))
+    if next_token:
+        console.print(f"more: add --page-token {next_token}", style="dim", soft_wrap=True)
+
+
+@commands.command(
+    epilog="[bold]Examples[/]\n\n"
+    "  saga show 3f2a9c0e...\n\n"
+    "  saga show ord-42                 (an order id works too)\n\n"
+    "  saga show ord-42 --history\n\n"
+    "  saga show ord-42 --json"
+)
+@calls_orchestrator
+def show(
+    saga_ref: Annotated[str, typer.Argument(metavar="ID", help="saga id, or the order id of one saga")],
+    history: Annotated[bool, typer.Option("--history", help="also print every history event")] = False,
+    width: Annotated[int, typer.Option(min=10, max=400, help="width of the time bars")] = 50,
+    as_json: Json_ = False,
+    *,
+    config: ClientConfig,
+) -> None:
+    """Describe one saga: its header, each step's state and tries, every call as a timeline table
+    (attempts, durations, codes, messages, compensations), and the calls as bars on the saga's time axis,
+    so a slow step or a retry storm stands out.
+    """
+    from sagactl.client import SagaClient
+    from sagactl.render import saga_bars, saga_dict, saga_header, saga_history, saga_steps, saga_timeline
+
+    with SagaClient(config) as client:
+        saga = client.resolve(saga_ref)
+    if as_json:
+        print_json(saga_dict(saga))
+        return
+    from rich.text import Text
+
+    console = new_console()
+    console.print(saga_header(saga))
+    console.print()
+    console.print(Text("steps", style="bold underline"))
+    console.print(saga_steps(saga))
+    console.print()
+    console.print(Text("timeline", style="bold underline"))
+    console.print(saga_timeline(saga))
+    console.print()
+    console.print(Text("time bars", style="bold underline"))
+    console.print(saga_bars(saga, width), soft_wrap=True)
+    if history:
+        console.print()
+        console.print(Text("history", style="bold underline"))
+        console.print(saga_history(saga))
+
+
+@commands.command(
+    epilog="[bold]Examples[/]\n\n"
+    "  saga watch 3f2a9c0e...\n\n"
+    "  saga watch ord-42 --json | jq .type\n\n"
+    "  saga watch ord-42 --after 12"
+)
+@calls_orchestrator
+def watch(
+    saga_ref: Annotated[str, typer.Argument(metavar="ID", help="saga id, or the order id of one saga")],
+    after: Annotated[int, typer.Option(min=0, help="only events after this sequence number")] = 0,
+    as_json: Json_ = False,
+    *,
+    config: ClientConfig,
+) -> None:
+    """Print a saga's events as they happen (its history so far first) until it ends or needs attention.
+
+    With --json, one JSON object per event and line. Exits 0 when the saga completed, 1 when it ended
+    otherwise.
+    """
+    from sagactl.client import SagaClient
+    from sagactl.render import saga_header
+
+    console = new_console()
+    with SagaClient(config) as client:
+        saga = client.resolve(saga_ref)
+        if not as_json:
+            console.print(f"watching saga {saga.saga_id} (order {saga.business_key}); Ctrl-C stops watching")
+        print_events(client, saga, after, console, as_json=as_json)
+        saga = client.get_saga(saga.saga_id)
+    if not as_json:
+        console.print(saga_header(saga))
+    if not ended_well(saga):
+        raise typer.Exit(EXIT_FAILED)
+
+
+@commands.command(
+    epilog="[bold]Examples[/]\n\n  saga stats\n\n  saga stats --since 1h\n\n  saga stats --json | jq .in_flight"
+)
+@calls_orchestrator
+def stats(
+    since: Annotated[str, typer.Option(help="only sagas created within this long, e.g. 1h")] = "",
+    as_json: Json_ = False,
+    *,
+    config: ClientConfig,
+) -> None:
+    """Saga counts by status, completion-latency percentiles (p50, p95, p99) and the oldest saga in flight."""
+    from sagactl.client import SagaClient, stamp_ago
+    from sagactl.render import stats_dict, stats_view
+    from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
+
+    request = pb.GetSagaStatsRequest()
+    if since:
+        request.created_after.CopyFrom(stamp_ago(parse_duration(since, "--since")))
+    with SagaClient(config) as client:
+        response = client.stats(request)
+    if as_json:
+        print_json(stats_dict(response))
+    else:
+        new_console().print(stats_view(response, time.time()))
