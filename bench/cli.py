@@ -138,6 +138,8 @@ def bench_command(
     Starts the local stack (four services and the orchestrator, SQLite files unless --db), then
     for every load runs each target for a warm-up and a measured window, round after round.
     Example: saga bench -c 1,32 --duration 10 --peers temporal
+
+    Long-running sagas (parked in signal waits, signalled, timers): python -m bench.long_running
     """
     from bench.loadgen import BenchConfig, Load, run_benchmark
 

@@ -459,9 +459,18 @@ def run_benchmark(config: BenchConfig, on_phase: PhaseStarted | None = None) -> 
     with ExitStack() as stack_scope:
         data_dir = config.data_dir or Path(stack_scope.enter_context(tempfile.TemporaryDirectory(prefix="saga-bench-")))
         common = {"LOG_LEVEL": config.log_level, **config.stack_env}
+        # The floor and the peers make the four calls in a row: that is OrderSaga v1, not the
+        # latest (v2 runs two of them in parallel and ships in a child saga).
+        orchestrator_env = {"ORDER_SAGA_VERSION": "1", **config.stack_env}
         stack = LocalStack(
-            StackConfig(data_dir / "stack", orchestrator_database_url=config.database_url, common_env=common)
+            StackConfig(
+                data_dir / "stack",
+                orchestrator_database_url=config.database_url,
+                common_env=common,
+                orchestrator_env=orchestrator_env,
+            )
         )
+        notes.append(f"PlaceOrder starts OrderSaga v{orchestrator_env['ORDER_SAGA_VERSION']} (ORDER_SAGA_VERSION)")
         stack_scope.callback(stack.stop)
         stack.start()
         service_pids = {name: process.pid for name, process in stack.services.items() if process.pid}

@@ -25,6 +25,7 @@ from orchestrator.definition import (
     SagaDefinition,
     Step,
     StepKind,
+    WaitForSignal,
     approval_signal,
 )
 from orchestrator.engine import (
@@ -958,9 +959,33 @@ class Dispatcher:
             saga, item.name, item.signal_id, item.payload, item.actor, w.now, item.decision
         )
         self._record(w, saga, transition)
-        if store.wake(w.connection, saga.saga_id, w.now):
+        if not self._consume_now(w, saga, item.name) and store.wake(w.connection, saga.saga_id, w.now):
             w.batch.wake_in = 0.0
         return SignalReceipt(saga, w.now, False)
+
+    def _consume_now(self, w: _Writes, saga: SagaState, name: str) -> bool:
+        """Consume a signal in the transaction that records it, when a wait for it sits unclaimed and not held.
+
+        Otherwise (no such wait yet, a paused saga, a wait being looked at) the signal stays kept and
+        the wait consumes it when it is next looked at.
+        """
+        pendings = store.load_pendings(w.connection, saga.saga_id)
+        definition = self.definition_of(saga)
+        for track, pending in pendings.items():
+            command = pending.command
+            node = definition.node(command.step_index)
+            if (
+                isinstance(node, WaitForSignal | Approval)
+                and node.signal_name == name
+                and command.direction == Direction.ACTION
+                and command.due_at is not None
+                and not pending.handed_out
+            ):
+                store.delete_command(w.connection, saga.saga_id, track)
+                others = _as_others({t: p for t, p in pendings.items() if t != track}, w.now)
+                self._record(w, saga, self._engine.on_wake(definition, saga, command, w.now, others))
+                return True
+        return False
 
     def _put_next(self, w: _Writes, saga: SagaState, command: Command | None) -> None:
         if command is None:
@@ -1006,6 +1031,9 @@ class Dispatcher:
             for command, saga in claimed:
                 if _call_of(command) not in self._in_flight:
                     self._launch(command, saga)
+            if len(claimed) >= free:
+                # A full claim: more are likely due (a burst of timers, say); look again at once.
+                self._wake_poller.set()
 
     def _launch(self, command: Command, saga: SagaState) -> None:
         self._in_flight.add(_call_of(command))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -1267,9 +1268,7 @@ def _on(track: str, text: str) -> str:
 
 
 def _clock(at: float) -> str:
-    import datetime
-
-    return datetime.datetime.fromtimestamp(at, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
 
 
 _END_EVENTS = {SagaStatus.COMPLETED: EventType.SAGA_COMPLETED, SagaStatus.COMPENSATED: EventType.SAGA_COMPENSATED}
