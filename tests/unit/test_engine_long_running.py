@@ -64,6 +64,9 @@ INTERNAL = grpc.StatusCode.INTERNAL
 REFUSED = grpc.StatusCode.FAILED_PRECONDITION
 INPUT = PlaceOrderRequest(order_id="order-1", payment_token="tok-input")
 
+POSITIVE = "the timeout must be a positive, finite number of seconds"
+POSITIVE_DURATION = "the duration must be a positive, finite number of seconds"
+
 
 # -- definitions -------------------------------------------------------------------------------
 
@@ -252,10 +255,10 @@ ONE_SHOT = SagaDefinition("OneShot", 1, PlaceOrderRequest, (call("x"),), order_k
 @pytest.mark.parametrize(
     ("nodes", "deadline", "message"),
     [
-        ((WaitForSignal("w", timeout=0), A), None, "w: the timeout must be a positive, finite number of seconds"),
-        ((WaitForSignal("w", timeout=math.nan), A), None, "w: the timeout must be a positive, finite number of seconds"),
-        ((Approval("ap", timeout=-5), A), None, "ap: the timeout must be a positive, finite number of seconds"),
-        ((Timer("t", duration=0), A), None, "t: the duration must be a positive, finite number of seconds"),
+        ((WaitForSignal("w", timeout=0), A), None, f"w: {POSITIVE}"),
+        ((WaitForSignal("w", timeout=math.nan), A), None, f"w: {POSITIVE}"),
+        ((Approval("ap", timeout=-5), A), None, f"ap: {POSITIVE}"),
+        ((Timer("t", duration=0), A), None, f"t: {POSITIVE_DURATION}"),
         ((WaitForSignal("w", timeout=61), A), 60.0, r"w: the timeout \(61 s\) exceeds the saga deadline \(60 s\)"),
         ((Approval("ap", timeout=120), A), 60.0, r"ap: the timeout \(120 s\) exceeds the saga deadline \(60 s\)"),
         ((Timer("t", duration=90), A), 60.0, r"t: the duration \(90 s\) exceeds the saga deadline \(60 s\)"),
@@ -307,7 +310,7 @@ def test_a_compensating_wait_or_approval_in_any_branch_loads() -> None:
 
 
 def test_an_infinite_timeout_is_refused() -> None:
-    with pytest.raises(ValueError, match="w: the timeout must be a positive, finite number of seconds"):
+    with pytest.raises(ValueError, match=f"w: {POSITIVE}"):
         define(A, WaitForSignal("w", timeout=math.inf, on_timeout=OnTimeout.FAIL), NOTIFY)
 
 
