@@ -477,7 +477,7 @@ def _elements(message: Message, field: FieldDescriptor) -> list[Any]:
     value_field = field.message_type.fields_by_name["value"]
     entries = []
     for key in current:
-        entry = entry_class(key=key)
+        entry: Any = entry_class(key=key)  # a map entry class, made at run time
         if value_field.message_type is not None:
             entry.value.CopyFrom(current[key])
         else:

@@ -295,7 +295,7 @@ async def test_a_retryable_failure_is_sent_again_once_its_backoff_with_seeded_ji
     replicas: Replicas, clock: FixedClock
 ) -> None:
     rng = random.Random(SEED)
-    first_delay, second_delay = ORDER_SAGA.steps[0].retry.delay(1, rng), ORDER_SAGA.steps[0].retry.delay(2, rng)
+    first_delay, second_delay = ORDER_SAGA.step(0).retry.delay(1, rng), ORDER_SAGA.step(0).retry.delay(2, rng)
     dispatcher, channels = await replicas.start()
     channels.fail("ReserveStock", UNAVAILABLE, UNAVAILABLE)
     saga = await place(dispatcher)

@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from orchestrator import store
-from orchestrator.definition import DefinitionMissing, DefinitionRegistry, SagaDefinition
+from orchestrator.definition import DefinitionMissing, DefinitionRegistry, SagaDefinition, Step
 from orchestrator.dispatcher import Dispatcher, DispatchObserver, NotRecorded
 from orchestrator.engine import ACTION, Command, Outcome, SagaState, Status
 from orchestrator.sagas.order import ORDER_SAGA
@@ -38,7 +38,8 @@ class FakeChannels:
         self.responses = {
             call.method_path: call.response_type().SerializeToString()
             for definition in definitions
-            for step in definition.steps
+            for flat in definition.nodes
+            if isinstance(step := flat.node, Step)
             for call in (step.action, step.compensation)
             if call is not None
         }

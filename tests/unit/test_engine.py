@@ -17,7 +17,7 @@ from orchestrator.definition import (
     StepKind,
 )
 from orchestrator.engine import ACTION, COMPENSATION, Command, Engine, Outcome, SagaState, Status, Transition
-from orchestrator.sagas.order import ORDER_SAGA, order_key
+from orchestrator.sagas.order import ORDER_SAGA, order_key, order_steps
 from svckit.errors import FailedPrecondition
 
 T0 = 1_000_000.0
@@ -148,7 +148,7 @@ def test_a_refusal_compensates_the_steps_before_it_newest_first(
 def test_retries_stop_at_maximum_attempts_and_the_unknown_step_is_compensated_too(engine: Engine) -> None:
     saga = new_saga()
     command = advance_to(engine, saga, CHARGE)
-    step = ORDER_SAGA.steps[CHARGE]
+    step = ORDER_SAGA.step(CHARGE)
     for attempt in range(1, step.retry.maximum_attempts):
         transition = engine.on_outcome(ORDER_SAGA, saga, command, outcome(DEADLINE_EXCEEDED), T0)
         assert types(transition) == ["StepFailed", "StepRetryScheduled"]
@@ -186,8 +186,8 @@ def test_an_internal_answer_may_have_happened_and_is_compensated_too(engine: Eng
 
 
 def test_a_step_may_make_internal_retryable_and_it_stays_uncertain(engine: Engine) -> None:
-    charge = replace(ORDER_SAGA.steps[CHARGE], retryable_codes=frozenset({grpc.StatusCode.INTERNAL}))
-    definition = replace(ORDER_SAGA, steps=(ORDER_SAGA.steps[RESERVE], charge, *ORDER_SAGA.steps[SHIP:]))
+    charge = replace(ORDER_SAGA.step(CHARGE), retryable_codes=frozenset({grpc.StatusCode.INTERNAL}))
+    definition = replace(ORDER_SAGA, steps=(ORDER_SAGA.step(RESERVE), charge, *ORDER_SAGA.steps[SHIP:]))
     saga = new_saga()
     command = advance_to(engine, saga, CHARGE, definition)
     retry = engine.on_outcome(definition, saga, command, outcome(grpc.StatusCode.INTERNAL), T0).next_command
@@ -195,7 +195,7 @@ def test_a_step_may_make_internal_retryable_and_it_stays_uncertain(engine: Engin
 
 
 def test_an_answer_that_says_nothing_keeps_what_earlier_attempts_left_unknown() -> None:
-    step = ORDER_SAGA.steps[CHARGE]
+    step = ORDER_SAGA.step(CHARGE)
     assert step.may_have_happened(grpc.StatusCode.PERMISSION_DENIED, True)
     assert not step.may_have_happened(grpc.StatusCode.PERMISSION_DENIED, False)
     assert not step.may_have_happened(REFUSED, True)
@@ -207,7 +207,7 @@ def test_a_retry_waits_its_backoff_with_jitter(engine: Engine) -> None:
     command = started(engine, saga)
     retry = engine.on_outcome(ORDER_SAGA, saga, command, outcome(UNAVAILABLE), T0 + 5).next_command
     assert retry is not None and retry.due_at is not None
-    policy = ORDER_SAGA.steps[RESERVE].retry
+    policy = ORDER_SAGA.step(RESERVE).retry
     low, high = policy.initial_interval * (1 - policy.jitter), policy.initial_interval * (1 + policy.jitter)
     assert low <= retry.due_at - (T0 + 5) <= high
 
@@ -222,7 +222,7 @@ def test_retry_policy_backoff_is_exponential_and_capped() -> None:
 
 
 def test_no_retry_once_the_step_budget_would_be_spent(engine: Engine) -> None:
-    tight = replace(ORDER_SAGA.steps[RESERVE], budget=1.0, retry=RetryPolicy(initial_interval=0.4, jitter=0.0))
+    tight = replace(ORDER_SAGA.step(RESERVE), budget=1.0, retry=RetryPolicy(initial_interval=0.4, jitter=0.0))
     definition = SagaDefinition("Tight", 1, ORDER_SAGA.input_type, (tight, *ORDER_SAGA.steps[1:]), KEY)
     saga = new_saga()
     command = started(engine, saga, definition)
@@ -238,7 +238,7 @@ def test_no_retry_once_the_step_budget_would_be_spent(engine: Engine) -> None:
     [grpc.StatusCode.UNAVAILABLE, DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED],
 )
 def test_transient_codes_are_retried(code: grpc.StatusCode) -> None:
-    assert ORDER_SAGA.steps[CHARGE].is_retryable(code)
+    assert ORDER_SAGA.step(CHARGE).is_retryable(code)
 
 
 @pytest.mark.parametrize(
@@ -252,12 +252,12 @@ def test_transient_codes_are_retried(code: grpc.StatusCode) -> None:
     ],
 )
 def test_terminal_codes_are_not_retried(code: grpc.StatusCode) -> None:
-    assert not ORDER_SAGA.steps[CHARGE].is_retryable(code)
+    assert not ORDER_SAGA.step(CHARGE).is_retryable(code)
 
 
 def test_a_step_may_override_the_classification() -> None:
     step = replace(
-        ORDER_SAGA.steps[CHARGE],
+        ORDER_SAGA.step(CHARGE),
         retryable_codes=frozenset({grpc.StatusCode.NOT_FOUND}),
         non_retryable_codes=frozenset({UNAVAILABLE}),
     )
@@ -292,7 +292,7 @@ def test_no_retry_that_would_start_after_the_saga_deadline(engine: Engine) -> No
 def test_past_the_pivot_failures_retry_then_need_attention_and_never_compensate(engine: Engine) -> None:
     saga = new_saga(deadline_seconds=1)
     command = advance_to(engine, saga, CONFIRM)
-    step = ORDER_SAGA.steps[CONFIRM]
+    step = ORDER_SAGA.step(CONFIRM)
     now = T0 + 5  # past the saga deadline: the confirmation is retried all the same
     for _ in range(step.retry.maximum_attempts - 1):
         transition = engine.on_outcome(ORDER_SAGA, saga, command, outcome(UNAVAILABLE), now)
@@ -347,7 +347,7 @@ def test_compensations_give_up_after_their_maximum_attempts(engine: Engine) -> N
     while compensation is not None:
         attempts += 1
         compensation = engine.on_outcome(ORDER_SAGA, saga, compensation, outcome(UNAVAILABLE), T0).next_command
-    assert attempts == ORDER_SAGA.steps[RESERVE].compensation_retry.maximum_attempts
+    assert attempts == ORDER_SAGA.step(RESERVE).compensation_retry.maximum_attempts
     assert saga.status == Status.NEEDS_ATTENTION
 
 
@@ -551,7 +551,7 @@ def test_a_paused_saga_that_needs_attention_is_reported_as_such(engine: Engine) 
 
 
 def test_definitions_are_checked_when_built() -> None:
-    reserve, charge, _ship, confirm = ORDER_SAGA.steps
+    reserve, charge, _ship, confirm = order_steps()
     with pytest.raises(ValueError, match="unique"):
         SagaDefinition("Bad", 1, ORDER_SAGA.input_type, (reserve, reserve), KEY)
     with pytest.raises(ValueError, match="before retriable"):
@@ -565,7 +565,7 @@ def test_definitions_are_checked_when_built() -> None:
 
 
 def test_the_registry_starts_new_sagas_on_the_latest_version_and_keeps_old_ones() -> None:
-    reserve, charge, ship, confirm = ORDER_SAGA.steps
+    reserve, charge, ship, confirm = order_steps()
     v2 = SagaDefinition("OrderSaga", 2, ORDER_SAGA.input_type, (charge, reserve, ship, confirm), KEY)
     registry = DefinitionRegistry([ORDER_SAGA, v2])
     assert registry.latest("OrderSaga") is v2
@@ -589,7 +589,7 @@ def test_a_missing_version_is_refused_with_its_reason() -> None:
 
 
 def test_a_definition_declares_its_business_key_and_a_start_under_another_is_refused() -> None:
-    reserve = ORDER_SAGA.steps[RESERVE]
+    reserve = ORDER_SAGA.step(RESERVE)
     with pytest.raises(ValueError, match="business_key"):
         SagaDefinition("NoKey", 1, ORDER_SAGA.input_type, (reserve,))
     order = ORDER_SAGA.input_type(order_id="X")
