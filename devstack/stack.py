@@ -117,7 +117,8 @@ class LocalStack:
             process.stop()
 
     def __enter__(self) -> LocalStack:
-        return self.start()
+        # A stack started already (start_stack() returns one) is entered as it is, never started twice.
+        return self if self.orchestrator is not None else self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -647,6 +647,12 @@ class Engine:
         node = definition.node(command.step_index)
         if saga.ended:
             return transition
+        if saga.paused:
+            # Held by a pause (claimed all the same, by a replica that raced the pause): hold it again;
+            # resume makes it due.
+            command.due_at = None
+            transition.next_command = command
+            return transition
         if command.track and saga.status == Status.NEEDS_ATTENTION:
             # Another branch stopped the saga for an operator; a retry enters the group again.
             if isinstance(node, ChildSaga):

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, delete, func, insert, not_, or_, select, text, update
+from sqlalchemy import Connection, and_, bindparam, delete, func, insert, not_, or_, select, text, tuple_, update
 
 from orchestrator.engine import Command, Event, Progress, SagaState
 from orchestrator.models import SCHEMA_VERSION, OutboxRow, SagaEventRow, SagaRow, SchemaVersionRow, SignalRow
@@ -554,20 +554,17 @@ def claim_due(
     connection: Connection, owner: str, now: float, lease_seconds: float, limit: int, *, skip_locked: bool
 ) -> list[tuple[Command, SagaState]]:
     """Lease up to limit due commands nobody holds (or whose lease expired), with their sagas."""
-    candidates = (
-        select(OUTBOX.c.saga_id)
-        .where(
-            OUTBOX.c.due_at <= now,
-            or_(OUTBOX.c.lease_owner.is_(None), OUTBOX.c.lease_expires_at < now),
-        )
-        .order_by(OUTBOX.c.due_at)
-        .limit(limit)
+    claimable = and_(
+        OUTBOX.c.due_at <= now,
+        or_(OUTBOX.c.lease_owner.is_(None), OUTBOX.c.lease_expires_at < now),
     )
+    # Rows, not sagas: a saga's other tracks (a branch not due, a wait held by a pause) stay as they are.
+    candidates = select(OUTBOX.c.saga_id, OUTBOX.c.track).where(claimable).order_by(OUTBOX.c.due_at).limit(limit)
     if skip_locked:
         candidates = candidates.with_for_update(skip_locked=True)
     claimed = connection.execute(
         update(OUTBOX)
-        .where(OUTBOX.c.saga_id.in_(candidates.scalar_subquery()))
+        .where(tuple_(OUTBOX.c.saga_id, OUTBOX.c.track).in_(candidates), claimable)
         .values(lease_owner=owner, lease_expires_at=now + lease_seconds)
         .returning(*OUTBOX.c)
     ).all()

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from sagactl import operate, order, reads, stack
+from sagactl import operate, order, reads, stack, waiting
 from sagactl.common import fail
 from sagactl.roothelp import SUMMARY, root_help, summary
 from sagactl.settings import EXIT_USAGE, version_line
@@ -110,7 +110,7 @@ def root(
 
 
 # Each module's commands join the root group unnamed, in the order the help lists them.
-for _commands in (stack.commands, order.commands, reads.commands, operate.commands):
+for _commands in (stack.commands, order.commands, reads.commands, operate.commands, waiting.commands):
     app.add_typer(_commands)
 
 

@@ -56,6 +56,9 @@ OPERATIONS: dict[str, tuple[str, Any, bool]] = {
 }
 
 
+# How many sagas of one business key resolve() looks at: the order's saga, its children, and sagas of other types.
+_KEY_SAGAS_LOOKED_AT = 20
+
 # The words --status takes, each naming the statuses it selects.
 STATUS_WORDS: dict[str, list[int]] = {
     "running": [pb.SAGA_STATUS_RUNNING],
@@ -282,19 +285,30 @@ class SagaClient:
         return self.call(self.stub.GetSagaStats, request)
 
     def resolve(self, reference: str) -> pb.Saga:
-        """The saga with this id or, failing that, the only saga with this business key (order id)."""
+        """The saga with this id or, failing that, the one saga with this business key (order id) that no
+        saga started as its child: an order id of OrderSaga v2 names the order's saga and its
+        FulfilmentSaga child, and means the order's."""
         try:
             return self.get_saga(reference)
         except ClientError as error:
             if error.code not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
                 raise
             try:
-                found = list(self.list_sagas(pb.ListSagasRequest(business_key=reference, page_size=2)).sagas)
+                request = pb.ListSagasRequest(business_key=reference, page_size=_KEY_SAGAS_LOOKED_AT)
+                found = list(self.list_sagas(request).sagas)
             except ClientError:
                 raise error from None
-            if len(found) != 1:
+            # A child whose parent has another key is the only saga of its own key: it is meant then.
+            candidates = [saga for saga in found if not saga.parent_saga_id] or found
+            if not candidates:
                 raise error from None
-            return self.get_saga(found[0].saga_id)
+            if len(candidates) > 1:
+                named = ", ".join(f"{saga.saga_type} {saga.saga_id}" for saga in candidates)
+                raise ClientError(
+                    f"{reference!r} is the business key of {len(candidates)} sagas ({named}): give a saga id",
+                    EXIT_USAGE,
+                ) from None
+            return self.get_saga(candidates[0].saga_id)
 
     def watch(self, saga_id: str, after_seq: int = 0, reconnect_seconds: float = 15.0) -> Iterator[Any]:
         """The saga's history events as they happen, until it ends or needs attention.
@@ -329,6 +343,14 @@ class SagaClient:
 
     def place_order(self, request: pb.PlaceOrderRequest) -> pb.PlaceOrderResponse:
         return self.call(self.stub.PlaceOrder, request)
+
+    def decide(self, saga_id: str, step: str, *, approve: bool, reason: str) -> pb.DecideApprovalResponse:
+        """Approve or reject the saga's approval step."""
+        request = pb.DecideApprovalRequest(saga_id=saga_id, step=step, approve=approve, reason=reason)
+        return self.call(self.stub.DecideApproval, request)
+
+    def signal(self, request: pb.SignalSagaRequest) -> pb.SignalSagaResponse:
+        return self.call(self.stub.SignalSaga, request)
 
     def operate(self, operation: str, saga_id: str, reason: str = "") -> pb.Saga:
         """Run an operator call (retry, pause, resume, cancel, terminate); returns the saga after it."""

@@ -54,7 +54,12 @@ def list_sagas(
     *,
     config: ClientConfig,
 ) -> None:
-    """List sagas, newest first, filtered by status, type, age and order id; one page at a time."""
+    """List sagas, newest first, filtered by status, type, age and order id; one page at a time.
+
+    A child saga (one another saga started, e.g. the FulfilmentSaga of an OrderSaga v2) has its type
+    marked ↳; `saga show` names its parent. Where the table is wider than the terminal, each saga takes
+    two lines instead, so its id is never cut.
+    """
     from sagactl.client import SagaClient
     from sagactl.render import list_dict, saga_list
 
@@ -80,7 +85,7 @@ def list_sagas(
     "  saga show 3f2a9c0e...\n\n"
     "  saga show ord-42                 (an order id works too)\n\n"
     "  saga show ord-42 --history\n\n"
-    "  saga show ord-42 --json"
+    "  saga show ord-42 --json | jq '.waits, .children'"
 )
 @calls_orchestrator
 def show(
@@ -94,9 +99,23 @@ def show(
     """Describe one saga: its header, each step's state and tries, every call as a timeline table
     (attempts, durations, codes, messages, compensations), and the calls as bars on the saga's time axis,
     so a slow step or a retry storm stands out.
+
+    A saga that waits says for what (a timer, a signal, an approval, a child) and which command ends the
+    wait; a saga that started others lists its children (step, id, type, status), and a child names its
+    parent. An order id of OrderSaga v2 names the order's saga and its FulfilmentSaga child: it shows the
+    order's.
     """
     from sagactl.client import SagaClient
-    from sagactl.render import saga_bars, saga_dict, saga_header, saga_history, saga_steps, saga_timeline
+    from sagactl.render import (
+        saga_bars,
+        saga_children,
+        saga_dict,
+        saga_header,
+        saga_history,
+        saga_steps,
+        saga_timeline,
+        saga_waits,
+    )
 
     with SagaClient(config) as client:
         saga = client.resolve(saga_ref)
@@ -107,9 +126,17 @@ def show(
 
     console = new_console()
     console.print(saga_header(saga))
+    if saga.waits:
+        console.print()
+        console.print(Text("waiting for", style="bold underline"))
+        console.print(saga_waits(saga))
     console.print()
     console.print(Text("steps", style="bold underline"))
     console.print(saga_steps(saga))
+    if saga.children:
+        console.print()
+        console.print(Text("children", style="bold underline"))
+        console.print(saga_children(saga))
     console.print()
     console.print(Text("timeline", style="bold underline"))
     console.print(saga_timeline(saga))

@@ -8,14 +8,17 @@ from typing import TYPE_CHECKING
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from google.protobuf.timestamp_pb2 import Timestamp
-    from rich.console import RenderableType
+    from rich.console import Console, ConsoleOptions, RenderableType
     from rich.table import Table
     from rich.text import Text
 
 # rich is imported inside the functions that draw, so the JSON forms (saga --json) run without it.
 
 __all__ = [
+    "CHILD_MARK",
     "IN_FLIGHT",
     "STATUS_STYLE",
     "age",
@@ -25,16 +28,20 @@ __all__ = [
     "json_text",
     "list_dict",
     "saga_bars",
+    "saga_children",
     "saga_dict",
     "saga_header",
     "saga_history",
     "saga_list",
     "saga_steps",
     "saga_timeline",
+    "saga_waits",
     "stats_dict",
     "stats_view",
     "status_name",
+    "step_kind",
     "took_seconds",
+    "wait_dict",
 ]
 
 STATUS_STYLE = {
@@ -56,6 +63,21 @@ def _seconds(stamp: Timestamp) -> float:
     return stamp.ToNanoseconds() / 1e9
 
 
+class _Fitting:
+    """A table where the console is wide enough for it, else the narrow form of the same content."""
+
+    def __init__(self, wide: Table, narrow: RenderableType) -> None:
+        self.wide = wide
+        self.narrow = narrow
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterator[RenderableType]:
+        from rich.measure import Measurement
+
+        # Measurement.get clamps to the width it is given: measure against more room than there is.
+        wanted = Measurement.get(console, options.update_width(10 * options.max_width), self.wide).maximum
+        yield self.wide if wanted <= options.max_width else self.narrow
+
+
 def _attempts(saga: pb.Saga) -> list[tuple[pb.SagaStep, pb.StepAttempt]]:
     rows = [(step, attempt) for step in saga.steps for attempt in step.attempts]
     return sorted(rows, key=lambda row: _seconds(row[1].started_at))
@@ -69,10 +91,14 @@ def saga_header(saga: pb.Saga) -> Text:
     took = (_seconds(saga.ended_at) - _seconds(saga.created_at)) * 1000 if ended else None
     header = Text()
     header.append(f"{saga.saga_type} v{saga.definition_version}  ", style="bold")
-    header.append(f"order {saga.business_key}  saga {saga.saga_id}  ")
+    header.append(f"order {saga.business_key}  ")
     header.append(status, style=STATUS_STYLE.get(status, "bold"))
     if took is not None:
         header.append(f"  in {took:.1f} ms")
+    # On a line of its own, so the first fits 80 columns and the id is never broken.
+    header.append(f"\n  saga {saga.saga_id}")
+    if saga.parent_saga_id:
+        header.append(f"\n  child of saga {saga.parent_saga_id}")
     if saga.last_error:
         header.append(f"\n  last error: {saga.last_error}", style="dim")
     if saga.steps_maybe_applied:
@@ -86,32 +112,49 @@ def saga_header(saga: pb.Saga) -> Text:
     return header
 
 
-def saga_timeline(saga: pb.Saga) -> Table:
-    """One row per call: step, direction, attempt, start offset, duration, code and message."""
+def _timeline_table(saga: pb.Saga, *, messages: bool) -> Table:
     from rich.table import Table
     from rich.text import Text
 
     table = Table(show_edge=False, pad_edge=False, header_style="bold")
-    for column in ("step", "direction", "try", "at ms", "took ms", "code", "message"):
-        table.add_column(column, justify="right" if column in ("try", "at ms", "took ms") else "left")
+    for column in ("step", "direction", "try", "at ms", "took ms", "code", *(("message",) if messages else ())):
+        right = column in ("try", "at ms", "took ms")
+        table.add_column(column, justify="right" if right else "left", no_wrap=column != "message")
     origin = _seconds(saga.created_at)
     for step, attempt in _attempts(saga):
         started = _seconds(attempt.started_at)
         took = (_seconds(attempt.ended_at) - started) * 1000
         code_style = "green" if attempt.code == "OK" else "red"
-        table.add_row(
+        row: list[RenderableType] = [
             step.name,
             attempt.direction,
             str(attempt.attempt),
             f"{(started - origin) * 1000:.1f}",
             f"{took:.1f}",
             Text(attempt.code, style=code_style),
-            attempt.message[:80],
-        )
+        ]
+        table.add_row(*row, *((attempt.message[:80],) if messages else ()))
     for step in saga.steps:
         if step.state in ("running", "compensating"):
-            table.add_row(step.name, step.state, "", "", "", Text("in flight", style="cyan"), "")
+            table.add_row(step.name, step.state, "", "", "", Text("in flight", style="cyan"))
     return table
+
+
+def _timeline_messages(saga: pb.Saga) -> Text:
+    from rich.text import Text
+
+    with_message = [(step, attempt) for step, attempt in _attempts(saga) if attempt.message]
+    lines = [f"{step.name} {attempt.direction} {attempt.attempt}: {attempt.message}" for step, attempt in with_message]
+    return Text("\n".join(lines), style="dim")
+
+
+def saga_timeline(saga: pb.Saga) -> RenderableType:
+    """One row per call: step, direction, attempt, start offset, duration, code and message (the
+    messages under the table where it does not fit)."""
+    from rich.console import Group
+
+    narrow = Group(_timeline_table(saga, messages=False), _timeline_messages(saga))
+    return _Fitting(_timeline_table(saga, messages=True), narrow)
 
 
 def saga_bars(saga: pb.Saga, width: int = 50) -> RenderableType:
@@ -152,6 +195,7 @@ STATE_MARK = {
     "compensated": ("↺", "yellow"),
     "compensating": ("↺", "cyan"),
     "running": ("…", "cyan"),
+    "waiting": ("⧗", "cyan"),
     "pending": ("·", "dim"),
     "skipped": ("-", "dim"),
 }
@@ -177,52 +221,149 @@ def took_seconds(saga: pb.Saga, now: float) -> float:
     return max(0.0, end - _seconds(saga.created_at))
 
 
-def saga_steps(saga: pb.Saga) -> Table:
-    """One row per step: its state, forward tries, compensation tries, time spent and last error."""
+def _steps_table(saga: pb.Saga, *, errors: bool) -> Table:
     from rich.table import Table
     from rich.text import Text
 
     table = Table(show_edge=False, pad_edge=False, header_style="bold")
-    for column in ("", "step", "state", "tries", "undo", "total ms", "last error"):
-        table.add_column(column, justify="right" if column in ("tries", "undo", "total ms") else "left")
+    for column in ("", "step", "kind", "state", "tries", "undo", "total ms", *(("last error",) if errors else ())):
+        right = column in ("tries", "undo", "total ms")
+        table.add_column(column, justify="right" if right else "left", no_wrap=column != "last error")
     for step in saga.steps:
         mark, style = STATE_MARK.get(step.state, ("?", ""))
         tries = sum(1 for a in step.attempts if a.direction == "action")
         undo = sum(1 for a in step.attempts if a.direction == "compensation")
         spent = sum(_seconds(a.ended_at) - _seconds(a.started_at) for a in step.attempts) * 1000
         retry_style = "bold red" if tries > 1 or undo > 1 else ""
-        table.add_row(
+        row: list[RenderableType] = [
             Text(mark, style=style),
-            step.name,
+            # A branch's steps sit under their parallel group.
+            f"  {step.name}" if step.group else step.name,
+            Text(step_kind(step), style="dim"),
             Text(step.state, style=style),
             Text(str(tries) if tries else "", style=retry_style),
             Text(str(undo) if undo else "", style=retry_style),
             f"{spent:.1f}" if step.attempts else "",
-            Text(step.last_error[:80], style="dim"),
-        )
+        ]
+        table.add_row(*row, *((Text(step.last_error[:80], style="dim"),) if errors else ()))
     return table
 
 
-def saga_list(sagas: list[pb.Saga], now: float) -> Table:
-    """A listing: one saga a row, as ListSagas returns them (newest first)."""
+def _step_errors(saga: pb.Saga) -> Text:
+    from rich.text import Text
+
+    return Text("\n".join(f"{step.name}: {step.last_error}" for step in saga.steps if step.last_error), style="dim")
+
+
+def saga_steps(saga: pb.Saga) -> RenderableType:
+    """One row per step: what it is where not a plain call, its state, forward tries, compensation
+    tries, time spent and last error (the errors under the table where it does not fit)."""
+    from rich.console import Group
+
+    return _Fitting(_steps_table(saga, errors=True), Group(_steps_table(saga, errors=False), _step_errors(saga)))
+
+
+def step_kind(step: pb.SagaStep) -> str:
+    """What a step is, where it is not a plain call on the main sequence: "approval", "branch 2", "timer, branch 1"."""
+    kind = "" if step.kind in ("", "call") else step.kind
+    branch = f"branch {step.branch}" if step.branch else ""
+    return ", ".join(part for part in (kind, branch) if part)
+
+
+# The command that ends a wait of each kind, for the line under its description.
+_WAIT_HINTS = {
+    "approval": "saga approve|reject {saga_id} --step {step}",
+    "signal": "saga signal {saga_id} {signal}",
+    "child": "saga show {child_saga_id}",
+}
+
+
+def saga_waits(saga: pb.Saga) -> Text:
+    """What the saga waits for, a wait a line, each with the command that ends it (or shows it)."""
+    from rich.text import Text
+
+    lines = Text()
+    for wait in saga.waits:
+        if lines:
+            lines.append("\n")
+        lines.append(f"⧗ {wait.description}", style="cyan")
+        hint = _WAIT_HINTS.get(wait.kind)
+        if hint:
+            command = hint.format(
+                saga_id=saga.saga_id, step=wait.step, signal=wait.signal, child_saga_id=wait.child_saga_id
+            )
+            lines.append(f"\n   {command}", style="dim")
+    return lines
+
+
+def saga_children(saga: pb.Saga) -> Table:
+    """The sagas this one started, oldest first: the step that started each, its id, type and status."""
     from rich.table import Table
     from rich.text import Text
 
     table = Table(show_edge=False, pad_edge=False, header_style="bold")
-    for column in ("saga id", "type", "order", "status", "step", "age", "took"):
-        table.add_column(column, justify="right" if column in ("age", "took") else "left", no_wrap=column != "step")
-    for saga in sagas:
-        status = status_name(saga.status)
-        table.add_row(
-            saga.saga_id,
-            f"{saga.saga_type} v{saga.definition_version}",
-            saga.business_key,
-            Text(status, style=STATUS_STYLE.get(status, "")),
-            saga.current_step,
-            age(max(0.0, now - _seconds(saga.created_at))),
-            age(took_seconds(saga, now)) + ("" if saga.HasField("ended_at") else "…"),
-        )
+    for column in ("step", "saga id", "type", "status"):
+        table.add_column(column, no_wrap=column == "saga id")
+    for child in saga.children:
+        status = status_name(child.status) if child.status else ""
+        table.add_row(child.step, child.saga_id, child.saga_type, Text(status, style=STATUS_STYLE.get(status, "")))
     return table
+
+
+# Marks a child saga (one another saga started) in a listing.
+CHILD_MARK = "↳ "
+
+
+class _SagaListing:
+    """The rows of a listing: a table, or two lines a saga for a terminal the table does not fit
+    (80 columns), so that no saga id, which the other commands take, is ever cut."""
+
+    def __init__(self, sagas: list[pb.Saga], now: float) -> None:
+        self.sagas = sagas
+        self.now = now
+
+    def _cells(self, saga: pb.Saga) -> tuple[str, str, str, str, str, str]:
+        kind = f"{CHILD_MARK if saga.parent_saga_id else ''}{saga.saga_type} v{saga.definition_version}"
+        took = age(took_seconds(saga, self.now)) + ("" if saga.HasField("ended_at") else "…")
+        return kind, saga.business_key, status_name(saga.status), saga.current_step, self._age(saga), took
+
+    def _age(self, saga: pb.Saga) -> str:
+        return age(max(0.0, self.now - _seconds(saga.created_at)))
+
+    def table(self) -> Table:
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(show_edge=False, pad_edge=False, header_style="bold")
+        for column in ("saga id", "type", "order", "status", "step", "age", "took"):
+            right = column in ("age", "took")
+            table.add_column(column, justify="right" if right else "left", no_wrap=column != "step")
+        for saga in self.sagas:
+            kind, order, status, step, created, took = self._cells(saga)
+            table.add_row(
+                saga.saga_id, kind, order, Text(status, style=STATUS_STYLE.get(status, "")), step, created, took
+            )
+        return table
+
+    def stacked(self) -> Text:
+        from rich.text import Text
+
+        lines = Text()
+        lines.append(f"{'saga id':<32}  {'status':<15}  {'age':>6}  {'took':>6}", style="bold")
+        for saga in self.sagas:
+            kind, order, status, step, created, took = self._cells(saga)
+            lines.append(f"\n{saga.saga_id}  ")
+            lines.append(f"{status:<15}", style=STATUS_STYLE.get(status, ""))
+            lines.append(f"  {created:>6}  {took:>6}\n")
+            detail = f"  {kind} · order {order}" + (f" · at {step}" if step else "")
+            lines.append(detail, style="dim")
+        return lines
+
+
+def saga_list(sagas: list[pb.Saga], now: float) -> RenderableType:
+    """A listing: one saga a row, as ListSagas returns them (newest first); a child saga's type is marked ↳."""
+    listing = _SagaListing(sagas, now)
+    return _Fitting(listing.table(), listing.stacked())
 
 
 def event_line(event: pb.HistoryEvent, status: int | None, origin: float) -> Text:
@@ -344,6 +485,19 @@ def event_dict(event: pb.HistoryEvent, status: int | None = None) -> dict[str, o
     return found
 
 
+def wait_dict(wait: pb.SagaWait) -> dict[str, object]:
+    return {
+        "kind": wait.kind,
+        "step": wait.step,
+        "branch": wait.branch,
+        "signal": wait.signal,
+        "since": _stamp(wait, "since"),
+        "until": _stamp(wait, "until"),
+        "child_saga_id": wait.child_saga_id,
+        "description": wait.description,
+    }
+
+
 def saga_dict(saga: pb.Saga, *, history: bool = True, steps: bool = True) -> dict[str, object]:
     """The saga as plain JSON values: statuses by name, times as RFC 3339 strings (null when unset)."""
     found: dict[str, object] = {
@@ -365,12 +519,28 @@ def saga_dict(saga: pb.Saga, *, history: bool = True, steps: bool = True) -> dic
         "last_error": saga.last_error,
         "trace_id": saga.trace_id,
         "steps_maybe_applied": list(saga.steps_maybe_applied),
+        "parent_saga_id": saga.parent_saga_id,
+        "children": [
+            {
+                "step": child.step,
+                "saga_id": child.saga_id,
+                "saga_type": child.saga_type,
+                # ListSagas leaves a child's status out.
+                "status": status_name(child.status) if child.status else None,
+            }
+            for child in saga.children
+        ],
+        "waits": [wait_dict(wait) for wait in saga.waits],
     }
     if steps:
         found["steps"] = [
             {
                 "name": step.name,
                 "index": step.index,
+                "kind": step.kind,
+                "group": step.group,
+                "branch": step.branch,
+                "child_saga_id": step.child_saga_id,
                 "state": step.state,
                 "last_error": step.last_error,
                 "attempts": [attempt_dict(a) for a in step.attempts],

@@ -52,6 +52,7 @@ _EXAMPLES = (
     ("saga ls --status needs_attention", "sagas waiting for an operator"),
     ("saga show ord-1234", "one saga: steps, timeline, time bars"),
     ("saga retry --status needs_attention --yes", ""),
+    ("saga approve ord-1234", "let an order waiting for its fraud review go on"),
 )
 # The root options: sagactl.app's --version, and typer's own --install-completion, --show-completion and --help.
 OPTIONS = (
@@ -62,8 +63,9 @@ OPTIONS = (
 )
 # Every command, in the order the help lists them, with the first paragraph of its help.
 COMMANDS = {
-    "demo": "Start the local stack, place four demo orders (success, decline, transient failure, out of stock), "
-    "print each saga's outcome and step timeline, then stop everything.",
+    "demo": "Start the local stack with OrderSaga v2, place demo orders (success, decline, transient failure, out "
+    "of stock, and two that wait for a fraud review: one approved with saga approve, one rejected with saga "
+    "reject), print each saga's outcome, steps and timeline and the order's child saga, then stop everything.",
     "up": "Run the local stack in the foreground: the four services and the orchestrator on loopback, with a live "
     "status panel (each process, its port, health, sagas in flight). Ctrl-C stops everything.",
     "order": "Place an order: print the saga id, then follow the saga to its end.",
@@ -78,6 +80,11 @@ COMMANDS = {
     "resume": "Let a paused saga go on.",
     "cancel": "Compensate a running saga now (only before its pivot step, the shipment, has succeeded).",
     "terminate": "Stop a saga where it stands, without compensating; the reason is recorded.",
+    "approve": "Approve a saga's approval step (OrderSaga v2's fraud_review, say): the saga goes on, with your "
+    "token's name on record as the decider.",
+    "reject": "Reject a saga's approval step: the saga compensates, with your token's name and the reason on record.",
+    "signal": "Send a named signal with a JSON payload to a saga that waits for it (or will), by id or by type and "
+    "business key; each signal id is delivered once.",
     "bench": "Benchmark the order saga through the orchestrator against the four calls alone (and peers).",
     "chaos": "Run sagas while killing processes, then check every invariant from the services' own records.",
 }

@@ -162,12 +162,13 @@ PATIENT_PARENT_SAGA = SagaDefinition(
 
 
 # fmt: off
-# ParallelOrder whose reserve may take 20 s (a lease lasts 30): a latency fault holds it on the wire
-# while the charge branch fails, long enough to kill the orchestrator there however busy the machine is.
+# ParallelOrder whose reserve may take 20 s (a lease lasts 30) and whose charge waits 2 s: a latency
+# fault holds the reserve on the wire while the charge branch fails, or while the saga is paused,
+# long enough to kill the orchestrator there however busy the machine is.
 PATIENT_PARALLEL_ORDER_SAGA = SagaDefinition(
     name="PatientParallelOrder", version=1, input_type=PlaceOrderRequest, business_key=order_key,
     steps=(Parallel("prepare", branches=((dataclasses.replace(RESERVE_STOCK, timeout=20.0),),
-                                         (Timer("settle", duration=0.5), CHARGE_PAYMENT),
+                                         (Timer("settle", duration=2.0), CHARGE_PAYMENT),
                                          (CREATE_SHIPMENT,))),),
 )
 # Reserve, an approval that reminds after one second (v2's reminds after an hour), charge.

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,22 @@ FAULTS = {
 ENDED = {"COMPLETED", "COMPENSATED", "NEEDS_ATTENTION", "TERMINATED"}
 WAIT_SECONDS = 30.0
 PANEL_ROW = r"(inventory|payment|shipping|notify|orchestrator)\s+127\.0\.0\.1:(\d+)\s+(\d+)\s+SERVING"
-COMMANDS = ["up", "order", "ls", "show", "watch", "stats", "retry", "pause", "resume", "cancel", "terminate"]
+COMMANDS = [
+    "up",
+    "order",
+    "ls",
+    "show",
+    "watch",
+    "stats",
+    "retry",
+    "pause",
+    "resume",
+    "cancel",
+    "terminate",
+    "approve",
+    "reject",
+    "signal",
+]
 
 
 @pytest.fixture(scope="module")
@@ -88,16 +103,23 @@ def status(saga: pb.Saga) -> str:
     return pb.SagaStatus.Name(saga.status).removeprefix("SAGA_STATUS_")
 
 
-def wait_status(stub: pb_grpc.OrchestratorServiceStub, saga_id: str, wanted: set[str]) -> pb.Saga:
+def wait_saga(
+    stub: pb_grpc.OrchestratorServiceStub, saga_id: str, condition: Callable[[pb.Saga], bool], what: str
+) -> pb.Saga:
+    """Poll GetSaga until condition holds; fail with the saga's history after WAIT_SECONDS."""
     deadline = time.monotonic() + WAIT_SECONDS
     while True:
         found = get(stub, saga_id)
-        if status(found) in wanted:
+        if condition(found):
             return found
         if time.monotonic() > deadline:
             history = "\n".join(f"  {e.seq} {e.type} {e.step} {e.code} {e.message}" for e in found.history)
-            pytest.fail(f"saga {saga_id} is {status(found)}, not {wanted}, after {WAIT_SECONDS:.0f}s:\n{history}")
+            pytest.fail(f"saga {saga_id} is {status(found)}, not {what}, after {WAIT_SECONDS:.0f}s:\n{history}")
         time.sleep(0.05)
+
+
+def wait_status(stub: pb_grpc.OrchestratorServiceStub, saga_id: str, wanted: set[str]) -> pb.Saga:
+    return wait_saga(stub, saga_id, lambda found: status(found) in wanted, str(wanted))
 
 
 def placed(saga: Any, prefix: str, *extra: str) -> tuple[str, str]:

@@ -57,7 +57,9 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
             database_url = resources.enter_context(
                 fresh_postgres_database(request.getfixturevalue("postgres_admin_url"))
             )
-        yield resources.enter_context(start_stack(data_dir, orchestrator_env=V2_ENV, database_url=database_url))
+        running = start_stack(data_dir, orchestrator_env=V2_ENV, database_url=database_url)
+        resources.callback(running.stop)
+        yield running
 
 
 @pytest.fixture
