@@ -40,6 +40,7 @@ from orchestrator.engine import (
     child_past_pivot,
 )
 from orchestrator.errors import (
+    ApprovalAlreadyDecided,
     ApprovalRoleRequired,
     BusinessKeyConflict,
     IllegalState,
@@ -945,6 +946,8 @@ class Dispatcher:
         if found is not None:
             _, stored_hash, received_at = found
             if stored_hash != payload_hash:
+                if item.decision:
+                    raise ApprovalAlreadyDecided(saga.saga_id, item.name.removeprefix(approval_signal("")))
                 raise SignalIdReused(saga.saga_id, item.signal_id)
             return SignalReceipt(saga, received_at, True)
         if saga.ended:

@@ -21,6 +21,7 @@ from orchestrator.definition import (
     StepKind,
     Timer,
     WaitForSignal,
+    approval_signal,
     encode_child_result,
 )
 from orchestrator.errors import IllegalState
@@ -828,6 +829,13 @@ class Engine:
         if decision:
             stored["decision"] = base64.b64encode(decision).decode()
         saga.progress.signals.append(stored)
+        if decision:
+            verdict = json.loads(decision)
+            step = name.removeprefix(approval_signal(""))
+            what = "approve" if verdict.get("approved") else "reject"
+            reason = str(verdict.get("reason", ""))
+            message = f"decision: {what}" + (f" ({reason})" if reason else "")
+            return Transition([Event(EventType.SIGNAL_RECEIVED, now, step, message=message, actor=actor)])
         return Transition([Event(EventType.SIGNAL_RECEIVED, now, message=f"{name} ({signal_id})", actor=actor)])
 
     def _start_child(

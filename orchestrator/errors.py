@@ -5,6 +5,7 @@ from __future__ import annotations
 from svckit.errors import FailedPrecondition, NotFound, PermissionDenied, ResourceExhausted
 
 __all__ = [
+    "ApprovalAlreadyDecided",
     "ApprovalRoleRequired",
     "BusinessKeyConflict",
     "IllegalState",
@@ -96,6 +97,20 @@ class SignalIdReused(FailedPrecondition):
             f"signal id {signal_id!r} was delivered to saga {saga_id} with another name or payload; "
             "use a new id for a new signal",
             {"saga_id": saga_id, "signal_id": signal_id},
+        )
+
+
+class ApprovalAlreadyDecided(FailedPrecondition):
+    """The other decision for an approval that was decided already: a decision is final.
+
+    Its reason stays SIGNAL_ID_REUSED (a decision is the approval's one signal), the message says it plainly.
+    """
+
+    def __init__(self, saga_id: str, step: str) -> None:
+        super().__init__(
+            "SIGNAL_ID_REUSED",
+            f"approval {step} of saga {saga_id} was decided already, the other way; a decision is final",
+            {"saga_id": saga_id, "step": step},
         )
 
 

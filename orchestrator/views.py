@@ -134,16 +134,24 @@ def _steps(
             view.state = "succeeded"
         elif name in failed:
             view.state = "failed"
-        elif name in finished_waits or (view.kind == "parallel" and _group_done(definition, view, steps)):
+        elif name in finished_waits:
             view.state = "failed" if view.last_error else "succeeded"
         else:
             view.state = "skipped" if saga.ended else "pending"
+    # A group stands where its branches stand: a second pass, once every branch step has its state.
+    for view in steps.values():
+        if view.kind == "parallel" and view.name not in skipped:
+            view.state = _group_state([s.state for s in steps.values() if s.group == view.name], view.state)
     return list(steps.values())
 
 
-def _group_done(definition: SagaDefinition, group: pb.SagaStep, steps: dict[str, pb.SagaStep]) -> bool:
-    members = [f.node.name for f in definition.nodes if f.group == group.index]
-    return bool(members) and all(steps[name].state in ("succeeded", "compensated", "skipped") for name in members)
+def _group_state(members: list[str], otherwise: str) -> str:
+    for state in ("compensating", "running", "waiting", "failed", "compensated"):
+        if state in members:
+            return state
+    if members and all(state in ("succeeded", "skipped") for state in members):
+        return "succeeded"
+    return otherwise
 
 
 def _clock(at: float) -> str:
