@@ -1,4 +1,4 @@
-"""Helpers for tests that drive a real orchestrator stack: requests, stubs, bounded polling and history views."""
+"""Helpers for tests that drive a real orchestrator stack: requests, clients, bounded polling and history views."""
 
 from __future__ import annotations
 
@@ -9,26 +9,20 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
+from devstack.audit import describe as render
+from devstack.audit import status_name
+from devstack.clients import Clients
 from devstack.launcher import ManagedProcess
 from devstack.orders import order_request
 from devstack.stack import LocalStack, StackConfig
-from sagasuite.inventory.v1 import inventory_service_pb2 as inventory_pb
-from sagasuite.inventory.v1 import inventory_service_pb2_grpc as inventory_grpc
-from sagasuite.notify.v1 import notify_service_pb2 as notify_pb
-from sagasuite.notify.v1 import notify_service_pb2_grpc as notify_grpc
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
-from sagasuite.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
 from sagasuite.payment.v1 import payment_service_pb2 as payment_pb
-from sagasuite.payment.v1 import payment_service_pb2_grpc as payment_grpc
-from sagasuite.shipping.v1 import shipping_service_pb2 as shipping_pb
-from sagasuite.shipping.v1 import shipping_service_pb2_grpc as shipping_grpc
 
 __all__ = [
     "DEFINITIONS_MODULE",
@@ -122,48 +116,6 @@ def frozen(process: ManagedProcess) -> Iterator[None]:
         process.popen.send_signal(signal.SIGCONT)
 
 
-@dataclass
-class Clients:
-    """Stubs for the orchestrator and for each service's own read API (their ledgers)."""
-
-    stack: LocalStack
-    orchestrator: pb_grpc.OrchestratorServiceAsyncStub
-    inventory: inventory_grpc.InventoryServiceAsyncStub
-    payment: payment_grpc.PaymentServiceAsyncStub
-    shipping: shipping_grpc.ShippingServiceAsyncStub
-    notify: notify_grpc.NotifyServiceAsyncStub
-
-    async def saga(self, saga_id: str) -> pb.Saga:
-        return (await self.orchestrator.GetSaga(pb.GetSagaRequest(saga_id=saga_id))).saga
-
-    async def place(self, request: pb.PlaceOrderRequest) -> str:
-        response = await self.orchestrator.PlaceOrder(request)
-        assert response.created
-        return response.saga_id
-
-    async def reservation(self, order_id: str) -> inventory_pb.Reservation:
-        request = inventory_pb.GetReservationRequest(order_id=order_id)
-        return (await self.inventory.GetReservation(request)).reservation
-
-    async def payment_of(self, order_id: str) -> payment_pb.Payment:
-        return (await self.payment.GetPayment(payment_pb.GetPaymentRequest(order_id=order_id))).payment
-
-    async def ledger(self, order_id: str) -> list[payment_pb.LedgerEntry]:
-        request = payment_pb.ListPaymentsRequest(order_id=order_id, page_size=500)
-        return list((await self.payment.ListPayments(request)).entries)
-
-    async def shipment(self, order_id: str) -> shipping_pb.Shipment:
-        return (await self.shipping.GetShipment(shipping_pb.GetShipmentRequest(order_id=order_id))).shipment
-
-    async def notifications(self, order_id: str) -> list[notify_pb.Notification]:
-        request = notify_pb.ListNotificationsRequest(order_id=order_id, page_size=100)
-        return list((await self.notify.ListNotifications(request)).notifications)
-
-    async def stock(self, sku: str) -> inventory_pb.StockLevel:
-        (level,) = (await self.inventory.GetStock(inventory_pb.GetStockRequest(skus=[sku]))).levels
-        return level
-
-
 # The bases are generic only in grpc-stubs (subscripting them at run time raises).
 class BearerAuth(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
     """Adds `authorization: Bearer <token>` to every call of the channel it is installed on."""
@@ -188,46 +140,17 @@ class BearerAuth(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClien
 async def connect(
     stack: LocalStack, token: str = OPERATOR_TOKEN, interceptors: Sequence[Any] = ()
 ) -> AsyncIterator[Clients]:
-    """One channel per process, opened in the running test's event loop; orchestrator calls carry
+    """Clients of the stack, opened in the running test's event loop; orchestrator calls carry
     `token` and go through `interceptors` (a tracing client's, say)."""
     orchestrator_interceptors: list[Any] = [*interceptors, *([BearerAuth(token)] if token else [])]
-    channels = {
-        name: grpc.aio.insecure_channel(
-            process.address, interceptors=orchestrator_interceptors if name == "orchestrator" else None
-        )
-        for name, process in stack.processes().items()
-    }
-    try:
-        yield Clients(
-            stack,
-            pb_grpc.OrchestratorServiceStub(channels["orchestrator"]),
-            inventory_grpc.InventoryServiceStub(channels["inventory"]),
-            payment_grpc.PaymentServiceStub(channels["payment"]),
-            shipping_grpc.ShippingServiceStub(channels["shipping"]),
-            notify_grpc.NotifyServiceStub(channels["notify"]),
-        )
-    finally:
-        for channel in channels.values():
-            await channel.close(None)
+    async with Clients.of(stack, orchestrator_interceptors=orchestrator_interceptors) as clients:
+        yield clients
 
 
 async def refused(call: Awaitable[Any]) -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call
     return info.value
-
-
-def status_name(status: int) -> str:
-    return pb.SagaStatus.Name(status).removeprefix("SAGA_STATUS_")
-
-
-def render(saga: pb.Saga) -> str:
-    """The saga and its history, one event a line, for failure messages."""
-    lines = [f"saga {saga.saga_id} {saga.saga_type} v{saga.definition_version} {status_name(saga.status)}"]
-    lines += [
-        f"  {e.seq:3d} {e.type:28s} {e.step:18s} #{e.attempt} {e.code} {e.message} [{e.actor}]" for e in saga.history
-    ]
-    return "\n".join(lines)
 
 
 def events(saga: pb.Saga, *types: str) -> list[tuple[str, str, str]]:
@@ -263,7 +186,7 @@ async def wait_for(
         if check(saga):
             return saga
         if time.monotonic() > deadline:
-            orchestrator = clients.stack.orchestrator
+            orchestrator = clients.stack.orchestrator if clients.stack else None
             log = orchestrator.log_tail(15) if orchestrator else ""
             pytest.fail(f"saga did not reach the expected state in {within:.0f}s:\n{render(saga)}\n{log}")
         await asyncio.sleep(0.05)

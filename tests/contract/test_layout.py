@@ -19,7 +19,9 @@ MAY_IMPORT: Mapping[str, frozenset[str]] = {
     "svckit": frozenset({"sagasuite"}),
     "orchestrator": frozenset({"sagasuite", "svckit"}),
     **{service: frozenset({"sagasuite", "svckit"}) for service in SERVICES},
-    "devstack": frozenset({"sagasuite", "svckit"}),
+    # devstack.chaos_definitions builds the chaos harness's own saga definition, which the
+    # orchestrator process loads (SAGA_DEFINITIONS), with the orchestrator's definition API.
+    "devstack": frozenset({"sagasuite", "svckit", "orchestrator"}),
     # The floor and the peers send the order saga's own requests (its compensation reason).
     "bench": frozenset({"sagasuite", "svckit", "orchestrator", "devstack"}),
     "sagactl": frozenset({"sagasuite", "svckit", "devstack", "bench"}),

@@ -195,9 +195,9 @@ def _unknown_field_count(message: Message) -> int:
     return count
 
 
-def _stored_input(stack: LocalStack, saga_id: str) -> bytes:
+def _stored_input(stack: LocalStack | None, saga_id: str) -> bytes:
     """The saga's input as the orchestrator stored it, read from its SQLite file."""
-    assert stack.orchestrator is not None
+    assert stack is not None and stack.orchestrator is not None
     (database,) = Path(stack.orchestrator.env["DATA_DIR"]).glob("*.db")
     with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as connection:
         (row,) = connection.execute("SELECT input FROM saga WHERE saga_id = ?", (saga_id,)).fetchall()

@@ -109,7 +109,7 @@ async def test_killed_replica_sagas_are_finished_by_the_survivor(
 ) -> None:
     stack, replica_b = start_replicas(tmp_path, postgres_url, lease_seconds=3, latency_ms=100)
     assert stack.orchestrator is not None
-    clients = Clients.of(stack, orchestrator_address=replica_b.address)
+    clients = Clients.of(stack, orchestrators=[replica_b.address])
     channel_a = open_channel(stack.address)
     try:
         stub_a = pb_grpc.OrchestratorServiceStub(channel_a)
@@ -161,7 +161,7 @@ async def test_graceful_stop_releases_leases_to_the_other_replica(
     # Leases far longer than the wait below: the sagas can only finish if the stopping replica gives them up.
     stack, replica_b = start_replicas(tmp_path, postgres_url, lease_seconds=25, latency_ms=150)
     assert stack.orchestrator is not None
-    clients = Clients.of(stack, orchestrator_address=replica_b.address)
+    clients = Clients.of(stack, orchestrators=[replica_b.address])
     channel_a = open_channel(stack.address)
     try:
         stub_a = pb_grpc.OrchestratorServiceStub(channel_a)
