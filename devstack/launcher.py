@@ -14,6 +14,8 @@ from pathlib import Path
 __all__ = ["ManagedProcess", "ProcessFailed"]
 
 _READY = re.compile(rb"READY port=(\d+)")
+# How long a restart keeps trying its old port when something else holds it for a moment.
+_REBIND_SECONDS = 10.0
 
 
 class ProcessFailed(RuntimeError):
@@ -122,4 +124,13 @@ class ManagedProcess:
         """Start again on the same port, so clients with a static address find it."""
         if self.port is not None:
             self.env["PORT"] = str(self.port)
-        return self.start(timeout)
+        deadline = time.monotonic() + _REBIND_SECONDS
+        while True:
+            try:
+                return self.start(timeout)
+            except ProcessFailed as error:
+                # On a busy machine another process's socket (a client's ephemeral port) can hold
+                # the freed port for a moment: the same port again, for a few seconds.
+                if "cannot listen on" not in str(error).splitlines()[-1] or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.25)
