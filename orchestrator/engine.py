@@ -51,6 +51,7 @@ __all__ = [
     "SagaState",
     "Status",
     "Transition",
+    "utc_clock",
 ]
 
 # Short names of the vocabulary (orchestrator.status) the engine and its tests use throughout.
@@ -502,7 +503,7 @@ class Engine:
                 return
             wake = self._capped(definition, saga, index, wake)
             transition.events.append(
-                Event(EventType.WAIT_STARTED, now, node.name, message=_on(track, f"timer fires at {_clock(wake)}"))
+                Event(EventType.WAIT_STARTED, now, node.name, message=_on(track, f"timer fires at {utc_clock(wake)}"))
             )
             self._put(transition, track, self._wait(saga, index, track, now, wake, due=wake))
         elif isinstance(node, WaitForSignal | Approval):
@@ -510,7 +511,10 @@ class Engine:
             what = f"approval by {node.role}" if isinstance(node, Approval) else f"signal {node.signal_name}"
             transition.events.append(
                 Event(
-                    EventType.WAIT_STARTED, now, node.name, message=_on(track, f"{what}, times out at {_clock(until)}")
+                    EventType.WAIT_STARTED,
+                    now,
+                    node.name,
+                    message=_on(track, f"{what}, times out at {utc_clock(until)}"),
                 )
             )
             if self._stored_signal(saga, node.signal_name) is not None:
@@ -704,7 +708,9 @@ class Engine:
                             EventType.APPROVAL_REMINDER,
                             now,
                             node.name,
-                            message=f"waiting since {_clock(command.first_attempt_at)}; times out at {_clock(until)}",
+                            message=(
+                                f"waiting since {utc_clock(command.first_attempt_at)}; times out at {utc_clock(until)}"
+                            ),
                         )
                     )
                     command = Command(
@@ -737,7 +743,7 @@ class Engine:
         transition: Transition,
     ) -> Transition:
         what = "approval" if isinstance(node, Approval) else f"signal {node.signal_name}"
-        saga.last_error = f"{node.name}: {what} timed out at {_clock(command.wait_until or now)}"
+        saga.last_error = f"{node.name}: {what} timed out at {utc_clock(command.wait_until or now)}"
         transition.events.append(
             Event(EventType.WAIT_TIMED_OUT, now, node.name, code="DEADLINE_EXCEEDED", message=saga.last_error)
         )
@@ -1281,7 +1287,8 @@ def _on(track: str, text: str) -> str:
     return f"branch {track}: {text}" if track else text
 
 
-def _clock(at: float) -> str:
+def utc_clock(at: float) -> str:
+    """A time as the history and the waits print it: UTC, to the second, ISO 8601."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
 
 

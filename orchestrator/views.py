@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 from typing import Any
 
 import grpc
@@ -10,6 +9,7 @@ import grpc
 from orchestrator.definition import Approval, ChildSaga, SagaDefinition, Step, Timer, WaitForSignal
 from orchestrator.engine import WAIT_END_EVENTS as _WAIT_END_EVENTS
 from orchestrator.engine import SagaState
+from orchestrator.engine import utc_clock as _clock
 from orchestrator.status import Direction, EventType, SagaStatus
 from orchestrator.store import EventRecord, PendingCommand
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
@@ -152,10 +152,6 @@ def _group_state(members: list[str], otherwise: str) -> str:
     if members and all(state in ("succeeded", "skipped") for state in members):
         return "succeeded"
     return otherwise
-
-
-def _clock(at: float) -> str:
-    return datetime.datetime.fromtimestamp(at, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def waits_pb(definition: SagaDefinition, saga: SagaState, pendings: dict[str, PendingCommand]) -> list[pb.SagaWait]:
