@@ -61,16 +61,20 @@ class PlaceOrderResponse(_message.Message):
     def __init__(self, saga_id: _Optional[str] = ..., status: _Optional[_Union[SagaStatus, str]] = ..., created: bool = ...) -> None: ...
 
 class StartSagaRequest(_message.Message):
-    __slots__ = ("saga_type", "business_key", "input", "deadline_seconds")
+    __slots__ = ("saga_type", "business_key", "input", "deadline_seconds", "input_struct", "input_json")
     SAGA_TYPE_FIELD_NUMBER: _ClassVar[int]
     BUSINESS_KEY_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_STRUCT_FIELD_NUMBER: _ClassVar[int]
+    INPUT_JSON_FIELD_NUMBER: _ClassVar[int]
     saga_type: str
     business_key: str
     input: _any_pb2.Any
     deadline_seconds: int
-    def __init__(self, saga_type: _Optional[str] = ..., business_key: _Optional[str] = ..., input: _Optional[_Union[_any_pb2.Any, _Mapping]] = ..., deadline_seconds: _Optional[int] = ...) -> None: ...
+    input_struct: _struct_pb2.Struct
+    input_json: str
+    def __init__(self, saga_type: _Optional[str] = ..., business_key: _Optional[str] = ..., input: _Optional[_Union[_any_pb2.Any, _Mapping]] = ..., deadline_seconds: _Optional[int] = ..., input_struct: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., input_json: _Optional[str] = ...) -> None: ...
 
 class StartSagaResponse(_message.Message):
     __slots__ = ("saga_id", "status", "created", "definition_version")
@@ -113,7 +117,7 @@ class StepAttempt(_message.Message):
     def __init__(self, direction: _Optional[str] = ..., attempt: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class SagaStep(_message.Message):
-    __slots__ = ("name", "index", "state", "attempts", "last_error", "kind", "group", "branch", "child_saga_id")
+    __slots__ = ("name", "index", "state", "attempts", "last_error", "kind", "group", "branch", "child_saga_id", "result_json", "result_truncated")
     NAME_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +127,8 @@ class SagaStep(_message.Message):
     GROUP_FIELD_NUMBER: _ClassVar[int]
     BRANCH_FIELD_NUMBER: _ClassVar[int]
     CHILD_SAGA_ID_FIELD_NUMBER: _ClassVar[int]
+    RESULT_JSON_FIELD_NUMBER: _ClassVar[int]
+    RESULT_TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     name: str
     index: int
     state: str
@@ -132,7 +138,9 @@ class SagaStep(_message.Message):
     group: str
     branch: int
     child_saga_id: str
-    def __init__(self, name: _Optional[str] = ..., index: _Optional[int] = ..., state: _Optional[str] = ..., attempts: _Optional[_Iterable[_Union[StepAttempt, _Mapping]]] = ..., last_error: _Optional[str] = ..., kind: _Optional[str] = ..., group: _Optional[str] = ..., branch: _Optional[int] = ..., child_saga_id: _Optional[str] = ...) -> None: ...
+    result_json: str
+    result_truncated: bool
+    def __init__(self, name: _Optional[str] = ..., index: _Optional[int] = ..., state: _Optional[str] = ..., attempts: _Optional[_Iterable[_Union[StepAttempt, _Mapping]]] = ..., last_error: _Optional[str] = ..., kind: _Optional[str] = ..., group: _Optional[str] = ..., branch: _Optional[int] = ..., child_saga_id: _Optional[str] = ..., result_json: _Optional[str] = ..., result_truncated: bool = ...) -> None: ...
 
 class SagaWait(_message.Message):
     __slots__ = ("kind", "step", "branch", "signal", "since", "until", "child_saga_id", "description")
@@ -187,7 +195,7 @@ class HistoryEvent(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., type: _Optional[str] = ..., step: _Optional[str] = ..., attempt: _Optional[int] = ..., code: _Optional[str] = ..., message: _Optional[str] = ..., actor: _Optional[str] = ...) -> None: ...
 
 class Saga(_message.Message):
-    __slots__ = ("saga_id", "saga_type", "definition_version", "business_key", "status", "created_at", "updated_at", "ended_at", "deadline_at", "current_step", "last_error", "steps", "history", "trace_id", "steps_maybe_applied", "waits", "parent_saga_id", "children")
+    __slots__ = ("saga_id", "saga_type", "definition_version", "business_key", "status", "created_at", "updated_at", "ended_at", "deadline_at", "current_step", "last_error", "steps", "history", "trace_id", "steps_maybe_applied", "waits", "parent_saga_id", "children", "input_json", "input_truncated", "contract_hash")
     SAGA_ID_FIELD_NUMBER: _ClassVar[int]
     SAGA_TYPE_FIELD_NUMBER: _ClassVar[int]
     DEFINITION_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -206,6 +214,9 @@ class Saga(_message.Message):
     WAITS_FIELD_NUMBER: _ClassVar[int]
     PARENT_SAGA_ID_FIELD_NUMBER: _ClassVar[int]
     CHILDREN_FIELD_NUMBER: _ClassVar[int]
+    INPUT_JSON_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    CONTRACT_HASH_FIELD_NUMBER: _ClassVar[int]
     saga_id: str
     saga_type: str
     definition_version: int
@@ -224,7 +235,10 @@ class Saga(_message.Message):
     waits: _containers.RepeatedCompositeFieldContainer[SagaWait]
     parent_saga_id: str
     children: _containers.RepeatedCompositeFieldContainer[ChildLink]
-    def __init__(self, saga_id: _Optional[str] = ..., saga_type: _Optional[str] = ..., definition_version: _Optional[int] = ..., business_key: _Optional[str] = ..., status: _Optional[_Union[SagaStatus, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deadline_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., current_step: _Optional[str] = ..., last_error: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[SagaStep, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[HistoryEvent, _Mapping]]] = ..., trace_id: _Optional[str] = ..., steps_maybe_applied: _Optional[_Iterable[str]] = ..., waits: _Optional[_Iterable[_Union[SagaWait, _Mapping]]] = ..., parent_saga_id: _Optional[str] = ..., children: _Optional[_Iterable[_Union[ChildLink, _Mapping]]] = ...) -> None: ...
+    input_json: str
+    input_truncated: bool
+    contract_hash: str
+    def __init__(self, saga_id: _Optional[str] = ..., saga_type: _Optional[str] = ..., definition_version: _Optional[int] = ..., business_key: _Optional[str] = ..., status: _Optional[_Union[SagaStatus, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deadline_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., current_step: _Optional[str] = ..., last_error: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[SagaStep, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[HistoryEvent, _Mapping]]] = ..., trace_id: _Optional[str] = ..., steps_maybe_applied: _Optional[_Iterable[str]] = ..., waits: _Optional[_Iterable[_Union[SagaWait, _Mapping]]] = ..., parent_saga_id: _Optional[str] = ..., children: _Optional[_Iterable[_Union[ChildLink, _Mapping]]] = ..., input_json: _Optional[str] = ..., input_truncated: bool = ..., contract_hash: _Optional[str] = ...) -> None: ...
 
 class ListSagasRequest(_message.Message):
     __slots__ = ("statuses", "saga_type", "created_after", "created_before", "business_key", "page_size", "page_token")
@@ -409,3 +423,73 @@ class DecideApprovalResponse(_message.Message):
     saga: Saga
     duplicate: bool
     def __init__(self, saga: _Optional[_Union[Saga, _Mapping]] = ..., duplicate: bool = ...) -> None: ...
+
+class ListDefinitionsRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ListDefinitionsResponse(_message.Message):
+    __slots__ = ("definitions",)
+    DEFINITIONS_FIELD_NUMBER: _ClassVar[int]
+    definitions: _containers.RepeatedCompositeFieldContainer[SagaDefinitionInfo]
+    def __init__(self, definitions: _Optional[_Iterable[_Union[SagaDefinitionInfo, _Mapping]]] = ...) -> None: ...
+
+class SagaDefinitionInfo(_message.Message):
+    __slots__ = ("name", "version", "source", "input_type", "fingerprint", "contract_hash", "deadline_seconds", "services", "nodes", "running", "latest")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    CONTRACT_HASH_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SERVICES_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    LATEST_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    source: str
+    input_type: str
+    fingerprint: str
+    contract_hash: str
+    deadline_seconds: float
+    services: _containers.RepeatedScalarFieldContainer[str]
+    nodes: _containers.RepeatedCompositeFieldContainer[DefinitionNode]
+    running: int
+    latest: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., source: _Optional[str] = ..., input_type: _Optional[str] = ..., fingerprint: _Optional[str] = ..., contract_hash: _Optional[str] = ..., deadline_seconds: _Optional[float] = ..., services: _Optional[_Iterable[str]] = ..., nodes: _Optional[_Iterable[_Union[DefinitionNode, _Mapping]]] = ..., running: _Optional[int] = ..., latest: bool = ...) -> None: ...
+
+class DefinitionNode(_message.Message):
+    __slots__ = ("name", "kind", "index", "group", "branch", "step_kind", "action", "compensation", "conditional", "timeout_seconds", "signal", "child", "pivot", "on_timeout")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_FIELD_NUMBER: _ClassVar[int]
+    STEP_KIND_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    COMPENSATION_FIELD_NUMBER: _ClassVar[int]
+    CONDITIONAL_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    CHILD_FIELD_NUMBER: _ClassVar[int]
+    PIVOT_FIELD_NUMBER: _ClassVar[int]
+    ON_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: str
+    index: int
+    group: str
+    branch: int
+    step_kind: str
+    action: str
+    compensation: str
+    conditional: bool
+    timeout_seconds: float
+    signal: str
+    child: str
+    pivot: bool
+    on_timeout: str
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., index: _Optional[int] = ..., group: _Optional[str] = ..., branch: _Optional[int] = ..., step_kind: _Optional[str] = ..., action: _Optional[str] = ..., compensation: _Optional[str] = ..., conditional: bool = ..., timeout_seconds: _Optional[float] = ..., signal: _Optional[str] = ..., child: _Optional[str] = ..., pivot: bool = ..., on_timeout: _Optional[str] = ...) -> None: ...

@@ -100,6 +100,11 @@ class OrchestratorServiceStub(object):
                 request_serializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.DecideApprovalRequest.SerializeToString,
                 response_deserializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.DecideApprovalResponse.FromString,
                 _registered_method=True)
+        self.ListDefinitions = channel.unary_unary(
+                '/sagasuite.orchestrator.v1.OrchestratorService/ListDefinitions',
+                request_serializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListDefinitionsRequest.SerializeToString,
+                response_deserializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListDefinitionsResponse.FromString,
+                _registered_method=True)
 
 
 class OrchestratorServiceServicer(object):
@@ -209,6 +214,14 @@ class OrchestratorServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListDefinitions(self, request, context):
+        """Lists the saga definitions this replica has loaded, each version with its steps, its source
+        (Python or a YAML file), its content fingerprint and its contract hash. Access as GetSaga.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrchestratorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -276,6 +289,11 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.DecideApproval,
                     request_deserializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.DecideApprovalRequest.FromString,
                     response_serializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.DecideApprovalResponse.SerializeToString,
+            ),
+            'ListDefinitions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDefinitions,
+                    request_deserializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListDefinitionsRequest.FromString,
+                    response_serializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListDefinitionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -630,6 +648,33 @@ class OrchestratorService(object):
             '/sagasuite.orchestrator.v1.OrchestratorService/DecideApproval',
             sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.DecideApprovalRequest.SerializeToString,
             sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.DecideApprovalResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDefinitions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sagasuite.orchestrator.v1.OrchestratorService/ListDefinitions',
+            sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListDefinitionsRequest.SerializeToString,
+            sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListDefinitionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

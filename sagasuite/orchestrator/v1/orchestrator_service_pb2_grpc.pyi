@@ -76,6 +76,10 @@ class OrchestratorServiceStub:
     the approval's role or operator (PERMISSION_DENIED APPROVAL_ROLE_REQUIRED otherwise); the
     decider's name is recorded in the history. A rejection compensates.
     """
+    ListDefinitions: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.ListDefinitionsRequest, _orchestrator_service_pb2.ListDefinitionsResponse]
+    """Lists the saga definitions this replica has loaded, each version with its steps, its source
+    (Python or a YAML file), its content fingerprint and its contract hash. Access as GetSaga.
+    """
 
 @_typing.type_check_only
 class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
@@ -124,6 +128,10 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     before, the other decision is FAILED_PRECONDITION SIGNAL_ID_REUSED. Needs a token whose role is
     the approval's role or operator (PERMISSION_DENIED APPROVAL_ROLE_REQUIRED otherwise); the
     decider's name is recorded in the history. A rejection compensates.
+    """
+    ListDefinitions: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.ListDefinitionsRequest, _orchestrator_service_pb2.ListDefinitionsResponse]  # type: ignore[assignment]
+    """Lists the saga definitions this replica has loaded, each version with its steps, its source
+    (Python or a YAML file), its content fingerprint and its contract hash. Access as GetSaga.
     """
 
 class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -248,6 +256,16 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         before, the other decision is FAILED_PRECONDITION SIGNAL_ID_REUSED. Needs a token whose role is
         the approval's role or operator (PERMISSION_DENIED APPROVAL_ROLE_REQUIRED otherwise); the
         decider's name is recorded in the history. A rejection compensates.
+        """
+
+    @_abc_1.abstractmethod
+    def ListDefinitions(
+        self,
+        request: _orchestrator_service_pb2.ListDefinitionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_service_pb2.ListDefinitionsResponse, _abc.Awaitable[_orchestrator_service_pb2.ListDefinitionsResponse]]:
+        """Lists the saga definitions this replica has loaded, each version with its steps, its source
+        (Python or a YAML file), its content fingerprint and its contract hash. Access as GetSaga.
         """
 
 def add_OrchestratorServiceServicer_to_server(servicer: OrchestratorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
