@@ -156,6 +156,14 @@ class SagaContext:
         self._results = results
         self._nodes = nodes
 
+    def result_names(self) -> list[str]:
+        """The names of the steps, waits and children that have a stored result."""
+        return list(self._results)
+
+    def node_of(self, name: str) -> Node:
+        """The definition's node of that name."""
+        return self._nodes[name]
+
     def has_result(self, name: str) -> bool:
         """Whether the step, wait or child of that name has a stored result (a skipped one has none)."""
         return name in self._results
@@ -419,6 +427,12 @@ class SagaDefinition:
     steps: tuple[Node, ...]
     business_key: Callable[[Any], str] | None = None
     deadline: float | None = None
+    # Where it was defined ("python:module" or a YAML file's path), the sha256 of what defines it
+    # (a YAML file with its descriptor set; empty for Python), and the sha256 of the contract
+    # (descriptor set) its calls use, which every saga started on it records and keeps.
+    source: str = field(default="", compare=False)
+    fingerprint: str = field(default="", compare=False)
+    contract_hash: str = field(default="", compare=False)
     nodes: tuple[FlatNode, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

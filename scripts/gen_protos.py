@@ -33,6 +33,9 @@ def generate(out_dir: Path) -> None:
         f"--plugin=protoc-gen-mypy_grpc={MYPY_GRPC_PLUGIN}",
         "--mypy_grpc_opt=quiet",
         f"--mypy_grpc_out={out_dir}",
+        # The suite's contracts as one descriptor set (what `buf build -o` makes), for YAML sagas.
+        f"--descriptor_set_out={out_dir / 'sagasuite' / 'suite.binpb'}",
+        "--include_imports",
         *protos,
     ]
     if protoc.main(args) != 0:
