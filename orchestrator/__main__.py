@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import signal
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from orchestrator import store
 from orchestrator.auth import AccessControl
@@ -20,12 +23,15 @@ from sagasuite.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
 from svckit.channels import ChannelPool
 from svckit.config import load_settings
 from svckit.db import Database
-from svckit.discovery import make_resolver
+from svckit.discovery import Resolver, make_resolver
 from svckit.logs import configure_logging
 from svckit.registration import announcer_from_settings
 from svckit.server import GrpcServer, RpcServer
 from svckit.telemetry import client_interceptors, configure_tracing
 from svckit.tls import ClientTls
+
+if TYPE_CHECKING:
+    from orchestrator.declarative.folder import DefinitionFolder
 
 log = logging.getLogger("sagasuite.orchestrator")
 
@@ -42,18 +48,34 @@ def load_definitions(spec: str) -> list[SagaDefinition]:
     return definitions
 
 
+def _definition_folder(
+    settings: OrchestratorSettings, registry: DefinitionRegistry, database: Database, resolver: Resolver
+) -> DefinitionFolder | None:
+    """The YAML folder, loaded once (a problem stops the start, listed file:line:column); None without one."""
+    if not settings.saga_definitions_dir:
+        return None
+    # Imported only when a folder is set: the YAML compiler brings jq, ruamel.yaml and jsonschema.
+    from orchestrator.declarative.compiler import DefinitionFileError
+    from orchestrator.declarative.folder import DefinitionFolder
+
+    def address_of(service: str) -> str | None:
+        addresses = resolver.addresses(service)
+        return addresses[0] if addresses else None
+
+    folder = DefinitionFolder(Path(settings.saga_definitions_dir), registry, database, resolve_address=address_of)
+    try:
+        loaded = folder.load()
+    except DefinitionFileError as error:
+        raise SystemExit(f"configuration error: the definitions in {folder.folder} do not load:\n{error}") from None
+    for item in loaded:
+        log.info("loaded %s v%s from %s", item.definition.name, item.definition.version, item.path)
+    return folder
+
+
 async def serve(settings: OrchestratorSettings) -> None:
     """Serve until SIGTERM or SIGINT, then leave discovery, stop dispatching, drain and close."""
     database = Database(settings.resolved_database_url())
     store.ensure_schema(database)
-    try:
-        order_v2 = order_saga_v2(settings.review_threshold, settings.review_timeout_seconds, settings.review_role)
-        registry = DefinitionRegistry([ORDER_SAGA, order_v2, *load_definitions(settings.saga_definitions)])
-        order_definition = (
-            registry.get("OrderSaga", settings.order_saga_version) if settings.order_saga_version else None
-        )
-    except (ValueError, LookupError) as error:
-        raise SystemExit(f"configuration error: {error}") from error
     try:
         # DISCOVERY=consul: this replica registers itself as "orchestrator" once it dispatches.
         announcer = announcer_from_settings(settings, contract=pb.DESCRIPTOR.package)
@@ -67,6 +89,15 @@ async def serve(settings: OrchestratorSettings) -> None:
     except ValueError as error:
         raise SystemExit(f"configuration error: {error}") from error
     await resolver.start()
+    try:
+        order_v2 = order_saga_v2(settings.review_threshold, settings.review_timeout_seconds, settings.review_role)
+        registry = DefinitionRegistry([ORDER_SAGA, order_v2, *load_definitions(settings.saga_definitions)])
+        # YAML definitions (SAGA_DEFINITIONS_DIR) take the place of built-in ones of the same name and version.
+        folder = _definition_folder(settings, registry, database, resolver)
+        if settings.order_saga_version:
+            registry.pin("OrderSaga", settings.order_saga_version)
+    except (ValueError, LookupError) as error:
+        raise SystemExit(f"configuration error: {error}") from error
     # Tracing (off unless OTEL_* variables ask for it) comes first: the channels carry its interceptors.
     rpc_server = RpcServer.from_settings(settings)
     metrics_on = settings.metrics_port >= 0
@@ -112,13 +143,13 @@ async def serve(settings: OrchestratorSettings) -> None:
         access=access,
         watches=watches,
         rpc_server=rpc_server,
-        order_definition=order_definition,
     )
     server.add_service(
         lambda grpc_server: pb_grpc.add_OrchestratorServiceServicer_to_server(servicer, grpc_server),
         pb.DESCRIPTOR.services_by_name["OrchestratorService"].full_name,
     )
     outbox_metrics: asyncio.Task[None] | None = None
+    folder_watch: asyncio.Task[None] | None = None
     try:
         await server.start()
         await dispatcher.start()
@@ -131,6 +162,10 @@ async def serve(settings: OrchestratorSettings) -> None:
             outbox_metrics = asyncio.create_task(
                 observability.watch_outbox(database, settings.outbox_metrics_interval_seconds)
             )
+        if folder is not None:
+            folder_watch = asyncio.create_task(folder.watch(settings.definitions_reload_interval_seconds))
+            # SIGHUP reloads the folder at once, beside the watch of its files.
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, folder.request_reload)
         if announcer is not None:
             await announcer.start(server.port)
         await server.wait_for_stop_signal()
@@ -141,6 +176,8 @@ async def serve(settings: OrchestratorSettings) -> None:
         await dispatcher.stop(settings.grace_seconds)
         if outbox_metrics is not None:
             outbox_metrics.cancel()
+        if folder_watch is not None:
+            folder_watch.cancel()
         await server.stop()
         await channels.close()
         await resolver.close()

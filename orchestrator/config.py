@@ -24,6 +24,10 @@ class OrchestratorSettings(ServiceSettings):
     commit_batch: int = Field(512, ge=1, description="most transitions recorded in one transaction")
     default_saga_deadline_seconds: int = Field(300, ge=1, le=7 * 24 * 3600)
     saga_definitions: str = Field("", description="extra definitions to load, as module:attribute,...")
+    saga_definitions_dir: str = Field("", description="folder of YAML definitions, one file per version")
+    definitions_reload_interval_seconds: float = Field(
+        2.0, gt=0, description="how often SAGA_DEFINITIONS_DIR is looked at for new or changed files"
+    )
     order_saga_version: int = Field(0, ge=0, description="the OrderSaga version PlaceOrder starts; 0: the latest")
     review_threshold: int = Field(
         100_000, ge=0, description="OrderSaga v2: orders of this many minor units or more wait for a fraud review"

@@ -36,6 +36,7 @@ __all__ = [
     "Node",
     "OnTimeout",
     "Parallel",
+    "RequestNotBuilt",
     "RetryPolicy",
     "SagaContext",
     "SagaDefinition",
@@ -112,6 +113,14 @@ class BusinessKeyMismatch(InvalidArgument):
                 )
             ]
         )
+
+
+class RequestNotBuilt(ValueError):
+    """A request builder could not build its request from the stored data; nothing was sent.
+
+    Building is deterministic (stored input, signals and results only), so trying again gives the
+    same answer: the step is refused as a participant's definite refusal would be.
+    """
 
 
 class StepKind(enum.Enum):
@@ -603,8 +612,18 @@ class DefinitionRegistry:
 
     def __init__(self, definitions: Iterable[SagaDefinition] = ()) -> None:
         self._definitions: dict[tuple[str, int], SagaDefinition] = {}
+        self._pinned: dict[str, int] = {}
         for definition in definitions:
             self.register(definition)
+
+    def replace(self, definition: SagaDefinition) -> None:
+        """Register a definition in place of the one of its name and version, if any (a reload)."""
+        self._definitions[(definition.name, definition.version)] = definition
+
+    def pin(self, name: str, version: int) -> None:
+        """New sagas of name start on version rather than the latest (ORDER_SAGA_VERSION)."""
+        self.get(name, version)
+        self._pinned[name] = version
 
     def register(self, definition: SagaDefinition) -> None:
         for child in definition.children():
@@ -630,6 +649,9 @@ class DefinitionRegistry:
         return set(self._definitions)
 
     def latest(self, name: str) -> SagaDefinition:
+        """The version new sagas of name start on: the pinned one, else the highest."""
+        if name in self._pinned:
+            return self.get(name, self._pinned[name])
         versions = [d for (n, _), d in self._definitions.items() if n == name]
         if not versions:
             raise LookupError(f"no saga definition named {name!r} is registered")

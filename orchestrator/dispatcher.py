@@ -22,6 +22,7 @@ from orchestrator.definition import (
     ChildSaga,
     DefinitionMissing,
     DefinitionRegistry,
+    RequestNotBuilt,
     SagaDefinition,
     Step,
     StepKind,
@@ -745,6 +746,9 @@ class Dispatcher:
             updated_at=w.now,
             trace_context=trace_context,
             parent_id=parent_id,
+            # The saga keeps the contract and definition it started with until it ends.
+            contract_hash=definition.contract_hash,
+            definition_hash=definition.fingerprint,
         )
         transition = self._engine.start(definition, saga, w.now)
         store.append_events(saga, transition.events, w.event_rows)
@@ -1132,6 +1136,10 @@ class Dispatcher:
             return Outcome(error.code(), error.details() or "", None, started, time.time())
         except NoHealthyInstance as error:
             return Outcome(grpc.StatusCode.UNAVAILABLE, str(error), None, started, time.time())
+        except RequestNotBuilt as error:
+            # Nothing went out, and a rebuild from the same stored data fails the same way.
+            message = f"the request could not be built: {error}"
+            return Outcome(grpc.StatusCode.FAILED_PRECONDITION, message, None, started, time.time())
         except Exception as error:
             log.exception("saga %s step %s %s failed before the call", saga.saga_id, step.name, command.direction)
             return Outcome(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}", None, started, time.time())

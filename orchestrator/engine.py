@@ -136,6 +136,8 @@ class SagaState:
     ended_at: float | None = None
     parent_id: str = ""
     progress: Progress = field(default_factory=Progress)
+    contract_hash: str = ""
+    definition_hash: str = ""
 
     @property
     def ended(self) -> bool:

@@ -8,7 +8,8 @@ from sqlmodel import Field, SQLModel
 __all__ = ["SCHEMA_VERSION", "OutboxRow", "SagaEventRow", "SagaRow", "SchemaVersionRow", "SignalRow"]
 
 # 2: several outbox rows per saga (tracks), waits (wait_until), child links, progress, signals.
-SCHEMA_VERSION = 2
+# 3: the contract and definition hashes a saga started with.
+SCHEMA_VERSION = 3
 
 
 class SchemaVersionRow(SQLModel, table=True):
@@ -56,6 +57,10 @@ class SagaRow(SQLModel, table=True):
     parent_id: str = Field(default="", max_length=40)
     # Completions, skips, branches, kept signals and children as JSON ("" for a saga stored by schema 1).
     progress: str = ""
+    # sha256 of the contract (descriptor set) and of the definition it started on ("" for Python
+    # definitions and sagas stored before schema 3); a load that changes either is refused while it runs.
+    contract_hash: str = Field(default="", max_length=64)
+    definition_hash: str = Field(default="", max_length=64)
 
 
 class SagaEventRow(SQLModel, table=True):

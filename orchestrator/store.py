@@ -39,6 +39,7 @@ __all__ = [
     "load_sagas",
     "put_command",
     "release_leases",
+    "running_hashes",
     "storable",
     "update_sagas",
     "wake",
@@ -75,7 +76,11 @@ def ensure_schema(database: Database) -> int:
         if stored == 1:
             _migrate_1_to_2(connection)
             connection.execute(insert(SCHEMA).values(version=2, applied_at=time.time()))
-            return 2
+            stored = 2
+        if stored == 2:
+            _migrate_2_to_3(connection)
+            connection.execute(insert(SCHEMA).values(version=3, applied_at=time.time()))
+            stored = 3
         return int(stored)
 
     return database.transaction_sync(work)
@@ -100,6 +105,26 @@ def _migrate_1_to_2(connection: Connection) -> None:
     kept = ", ".join(name for name in _OUTBOX_COLUMNS if name not in ("track", "wait_until"))
     connection.execute(text(f"INSERT INTO outbox ({kept}, track) SELECT {kept}, '' FROM outbox_v1"))
     connection.execute(text("DROP TABLE outbox_v1"))
+
+
+def _migrate_2_to_3(connection: Connection) -> None:
+    """Schema 2 to 3: the hashes a saga started with; sagas stored before keep empty ones."""
+    connection.execute(text("ALTER TABLE saga ADD COLUMN contract_hash VARCHAR(64) NOT NULL DEFAULT ''"))
+    connection.execute(text("ALTER TABLE saga ADD COLUMN definition_hash VARCHAR(64) NOT NULL DEFAULT ''"))
+
+
+def running_hashes(connection: Connection, saga_type: str, version: int) -> dict[tuple[str, str], int]:
+    """(contract hash, definition hash) → count of the sagas not ended that run on a definition version."""
+    rows = connection.execute(
+        select(SAGA.c.contract_hash, SAGA.c.definition_hash, func.count())
+        .where(
+            SAGA.c.saga_type == saga_type,
+            SAGA.c.version == version,
+            SAGA.c.status.in_(_WAITING_STATUSES),
+        )
+        .group_by(SAGA.c.contract_hash, SAGA.c.definition_hash)
+    ).all()
+    return {(row[0], row[1]): int(row[2]) for row in rows}
 
 
 # -- sagas ---------------------------------------------------------------------------------
@@ -137,6 +162,8 @@ def saga_from_row(row: Any) -> SagaState:
         ended_at=m["ended_at"],
         parent_id=m["parent_id"],
         progress=Progress.from_json(m["progress"]),
+        contract_hash=m["contract_hash"],
+        definition_hash=m["definition_hash"],
     )
 
 
@@ -178,6 +205,8 @@ def insert_saga(connection: Connection, saga: SagaState, input_hash: str) -> Non
             "deadline_at": saga.deadline_at,
             "parent_id": saga.parent_id,
             "created_at": saga.created_at,
+            "contract_hash": saga.contract_hash,
+            "definition_hash": saga.definition_hash,
             **_mutable_values(saga),
         },
     )

@@ -27,6 +27,7 @@ from sagasuite.payment.v1 import payment_service_pb2 as payment_pb
 __all__ = [
     "DEFINITIONS_MODULE",
     "OPERATOR_TOKEN",
+    "YAML_SAGAS",
     "BearerAuth",
     "Clients",
     "connect",
@@ -72,6 +73,10 @@ def fresh_postgres_database(admin_url: str) -> Iterator[str]:
         with admin.connect() as connection:
             connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.dispose()
+
+
+# The suite's own YAML definitions: the order saga v1 and v2 and its fulfilment child.
+YAML_SAGAS = REPO_ROOT / "orchestrator" / "sagas" / "yaml"
 
 
 def definitions_env(*attributes: str) -> dict[str, str]:

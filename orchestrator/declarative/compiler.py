@@ -7,6 +7,7 @@ import datetime
 import hashlib
 import json
 import math
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -16,7 +17,6 @@ from typing import Any
 
 import jsonschema
 from google.protobuf import json_format
-from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import Message
 from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError
@@ -49,6 +49,7 @@ from orchestrator.definition import (
     Node,
     OnTimeout,
     Parallel,
+    RequestNotBuilt,
     RetryPolicy,
     SagaContext,
     SagaDefinition,
@@ -99,10 +100,6 @@ class DefinitionFileError(ValueError):
         self.problems = problems
 
 
-class RequestNotBuilt(ValueError):
-    """A request expression failed or gave something that is not its message; nothing was sent."""
-
-
 @dataclass(frozen=True)
 class LoadedDefinition:
     """A compiled YAML definition with what the tools need beside it: its file, example and key path."""
@@ -113,6 +110,7 @@ class LoadedDefinition:
     example: dict[str, Any] | None = None
     key_path: tuple[str, ...] | None = None
     children: tuple[tuple[str, int], ...] = field(default=())
+    version_at: tuple[int, int] = (1, 1)  # line and column of document.version
 
     def make_input(self, unique: str) -> Message:
         """The example input with its business key made unique, for checks that need a fresh entity."""
@@ -157,9 +155,10 @@ def _seconds(value: Any) -> float:
     return sum(float(value.get(unit, 0)) * scale for unit, scale in _UNITS.items())
 
 
-def _visible_result_descriptor(node: Node) -> Descriptor | None:
+def _visible_result_descriptor(node: Node) -> Any:
     if isinstance(node, Step):
-        return node.action.response_type.DESCRIPTOR
+        descriptor: Any = node.action.response_type.DESCRIPTOR
+        return descriptor
     return None
 
 
@@ -196,7 +195,7 @@ def _evaluate(expression: Expression, context: SagaContext) -> Any:
             results_document(context, expression.results_read),
             {"id": context.saga_id, "business_key": context.business_key},
         )
-    except ValueError as error:
+    except ValueError as error:  # jq's runtime errors
         raise RequestNotBuilt(f"the expression failed: {str(error)[:300]}") from None
 
 
@@ -218,6 +217,7 @@ class _Compiler:
         text: str,
         children: Mapping[tuple[str, int], SagaDefinition],
         resolve_address: Callable[[str], str | None] | None,
+        environ: Mapping[str, str],
     ) -> None:
         self.path = path
         self.text = text
@@ -228,9 +228,11 @@ class _Compiler:
         self.child_keys: list[tuple[str, int]] = []
         self.names: dict[str, tuple[int, int]] = {}
         self.contract: Contract | None = None
-        self.input_descriptor: Descriptor | None = None
+        self.input_descriptor: Any = None
         self.compensatable_after_retriable: list[str] = []
         self.seen_retriable: str | None = None
+        self.environ = environ
+        self.params: dict[str, Any] = {}
 
     # -- problems ------------------------------------------------------------------------------
 
@@ -285,10 +287,10 @@ class _Compiler:
         if not isinstance(document, dict):
             self.problem((1, 1), "a definition is a YAML mapping with document, saga and do", "see docs/yaml-sagas.md")
             return None
-        for error in sorted(_validator().iter_errors(document), key=lambda e: list(map(str, e.absolute_path))):
-            where = self.schema_position(document, list(error.absolute_path))
-            at = "/".join(map(str, error.absolute_path)) or "the file"
-            self.problem(where, f"{at}: {_schema_message(error)}", "see the schema, docs/saga-definition.schema.json")
+        for invalid in sorted(_validator().iter_errors(document), key=lambda e: list(map(str, e.absolute_path))):
+            where = self.schema_position(document, list(invalid.absolute_path))
+            at = "/".join(map(str, invalid.absolute_path)) or "the file"
+            self.problem(where, f"{at}: {_schema_message(invalid)}", "see the schema, docs/saga-definition.schema.json")
         if self.problems:
             return None
         return self.compile_document(document)
@@ -298,6 +300,7 @@ class _Compiler:
         saga = document["saga"]
         name = str(head["name"])
         version = int(head["version"])
+        self.read_parameters(saga)
         self.contract = self.load_contract(document)
         if self.contract is None:
             return None
@@ -333,7 +336,11 @@ class _Compiler:
             value = key_program.evaluate(to_jq(message), {}, {})
             return str(value) if value is not None else ""
 
-        fingerprint = hashlib.sha256(self.text.encode() + b"\0" + self.contract.hash.encode()).hexdigest()
+        # The parameters' values count as content: a running saga's conditions must not change under it.
+        parameters = json.dumps(self.params, sort_keys=True).encode()
+        fingerprint = hashlib.sha256(
+            self.text.encode() + b"\0" + self.contract.hash.encode() + b"\0" + parameters
+        ).hexdigest()
         try:
             definition = SagaDefinition(
                 name=name,
@@ -359,14 +366,49 @@ class _Compiler:
             _plain(example) if example is not None else None,
             key_path,
             tuple(self.child_keys),
+            self.value_at(head, "version"),
         )
+
+    def read_parameters(self, saga: Any) -> None:
+        """Each parameter from its environment variable, typed as its default, fixed for this load."""
+        for name, spec in (saga.get("parameters") or {}).items():
+            default = _plain(spec["default"])
+            raw = self.environ.get(str(spec.get("env", ""))) if spec.get("env") else None
+            if raw is None or raw.strip() == "":
+                self.params[str(name)] = default
+                continue
+            try:
+                if isinstance(default, bool):
+                    raise ValueError("a parameter's default is a number or a string")
+                value: Any = type(default)(raw.strip()) if isinstance(default, int | float) else raw
+            except ValueError:
+                self.problem(
+                    self.value_at(saga["parameters"], name),
+                    f"parameter {name}: {spec['env']}={raw[:40]!r} is not a {type(default).__name__}",
+                    f"set {spec['env']} to a {type(default).__name__}, or unset it for the default {default!r}",
+                )
+                continue
+            self.params[str(name)] = value
+
+    def parameter_value(self, container: Any, key: str) -> Any:
+        """A value given as an expression over $params only, evaluated at load."""
+        raw = str(container[key])
+        body, _ = as_expression_text(raw)
+        try:
+            paths = scan(body)
+            if any(path.root != "params" for path in paths):
+                raise ExpressionError("only $params can be read here, at load", 0, "use a literal or $params.name")
+            return compile_program(body, self.params).evaluate(None, {}, {})
+        except (ExpressionError, ValueError) as error:
+            self.problem(self.value_at(container, key), f"{key}: {error}")
+            return None
 
     # -- contract ------------------------------------------------------------------------------
 
     def load_contract(self, document: Any) -> Contract | None:
         saga = document["saga"]
         contract = saga.get("contract") or {"descriptorSet": SUITE_DESCRIPTOR_SET}
-        files = []
+        files: list[Any] = []
         where = self.value_at(saga, "contract") if "contract" in saga else self.key_at(document, "saga")
         sets: list[tuple[str, tuple[int, int]]] = []
         if "descriptorSet" in contract:
@@ -402,7 +444,7 @@ class _Compiler:
                 if isinstance(call, dict) and isinstance(call.get("with"), dict):
                     service = call["with"].get("service") or {}
                     by_host.setdefault(str(service.get("host", "")), set()).add(str(service.get("name", "")))
-        files = []
+        files: list[Any] = []
         for host, services in sorted(by_host.items()):
             address = self.resolve_address(host) if self.resolve_address else None
             if address is None:
@@ -414,7 +456,15 @@ class _Compiler:
 
     def duration(self, container: Any, key: str) -> float | None:
         try:
-            seconds = _seconds(container[key])
+            if is_expression(container[key]):
+                value = self.parameter_value(container, key)
+                if value is None:
+                    return None
+                if not isinstance(value, int | float) or isinstance(value, bool):
+                    raise ValueError(f"{key} must give a number of seconds, got {json.dumps(value)[:40]}")
+                seconds = float(value)
+            else:
+                seconds = _seconds(container[key])
         except ValueError as error:
             self.problem(self.value_at(container, key), str(error))
             return None
@@ -437,7 +487,7 @@ class _Compiler:
     def program(self, body: str, where: tuple[int, int], visible: Mapping[str, Node]) -> Expression | None:
         try:
             paths = scan(body)
-            compiled = compile_program(body)
+            compiled = compile_program(body, self.params)
         except ExpressionError as error:
             self.problem(where, f"{error} (in `{body.strip()[:80]}`)", error.hint)
             return None
@@ -494,7 +544,7 @@ class _Compiler:
             return None
         try:
             # Each expression in it was checked where it stands; this compiles them as one program.
-            expression = compile_program(jq_text)
+            expression = compile_program(jq_text, self.params)
         except ExpressionError as error:
             self.problem(where, f"{what}: {error}", error.hint)
             return None
@@ -505,16 +555,14 @@ class _Compiler:
 
         return build
 
-    def jq_of(
-        self, value: Any, container: Any, key: Any, descriptor: Descriptor | None, visible: Mapping[str, Node]
-    ) -> str | None:
+    def jq_of(self, value: Any, container: Any, key: Any, descriptor: Any, visible: Mapping[str, Node]) -> str | None:
         """The jq object construction for an arguments tree; each expression is checked where it stands."""
         where = self.value_at(container, key)
         if is_expression(value):
             body, _ = as_expression_text(str(value))
             try:
                 paths = scan(body)
-                compile_program(body)
+                compile_program(body, self.params)
             except ExpressionError as error:
                 self.problem(where, f"{error} (in `{body.strip()[:80]}`)", error.hint)
                 return None
@@ -529,14 +577,14 @@ class _Compiler:
                 if fields is not None:
                     field_descriptor = fields.get(str(name))
                     if field_descriptor is None:
-                        known = ", ".join(f.name for f in descriptor.fields)  # type: ignore[union-attr]
+                        known = ", ".join(f.name for f in descriptor.fields)
                         self.problem(
                             self.key_at(value, name),
-                            f"{descriptor.full_name} has no field {name!r} (it has: {known})",  # type: ignore[union-attr]
+                            f"{descriptor.full_name} has no field {name!r} (it has: {known})",
                             "fix the field name",
                         )
                         return None
-                    if field_descriptor.message_type is not None and field_descriptor.label != 3:
+                    if field_descriptor.message_type is not None and not field_descriptor.is_repeated:
                         message_type = field_descriptor.message_type
                         sub_descriptor = None if message_type.GetOptions().map_entry else message_type
                 inner = self.jq_of(value[name], value, name, sub_descriptor, visible)
@@ -613,12 +661,12 @@ class _Compiler:
                 for node in inner:
                     seen[node.name] = node
                 continue
-            node = self.task(name, body, item, seen, in_branch=in_branch, index=index)
-            if node is not None:
-                nodes.append(node)
-                seen[name] = node
-                if isinstance(node, Parallel):
-                    for branch in node.branches:
+            built = self.task(name, body, item, seen, in_branch=in_branch, index=index)
+            if built is not None:
+                nodes.append(built)
+                seen[name] = built
+                if isinstance(built, Parallel):
+                    for branch in built.branches:
                         for branch_node in branch:
                             seen[branch_node.name] = branch_node
         visible.clear()
@@ -692,9 +740,7 @@ class _Compiler:
             build_request=builder,
         )
 
-    def call_step(
-        self, name: str, body: Any, visible: Mapping[str, Node], when: Any, in_branch: bool
-    ) -> Step | None:
+    def call_step(self, name: str, body: Any, visible: Mapping[str, Node], when: Any, in_branch: bool) -> Step | None:
         where = self.names[name]
         if "with" not in body:
             self.problem(where, f"call {name} needs with: service, method and arguments")
@@ -781,9 +827,7 @@ class _Compiler:
     def signal_wait(self, name: str, body: Any, when: Any) -> WaitForSignal | None:
         signal = str(body["listen"]["to"]["one"]["with"]["type"])
         if not SIGNAL_NAME.match(signal):
-            self.problem(
-                self.names[name], f"listen {name}: signal type {signal!r} must match {SIGNAL_NAME.pattern}"
-            )
+            self.problem(self.names[name], f"listen {name}: signal type {signal!r} must match {SIGNAL_NAME.pattern}")
             return None
         timeout = self.wait_timeout(name, body, "listen")
         if timeout is None:
@@ -799,7 +843,13 @@ class _Compiler:
         remind = self.duration(spec, "remindAfter") if "remindAfter" in spec else None
         if timeout is None:
             return None
-        return Approval(name, timeout=timeout, role=str(spec.get("role", "operator")), remind_after=remind, when=when)
+        role = spec.get("role", "operator")
+        if is_expression(role):
+            role = self.parameter_value(spec, "role")
+        if not isinstance(role, str) or not re.match(r"^[a-z][a-z0-9_]{0,39}$", role):
+            self.problem(self.value_at(spec, "role"), f"approval {name}: the role must match [a-z][a-z0-9_]{{0,39}}")
+            return None
+        return Approval(name, timeout=timeout, role=role, remind_after=remind, when=when)
 
     def fork(self, name: str, body: Any, visible: dict[str, Node], when: Any) -> Parallel | None:
         branches = []
@@ -891,6 +941,7 @@ def compile_file(
     *,
     children: Mapping[tuple[str, int], SagaDefinition] | None = None,
     resolve_address: Callable[[str], str | None] | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> LoadedDefinition:
     """Compile one definition file; DefinitionFileError lists every problem with file:line:column."""
     try:
@@ -902,7 +953,7 @@ def compile_file(
         raise DefinitionFileError([Problem(str(path), 1, 1, "the file is not UTF-8 text")]) from None
     except OSError as error:
         raise DefinitionFileError([Problem(str(path), 1, 1, f"cannot read the file: {error.strerror}")]) from None
-    compiler = _Compiler(path, text, children or {}, resolve_address)
+    compiler = _Compiler(path, text, children or {}, resolve_address, os.environ if environ is None else environ)
     loaded = compiler.compile()
     if compiler.problems or loaded is None:
         problems = compiler.problems or [Problem(str(path), 1, 1, "the definition could not be compiled")]

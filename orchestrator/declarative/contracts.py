@@ -8,10 +8,11 @@ import importlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
-from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor, ServiceDescriptor
+from google.protobuf.descriptor import FieldDescriptor, MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
@@ -63,7 +64,9 @@ def read_descriptor_set(path: Path) -> descriptor_pb2.FileDescriptorSet:
     return files
 
 
-def reflect_descriptor_set(address: str, services: Iterable[str], timeout: float = 5.0) -> descriptor_pb2.FileDescriptorSet:
+def reflect_descriptor_set(
+    address: str, services: Iterable[str], timeout: float = 5.0
+) -> descriptor_pb2.FileDescriptorSet:
     """The files defining services (and their imports), asked of a server over gRPC server reflection."""
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
@@ -221,22 +224,22 @@ def _private_pool(by_name: dict[str, descriptor_pb2.FileDescriptorProto]) -> des
 # -- reading messages as jq sees them ---------------------------------------------------------
 
 
-def field_names(descriptor: Descriptor) -> dict[str, FieldDescriptor]:
+def field_names(descriptor: Any) -> dict[str, Any]:
     """A message's fields by proto name and by JSON name, as json_format accepts both."""
-    names: dict[str, FieldDescriptor] = {}
+    names: dict[str, Any] = {}
     for field in descriptor.fields:
         names[field.name] = field
         names[field.json_name] = field
     return names
 
 
-def is_opaque(descriptor: Descriptor) -> bool:
+def is_opaque(descriptor: Any) -> bool:
     return descriptor.full_name in _OPAQUE_MESSAGES or descriptor.GetOptions().map_entry
 
 
-def check_path(descriptor: Descriptor, path: list[str]) -> str | None:
+def check_path(descriptor: Any, path: list[str]) -> str | None:
     """Why a path of field names does not exist in a message type, or None when it may."""
-    current: Descriptor | None = descriptor
+    current: Any = descriptor
     walked = descriptor.full_name
     for name in path:
         if current is None:
@@ -247,7 +250,7 @@ def check_path(descriptor: Descriptor, path: list[str]) -> str | None:
         if field is None:
             known = ", ".join(f.name for f in current.fields)
             return f"{current.full_name} has no field {name!r} (it has: {known})"
-        if field.label == FieldDescriptor.LABEL_REPEATED:
+        if field.is_repeated:
             return None  # an index or an iteration follows, which is not a field path
         current = field.message_type if field.type == FieldDescriptor.TYPE_MESSAGE else None
         walked = f"{walked}.{name}"
@@ -268,14 +271,15 @@ def _message_value(message: Message) -> dict[str, object]:
 
     descriptor = message.DESCRIPTOR
     if is_opaque(descriptor):
-        value = json_format.MessageToDict(message, preserving_proto_field_name=True)
-        return value  # type: ignore[return-value]
+        opaque: dict[str, object] = json_format.MessageToDict(message, preserving_proto_field_name=True)
+        return opaque
     out: dict[str, object] = {}
     for field in descriptor.fields:
         value = getattr(message, field.name)
-        if field.label == FieldDescriptor.LABEL_REPEATED:
+        if field.is_repeated:
             if field.message_type is not None and field.message_type.GetOptions().map_entry:
-                out[field.name] = json_format.MessageToDict(message, preserving_proto_field_name=True).get(field.name, {})
+                as_dict = json_format.MessageToDict(message, preserving_proto_field_name=True)
+                out[field.name] = as_dict.get(field.name, {})
             else:
                 out[field.name] = [_field_value(field, item) for item in value]
         elif field.type == FieldDescriptor.TYPE_MESSAGE:
@@ -288,13 +292,14 @@ def _message_value(message: Message) -> dict[str, object]:
     return out
 
 
-def _field_value(field: FieldDescriptor, value: object) -> object:
+def _field_value(field: Any, value: object) -> object:
     import base64
 
     if field.type == FieldDescriptor.TYPE_MESSAGE:
         return _message_value(value)  # type: ignore[arg-type]
     if field.type == FieldDescriptor.TYPE_ENUM:
-        enum_value = field.enum_type.values_by_number.get(value)  # type: ignore[arg-type]
+        assert field.enum_type is not None and isinstance(value, int)
+        enum_value = field.enum_type.values_by_number.get(value)
         return enum_value.name if enum_value is not None else value
     if field.type == FieldDescriptor.TYPE_BYTES:
         return base64.b64encode(value).decode()  # type: ignore[arg-type]
@@ -303,27 +308,29 @@ def _field_value(field: FieldDescriptor, value: object) -> object:
     return value
 
 
-def sample(descriptor: Descriptor, depth: int = 0) -> dict[str, object]:
+def sample(descriptor: Any, depth: int = 0) -> dict[str, object]:
     """A JSON object with every field of a message type set to a sample value, for load-time dry runs."""
     out: dict[str, object] = {}
     for field in descriptor.fields:
         value = _sample_value(field, depth)
         if value is _SKIP:
             continue
-        out[field.name] = [value] if field.label == FieldDescriptor.LABEL_REPEATED else value
+        out[field.name] = [value] if field.is_repeated else value
     return out
 
 
 _SKIP = object()
 
 
-def _sample_value(field: FieldDescriptor, depth: int) -> object:
+def _sample_value(field: Any, depth: int) -> object:
     if field.type == FieldDescriptor.TYPE_MESSAGE:
         message_type = field.message_type
+        assert message_type is not None
         if message_type.GetOptions().map_entry or is_opaque(message_type) or depth > 6:
             return _SKIP
         return sample(message_type, depth + 1)
     if field.type == FieldDescriptor.TYPE_ENUM:
+        assert field.enum_type is not None
         values = field.enum_type.values
         return values[-1].name if values else _SKIP
     if field.type == FieldDescriptor.TYPE_BOOL:

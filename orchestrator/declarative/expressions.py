@@ -56,7 +56,7 @@ NONDETERMINISTIC = frozenset(
 )
 NONDETERMINISTIC_VARIABLES = frozenset({"ENV", "__prog_args", "__prog_name"})
 # The variables an expression may read besides `.` (the saga's input).
-VARIABLES = ("results", "saga")
+VARIABLES = ("results", "saga", "params")
 _KEYWORDS_LEAVING_ROOT = frozenset({"as", "reduce", "foreach", "def", "label"})
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PATH = re.compile(r"(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
@@ -198,7 +198,7 @@ def _paths(code: str) -> Iterator[FieldPath]:
             path = _PATH.match(code, index)
             before = code[:index].rstrip()
             after_keyword = re.search(r"(?:^|[^A-Za-z0-9_$.])(and|or|not|then|else|elif|if)$", before) is not None
-            starts_path = not previous or previous in "(,[{:|=<>!+-*/%;\"" or after_keyword
+            starts_path = not previous or previous in '(,[{:|=<>!+-*/%;"' or after_keyword
             if path and starts_path:
                 if root_stack[-1]:
                     names = tuple(part for part in path.group().split(".") if part)
@@ -222,9 +222,10 @@ class Expression:
     text: str
     program: Any
     results_read: frozenset[str] | None  # the step names read from $results; None: it reads $results whole
+    params: dict[str, Any]  # the definition's parameters, fixed when it was loaded
 
     def evaluate(self, input_value: Any, results: dict[str, Any], saga: dict[str, str]) -> Any:
-        return self.program.input_value([input_value, results, saga]).first()
+        return self.program.input_value([input_value, results, saga, self.params]).first()
 
 
 def results_read(paths: Iterable[FieldPath], text: str) -> frozenset[str] | None:
@@ -234,9 +235,9 @@ def results_read(paths: Iterable[FieldPath], text: str) -> frozenset[str] | None
     return frozenset(named) if uses == sum(1 for p in paths if p.root == "results") else None
 
 
-def compile_program(text: str) -> Expression:
+def compile_program(text: str, params: dict[str, Any] | None = None) -> Expression:
     """Compile jq text (already scanned) into an Expression; ExpressionError with jq's own message."""
-    program_text = f".[1] as $results | .[2] as $saga | .[0] | ({text}\n)"
+    program_text = f".[1] as $results | .[2] as $saga | .[3] as $params | .[0] | ({text}\n)"
     try:
         program = jq.compile(program_text)
     except ValueError as error:
@@ -244,4 +245,4 @@ def compile_program(text: str) -> Expression:
         message = re.sub(r"\s+", " ", message)
         raise ExpressionError(f"not a valid jq expression: {message}", 0, "check the jq syntax") from None
     paths = scan(text)
-    return Expression(text, program, results_read(paths, text))
+    return Expression(text, program, results_read(paths, text), dict(params or {}))

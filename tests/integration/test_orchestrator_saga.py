@@ -20,6 +20,7 @@ from sagasuite.payment.v1 import payment_service_pb2 as payment_pb
 from sagasuite.shipping.v1 import shipping_service_pb2 as shipping_pb
 from tests.grpc_helpers import bad_request_fields, error_reason, keyed
 from tests.orchestrator_helpers import (
+    YAML_SAGAS,
     Clients,
     connect,
     events,
@@ -48,9 +49,12 @@ FAULTS = {
 ENDED = ("COMPLETED", "COMPENSATED", "NEEDS_ATTENTION", "TERMINATED")
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    running = start_stack(tmp_path_factory.mktemp("saga"), faults=FAULTS)
+@pytest.fixture(scope="module", params=["python", "yaml"])
+def stack(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[LocalStack]:
+    # The order saga as Python (orchestrator/sagas/order.py) and as YAML (orchestrator/sagas/yaml/):
+    # every test here runs against both, and both must give the same results.
+    env = {"SAGA_DEFINITIONS_DIR": str(YAML_SAGAS)} if request.param == "yaml" else {}
+    running = start_stack(tmp_path_factory.mktemp("saga"), faults=FAULTS, orchestrator_env=env)
     yield running
     running.stop()
 
