@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from orchestrator import store
 from orchestrator.auth import AccessControl
 from orchestrator.config import OrchestratorSettings
-from orchestrator.definition import DefinitionRegistry, SagaDefinition
+from orchestrator.definition import DefinitionRegistry, SagaDefinition, Step
 from orchestrator.dispatcher import Dispatcher
 from orchestrator.observability import Observability
 from orchestrator.sagas.order import ORDER_SAGA, order_saga_v2
@@ -23,7 +23,7 @@ from sagasuite.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
 from svckit.channels import ChannelPool
 from svckit.config import load_settings
 from svckit.db import Database
-from svckit.discovery import Resolver, make_resolver
+from svckit.discovery import Resolver, make_resolver, unresolvable
 from svckit.logs import configure_logging
 from svckit.registration import announcer_from_settings
 from svckit.server import GrpcServer, RpcServer
@@ -72,6 +72,25 @@ def _definition_folder(
     return folder
 
 
+def _callers(registry: DefinitionRegistry) -> dict[str, list[str]]:
+    """Every service the registered definitions call, with the definitions that call it."""
+    callers: dict[str, set[str]] = {}
+    for definition in registry.all():
+        for flat in definition.nodes:
+            node = flat.node
+            if isinstance(node, Step):
+                for call in (node.action, node.compensation):
+                    if call is not None:
+                        callers.setdefault(call.service, set()).add(f"{definition.name} v{definition.version}")
+    return {service: sorted(names) for service, names in callers.items()}
+
+
+async def _check_services(registry: DefinitionRegistry, resolver: Resolver, observability: Observability) -> None:
+    """A WARNING line and a gauge for each service a definition calls that cannot be resolved."""
+    callers = _callers(registry)
+    observability.report_unresolvable(await unresolvable(resolver, callers, 2.0), callers, resolver)
+
+
 async def serve(settings: OrchestratorSettings) -> None:
     """Serve until SIGTERM or SIGINT, then leave discovery, stop dispatching, drain and close."""
     database = Database(settings.resolved_database_url())
@@ -79,7 +98,8 @@ async def serve(settings: OrchestratorSettings) -> None:
     try:
         # DISCOVERY=consul: this replica registers itself as "orchestrator" once it dispatches.
         announcer = announcer_from_settings(settings, contract=pb.DESCRIPTOR.package)
-        resolver = make_resolver()
+        # Any service name resolves; the ones the definitions call are checked once they are loaded.
+        resolver = make_resolver(required=False)
         # Who may call what (OPERATOR_TOKENS, READ_ACCESS, ...) and TLS to the services (TLS_CA_FILE, ...).
         access = AccessControl.from_settings(settings)
         client_tls = ClientTls(
@@ -153,6 +173,21 @@ async def serve(settings: OrchestratorSettings) -> None:
     try:
         await server.start()
         await dispatcher.start()
+        await _check_services(registry, resolver, observability)
+        if folder is not None:
+            loop = asyncio.get_running_loop()
+            checks: set[asyncio.Task[None]] = set()
+
+            def check_after_reload(_: object) -> None:
+                task = asyncio.create_task(_check_services(registry, resolver, observability))
+                checks.add(task)
+                task.add_done_callback(checks.discard)
+
+            def after_reload(changed: object) -> None:
+                # Called from the reload's thread: the check runs on the loop.
+                loop.call_soon_threadsafe(check_after_reload, changed)
+
+            folder.on_loaded = after_reload
         log.info(
             "replica %s dispatching; definitions: %s",
             dispatcher.replica_id,

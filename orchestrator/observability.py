@@ -30,8 +30,10 @@ they are the hot path of tracing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -47,6 +49,7 @@ from orchestrator.dispatcher import Dispatcher, DispatchObserver
 from orchestrator.engine import WAIT_END_EVENTS, Event, Outcome, SagaState, Transition
 from orchestrator.status import Direction, EventType, SagaStatus, WaitKind
 from svckit.db import Database
+from svckit.discovery import Resolver
 from svckit.idempotency_key import step_key
 from svckit.metrics import LATENCY_BUCKETS
 from svckit.telemetry import Tracing
@@ -108,6 +111,11 @@ SIGNAL_DELIVERY_SECONDS = Histogram(
     ["saga_type"],
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 60, 3600, float("inf")),
 )
+SERVICE_UNRESOLVABLE = Gauge(
+    "sagasuite_service_unresolvable",
+    "1 while a service that a loaded definition calls has no address (static) or no healthy instance (Consul)",
+    ["service"],
+)
 TIMER_LATENESS_SECONDS = Histogram(
     "sagasuite_timer_lateness_seconds",
     "How late a timer fired after its wake-up time",
@@ -139,6 +147,16 @@ _PROPAGATOR = TraceContextTextMapPropagator()
 def _saga_attributes(saga_type: str, business_key: str) -> dict[str, Any]:
     key = "order.id" if saga_type == "OrderSaga" else "saga.business_key"
     return {"saga.type": saga_type, key: business_key}
+
+
+def _no_instance_reader(resolver: Resolver, service: str) -> Callable[[], float]:
+    """1.0 while `resolver` knows no instance of `service`; read in the metrics server's thread at each
+    scrape, which is safe because addresses() never blocks and only reads."""
+
+    def read() -> float:
+        return 0.0 if resolver.addresses(service) else 1.0
+
+    return read
 
 
 def _ns(seconds: float) -> int:
@@ -177,6 +195,9 @@ class Observability(DispatchObserver):
         self._missing_definitions: set[tuple[str, int]] = set()
         # The definitions, to tell a wait's kind from its step for the waiting-sagas gauges.
         self._registry: DefinitionRegistry | None = None
+        # The last check of the services the definitions call: those that could not be resolved, and all.
+        self._unresolvable: dict[str, str] = {}
+        self._checked_services: set[str] = set()
 
     @property
     def enabled(self) -> bool:
@@ -244,6 +265,54 @@ class Observability(DispatchObserver):
             SAGAS_WAITING.labels(kind).set(count)
         APPROVALS_PENDING.set(approvals)
         OLDEST_APPROVAL_AGE.set(oldest)
+
+    # -- services the definitions call ------------------------------------------------------
+
+    @property
+    def unresolvable_services(self) -> dict[str, str]:
+        """The services the last `report_unresolvable` was told cannot be resolved, each with the reason."""
+        return dict(self._unresolvable)
+
+    def report_unresolvable(
+        self,
+        unresolvable: Mapping[str, str],
+        callers: Mapping[str, Iterable[str]],
+        resolver: Resolver | None = None,
+    ) -> None:
+        """Report a check of every service the definitions in force call (`svckit.discovery.unresolvable`).
+
+        `callers` maps each of those services to the definitions that call it ("LoyaltySaga v1"), and
+        `unresolvable` those that could not be resolved to the reason. Each unresolvable one gets a
+        WARNING line naming it, its callers and the reason, with metrics on or off. The gauge
+        `sagasuite_service_unresolvable` gets one series per service in `callers`; a service no longer
+        called loses its series. Given the `resolver`, the gauge is read from it at each scrape, so it
+        falls to 0 once an instance appears; otherwise it stays what this check found.
+        """
+        for service in sorted(unresolvable):
+            called_by = ", ".join(sorted(callers.get(service, ()))) or "no loaded definition"
+            log.warning(
+                "service %r cannot be resolved (called by %s); its steps fail with UNAVAILABLE until it can: %s",
+                service,
+                called_by,
+                unresolvable[service],
+            )
+        for service in sorted(set(self._unresolvable) - set(unresolvable)):
+            if service in callers:
+                log.info("service %r can be resolved now", service)
+        self._unresolvable = dict(unresolvable)
+        checked = set(callers) | set(unresolvable)
+        if self._metrics:
+            # Every series is made afresh: a series read from a resolver ignores set() ever after.
+            for service in self._checked_services:
+                with contextlib.suppress(KeyError):
+                    SERVICE_UNRESOLVABLE.remove(service)
+            for service in sorted(checked):
+                gauge = SERVICE_UNRESOLVABLE.labels(service)
+                if resolver is not None:
+                    gauge.set_function(_no_instance_reader(resolver, service))
+                else:
+                    gauge.set(1.0 if service in unresolvable else 0.0)
+        self._checked_services = checked
 
     def rpc_observer(self, method: str, code: str, elapsed_ms: float, replayed: bool) -> None:
         """An RpcServer observer: the start latency of PlaceOrder and StartSaga."""

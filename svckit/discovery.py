@@ -1,4 +1,4 @@
-"""Service discovery for the suite: static address lists or Consul health-checked instances."""
+"""Service discovery by service name: static address lists or Consul health-checked instances."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import ipaddress
 import logging
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -18,26 +19,46 @@ from typing import Any, Protocol, TypeVar
 import consul
 
 __all__ = [
+    "SERVICE_ADDRESSES_VARIABLE",
     "SUITE_SERVICES",
     "ConsulRegistration",
     "ConsulResolver",
     "ConsulSettings",
     "Resolver",
     "StaticResolver",
+    "address_variable",
+    "check_service_name",
     "format_host_port",
     "make_resolver",
     "parse_host_port",
+    "parse_service_addresses",
+    "unresolvable",
 ]
 
 log = logging.getLogger(__name__)
 
+# The four services of the suite itself (the local stack, compose, chaos, benchmarks). The orchestrator
+# resolves whatever names its definitions call; nothing in discovery is limited to these.
 SUITE_SERVICES: tuple[str, ...] = ("inventory", "payment", "shipping", "notify")
+# One setting for many services: "name=host:port[,host:port...]; name=..." (see parse_service_addresses).
+SERVICE_ADDRESSES_VARIABLE = "SERVICE_ADDRESSES"
+
+# What a service may be called: a DNS-label-like name Consul accepts, and that fits in an URL path
+# and an environment variable name (`-` and `.` become `_`) without quoting.
+_SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_HOST_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_MAX_ADDRESS_CHARS = 300
+_MAX_SERVICE_ADDRESSES_CHARS = 65536
+_PREVIEW_CHARS = 40
 
 _T = TypeVar("_T")
 
 
 class Resolver(Protocol):
-    """Where the instances of a service are: a live list of healthy "host:port" addresses."""
+    """Where the instances of a service are: a live list of healthy "host:port" addresses.
+
+    Any service name may be asked for, at any time: names a definition loaded at run time calls too.
+    """
 
     async def start(self) -> None: ...
 
@@ -79,24 +100,95 @@ def parse_host_port(text: str, *, source: str) -> tuple[str, int]:
             raise ValueError(f"{source}: {text!r} is not host:port (for example 127.0.0.1:50051)")
         if ":" in host:
             raise ValueError(f"{source}: {text!r} is ambiguous; write IPv6 hosts in brackets, as [::1]:50051")
-    if not host or any(ch.isspace() for ch in host):
-        raise ValueError(f"{source}: {text!r} has an empty or invalid host")
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not host or (not item.startswith("[") and not _HOST_NAME.fullmatch(host)):
+        raise ValueError(f"{source}: {text!r} has an empty or invalid host (letters, digits, '.', '-', '_')")
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
         raise ValueError(f"{source}: {text!r} has an invalid port {port_text!r} (expected 1-65535)")
     return host, int(port_text)
 
 
-def _env_var_for(service: str) -> str:
+def _preview(text: str) -> str:
+    """A value as quoted in an error message: at most a short prefix of it."""
+    return repr(text) if len(text) <= _PREVIEW_CHARS else repr(text[:_PREVIEW_CHARS]) + "..."
+
+
+def check_service_name(name: str, *, source: str) -> str:
+    """Return `name` if it can name a service (1-128 of A-Z a-z 0-9 . _ -, starting with a letter or digit)."""
+    if not _SERVICE_NAME.fullmatch(name):
+        raise ValueError(
+            f"{source}: {_preview(name)} is not a service name "
+            "(1-128 of A-Z a-z 0-9 . _ -, starting with a letter or a digit)"
+        )
+    return name
+
+
+def address_variable(service: str) -> str:
+    """The variable that gives a service's static addresses: "order-api" is read from ORDER_API_ADDR."""
     return service.upper().replace("-", "_").replace(".", "_") + "_ADDR"
+
+
+def _parse_address_list(raw: str, *, source: str) -> list[str]:
+    """Parse "host:port[,host:port...]" into normalized gRPC targets; `source` names the setting in errors."""
+    items = [item.strip() for item in raw.split(",") if item.strip()]
+    if not items:
+        raise ValueError(f"{source} is empty: expected host:port[,host:port...]")
+    addresses: list[str] = []
+    for item in items:
+        if len(item) > _MAX_ADDRESS_CHARS:
+            raise ValueError(f"{source}: {_preview(item)} is {len(item)} characters long, too long for host:port")
+        address = format_host_port(*parse_host_port(item, source=source))
+        if address in addresses:
+            raise ValueError(f"{source}: {address} is listed twice")
+        addresses.append(address)
+    return addresses
+
+
+def parse_service_addresses(raw: str, *, variable: str = SERVICE_ADDRESSES_VARIABLE) -> dict[str, list[str]]:
+    """Parse the map setting: "name=host:port[,host:port...]" entries separated by ";" or new lines.
+
+    Blank entries (a trailing ";") are ignored. Names follow `check_service_name`; two names that read
+    the same `<NAME>_ADDR` variable ("order-api" and "ORDER_API") are the same service, given twice.
+    """
+    if len(raw) > _MAX_SERVICE_ADDRESSES_CHARS:
+        raise ValueError(f"{variable} is {len(raw)} characters long; at most {_MAX_SERVICE_ADDRESSES_CHARS}")
+    control = next((ch for ch in raw if not ch.isprintable() and ch not in "\t\r\n"), None)
+    if control is not None:
+        raise ValueError(f"{variable} contains the unprintable character {control!r}")
+    table: dict[str, list[str]] = {}
+    names_by_variable: dict[str, str] = {}
+    for entry in (part.strip() for part in re.split(r"[;\n]", raw)):
+        if not entry:
+            continue
+        name, equals, addresses = entry.partition("=")
+        name = name.strip()
+        if not equals:
+            raise ValueError(
+                f"{variable}: entry {_preview(entry)} has no '=': write name=host:port[,host:port...], "
+                "entries separated by ';'"
+            )
+        check_service_name(name, source=f"{variable}: entry {_preview(entry)}")
+        key = address_variable(name)
+        if key in names_by_variable:
+            also = "" if names_by_variable[key] == name else f" (also as {names_by_variable[key]!r})"
+            raise ValueError(f"{variable}: service {name!r} is given twice{also}")
+        names_by_variable[key] = name
+        table[name] = _parse_address_list(addresses, source=f"{variable} entry {name!r}")
+    return table
 
 
 # --------------------------------------------------------------------------- static discovery
 
 
 class StaticResolver:
-    """A fixed service → addresses table, for running the suite without Consul."""
+    """Fixed addresses per service, for running without Consul: a table, and the environment for any name.
 
-    def __init__(self, table: Mapping[str, Iterable[str]]) -> None:
+    With an environment (`from_env`), a service that is not in the table is looked up the first time
+    it is asked for, whatever its name: `<NAME>_ADDR` if it is set, otherwise its entry in
+    SERVICE_ADDRESSES (parsed, and refused if malformed, at construction). The answer, addresses or
+    the reason there are none, is kept: a process's environment does not change while it runs.
+    """
+
+    def __init__(self, table: Mapping[str, Iterable[str]], *, environ: Mapping[str, str] | None = None) -> None:
         self._table: dict[str, list[str]] = {}
         for service, addresses in table.items():
             normalized = []
@@ -104,41 +196,87 @@ class StaticResolver:
                 host, port = parse_host_port(address, source=f"address of service {service!r}")
                 normalized.append(format_host_port(host, port))
             self._table[service] = normalized
+        self._environ = environ
+        # SERVICE_ADDRESSES by the variable each name would be read from, so lookups match it the same way.
+        self._mapped: dict[str, list[str]] = {}
+        if environ is not None:
+            raw_map = environ.get(SERVICE_ADDRESSES_VARIABLE, "")
+            for name, addresses in parse_service_addresses(raw_map).items():
+                self._mapped[address_variable(name)] = addresses
+        self._problems: dict[str, str] = {}
 
     @classmethod
-    def from_env(cls, services: Iterable[str], environ: Mapping[str, str] = os.environ) -> StaticResolver:
-        """Read `<SERVICE>_ADDR` ("host:port[,host:port...]") for every service; all are required."""
-        table: dict[str, list[str]] = {}
+    def from_env(
+        cls, services: Iterable[str], environ: Mapping[str, str] = os.environ, *, required: bool = True
+    ) -> StaticResolver:
+        """Read the addresses of `services` now, and of any other name when it is first asked for.
+
+        A malformed value of one of `services` (or a malformed SERVICE_ADDRESSES) is a ValueError naming
+        the variable. So is a missing one, unless `required` is false: then it is left for
+        `unresolvable()` to report.
+        """
+        resolver = cls({}, environ=environ)
         for service in services:
-            variable = _env_var_for(service)
-            raw = environ.get(variable)
-            if raw is None:
+            variable = address_variable(service)
+            check_service_name(service, source=f"the service asked for ({variable})")
+            found = resolver._read(service)
+            if found:
+                resolver._table[service] = found
+            elif required:
                 raise ValueError(
                     f"{variable} is not set: give the {service} service's address(es) as "
-                    f"host:port[,host:port...], or set DISCOVERY=consul"
+                    f"host:port[,host:port...] (or an entry in {SERVICE_ADDRESSES_VARIABLE}), "
+                    f"or set DISCOVERY=consul"
                 )
-            items = [item.strip() for item in raw.split(",") if item.strip()]
-            if not items:
-                raise ValueError(f"{variable} is empty: expected host:port[,host:port...]")
-            table[service] = [format_host_port(*parse_host_port(item, source=variable)) for item in items]
-        return cls(table)
+        return resolver
 
     async def start(self) -> None:
         return None
 
     def addresses(self, service: str) -> list[str]:
-        return list(self._table.get(service, ()))
+        found = self._table.get(service)
+        if found is None:
+            found = self._lookup(service)
+        return list(found)
 
     async def wait_for(self, service: str, timeout: float) -> list[str]:  # noqa: ASYNC109
         # A static table never changes, so waiting could only end in a timeout: say so at once.
         found = self.addresses(service)
         if not found:
-            variable = _env_var_for(service)
-            raise LookupError(f"no static address for {service!r}: set {variable} or DISCOVERY=consul")
+            raise LookupError(self._problems.get(service) or self._missing(service))
         return found
 
     async def close(self) -> None:
         return None
+
+    def _read(self, service: str) -> list[str]:
+        """The environment's addresses for `service`: [] if it has none, ValueError if they are malformed."""
+        if self._environ is None:
+            return []
+        variable = address_variable(service)
+        raw = self._environ.get(variable)
+        if raw is not None:  # the more specific setting wins over SERVICE_ADDRESSES
+            return _parse_address_list(raw, source=variable)
+        return list(self._mapped.get(variable, ()))
+
+    def _lookup(self, service: str) -> list[str]:
+        found: list[str] = []
+        try:
+            check_service_name(service, source="service name")
+            found = self._read(service)
+        except ValueError as error:
+            # First asked for at run time (a definition loaded later): nothing to stop, so say it loudly once.
+            self._problems[service] = str(error)
+            log.error("service %r has no static address: %s", service, error)
+        self._table[service] = found
+        return found
+
+    @staticmethod
+    def _missing(service: str) -> str:
+        return (
+            f"no static address for {service!r}: set {address_variable(service)}, add "
+            f"{service}=host:port to {SERVICE_ADDRESSES_VARIABLE}, or use DISCOVERY=consul"
+        )
 
 
 # --------------------------------------------------------------------------- Consul settings
@@ -303,6 +441,8 @@ class _Watch:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     last_error: str | None = None
+    # Set for a name that is not a service name: it is never queried (it would change the URL's path).
+    refused: str | None = None
 
 
 def _instance_address(entry: Mapping[str, Any]) -> str | None:
@@ -323,7 +463,10 @@ class ConsulResolver:
     with `index`/`wait`, so a check going critical reaches `addresses()` as soon as Consul knows.
     While the agent is unreachable or failing, the last known list is kept and the query is retried
     with exponential backoff. Services are watched from `start()` on if given to the constructor, or
-    from the first `addresses()`/`wait_for()` that names them.
+    from the first `addresses()`/`wait_for()` that names them, whatever the name and however long
+    after the start: a definition loaded later may call a service nobody asked for before. That first
+    `addresses()` answers [] (the query has only just been sent); `wait_for` (and `unresolvable`)
+    waits for its answer.
     """
 
     def __init__(
@@ -338,7 +481,7 @@ class ConsulResolver:
         queries_per_second: float = 1.0,
     ) -> None:
         self._settings = settings
-        self._initial_services = list(services)
+        self._initial_services = [check_service_name(name, source="ConsulResolver service") for name in services]
         self._blocking_wait = blocking_wait
         self._retry_initial = retry_initial
         self._retry_max = retry_max
@@ -373,6 +516,8 @@ class ConsulResolver:
         if not self._started or self._closed:
             raise RuntimeError("ConsulResolver.wait_for needs start() first (and no close())")
         watch = self._ensure_watch(service)
+        if watch.refused is not None:
+            raise LookupError(watch.refused)
         deadline = time.monotonic() + timeout
         while not watch.addresses:
             remaining = deadline - time.monotonic()
@@ -398,8 +543,14 @@ class ConsulResolver:
     def _ensure_watch(self, service: str) -> _Watch:
         watch = self._watches.get(service)
         if watch is None:
-            watch = self._watches[service] = _Watch()
-        if self._started and not self._closed and watch.task is None:
+            watch = _Watch()
+            try:
+                check_service_name(service, source="Consul service")
+            except ValueError as error:
+                watch.refused = watch.last_error = str(error)
+                log.error("not watching %r in Consul: %s", service, error)
+            self._watches[service] = watch
+        if self._started and not self._closed and watch.task is None and watch.refused is None:
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:  # called from outside the event loop: the next call inside starts it
@@ -555,11 +706,40 @@ class ConsulRegistration:
 # --------------------------------------------------------------------------- choice
 
 
-def make_resolver(environ: Mapping[str, str] = os.environ, services: Iterable[str] = SUITE_SERVICES) -> Resolver:
-    """DISCOVERY=consul gives a ConsulResolver; DISCOVERY=static or unset reads <SERVICE>_ADDR."""
+def make_resolver(
+    environ: Mapping[str, str] = os.environ, services: Iterable[str] = SUITE_SERVICES, *, required: bool = True
+) -> Resolver:
+    """DISCOVERY=consul gives a ConsulResolver; DISCOVERY=static or unset, a StaticResolver.
+
+    Either resolves any service name asked for later; `services` are the ones known now: Consul watches
+    them from the start, static discovery reads and checks their addresses at once, and with `required`
+    a missing one is a ValueError (without it, `unresolvable()` reports it). A malformed setting, or
+    a name in `services` that cannot name a service, is a ValueError naming it.
+    """
     mode = environ.get("DISCOVERY", "").strip().lower() or "static"
     if mode == "consul":
         return ConsulResolver(ConsulSettings.from_env(environ), services)
     if mode == "static":
-        return StaticResolver.from_env(services, environ)
+        return StaticResolver.from_env(services, environ, required=required)
     raise ValueError(f"DISCOVERY={environ.get('DISCOVERY')!r}: expected 'static' (the default) or 'consul'")
+
+
+async def unresolvable(resolver: Resolver, services: Iterable[str], timeout: float) -> dict[str, str]:  # noqa: ASYNC109
+    """The services among `services` that `resolver` cannot resolve, by name, each with the reason.
+
+    Static discovery answers at once (an address missing now will not appear later). Consul gets at most
+    `timeout` seconds in all, for every service at once, to report a healthy instance; this also
+    starts the watch of a name seen for the first time, so its first saga step finds it ready.
+    Call it after `resolver.start()`; an empty result means every service can be called.
+    """
+    names = sorted(set(services))
+
+    async def reason(service: str) -> str | None:
+        try:
+            await resolver.wait_for(service, max(0.0, timeout))
+        except (LookupError, TimeoutError) as error:
+            return str(error)
+        return None
+
+    reasons = await asyncio.gather(*(reason(name) for name in names))
+    return {name: why for name, why in zip(names, reasons, strict=True) if why is not None}

@@ -7,6 +7,8 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
+from ruamel.yaml import YAML
+
 from orchestrator import store
 from orchestrator.declarative.compiler import DefinitionFileError, LoadedDefinition, Problem, compile_file
 from orchestrator.definition import DefinitionRegistry, SagaDefinition
@@ -32,12 +34,15 @@ def compile_files(
 ) -> list[LoadedDefinition]:
     """Compile files in the order their children need; DefinitionFileError with every problem of every file."""
     pending = list(paths)
+    # A child defined by one of these files is taken from it, not from what is registered now.
+    defined_here = {key for key in map(_declared_key, pending) if key is not None}
+    outside = {key: definition for key, definition in known.items() if key not in defined_here}
     loaded: list[LoadedDefinition] = []
     failures: dict[Path, DefinitionFileError] = {}
     while pending:
         progress = False
         for path in list(pending):
-            children = {**known, **{(d.definition.name, d.definition.version): d.definition for d in loaded}}
+            children = {**outside, **{(d.definition.name, d.definition.version): d.definition for d in loaded}}
             try:
                 loaded.append(compile_file(path, children=children, environ=environ, resolve_address=resolve_address))
             except DefinitionFileError as error:
@@ -69,6 +74,15 @@ def compile_files(
     return loaded
 
 
+def _declared_key(path: Path) -> tuple[str, int] | None:
+    """The name and version a file declares, read without compiling it (None when it cannot be read)."""
+    try:
+        head = YAML(typ="safe").load(path.read_text(encoding="utf-8")).get("document", {})
+        return str(head["name"]), int(head["version"])
+    except Exception:  # the compile that follows reports what is wrong with it
+        return None
+
+
 def _only_missing_children(error: DefinitionFileError) -> bool:
     return all(problem.message.endswith(_MISSING_CHILD) for problem in error.problems)
 
@@ -96,7 +110,7 @@ class DefinitionFolder:
         self._database = database
         self._environ = environ
         self._resolve_address = resolve_address
-        self._on_loaded = on_loaded
+        self.on_loaded = on_loaded
         self._stamp: dict[Path, tuple[int, int]] = {}
         self._failed_stamp: dict[Path, tuple[int, int]] = {}
         self._reload = asyncio.Event()
@@ -130,8 +144,8 @@ class DefinitionFolder:
             self.loaded[(item.definition.name, item.definition.version)] = item
         self._stamp = stamps
         self.last_problems = []
-        if changed and self._on_loaded is not None:
-            self._on_loaded(changed)
+        if changed and self.on_loaded is not None:
+            self.on_loaded(changed)
         return changed
 
     def _changes(self, item: LoadedDefinition) -> bool:

@@ -27,7 +27,7 @@ import requests
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from svckit.channels import ChannelPool, NoHealthyInstance
-from svckit.discovery import ConsulRegistration, ConsulResolver, ConsulSettings
+from svckit.discovery import ConsulRegistration, ConsulResolver, ConsulSettings, make_resolver, unresolvable
 from tests.consul_standin import ConsulStandIn
 
 STANDIN_SCRIPT = Path(__file__).resolve().parents[1] / "consul_standin.py"
@@ -403,6 +403,77 @@ async def test_wait_for_times_out_with_a_clear_message(consul_agent: ConsulUnder
     try:
         with pytest.raises(TimeoutError, match=f"no healthy instance of '{service_name}'"):
             await resolver.wait_for(service_name, 0.3)
+    finally:
+        await resolver.close()
+
+
+# --------------------------------------------------------------------------- any service, by name
+
+
+def _consul_environ(agent: ConsulUnderTest) -> dict[str, str]:
+    """The variables the orchestrator would have: DISCOVERY=consul and the agent under test."""
+    if REAL_AGENT:
+        return {**os.environ, "DISCOVERY": "consul"}
+    return {"DISCOVERY": "consul", "CONSUL_HTTP_ADDR": agent.settings.url}
+
+
+async def test_a_service_outside_the_suite_registered_at_run_time_is_resolved(
+    consul_agent: ConsulUnderTest, instances: Callable[[str], Awaitable[Instance]]
+) -> None:
+    """As the orchestrator does it: make_resolver with the suite's names, then a definition naming `loyalty-*`."""
+    loyalty = f"loyalty-{uuid.uuid4().hex[:8]}"
+    resolver = make_resolver(_consul_environ(consul_agent))
+    await resolver.start()
+    pool = ChannelPool(resolver)
+    try:
+        # Not registered yet: the check reports it, within its short timeout, and starts its watch.
+        missing = await unresolvable(resolver, [loyalty], timeout=0.5)
+        assert list(missing) == [loyalty]
+        assert f"no healthy instance of {loyalty!r} in Consul" in missing[loyalty]
+        with pytest.raises(NoHealthyInstance, match=loyalty):
+            pool.channel(loyalty)
+
+        instance = await instances("loyalty")
+        await consul_agent.register(loyalty, instance.port)
+        # The watch the check started picks up the registration (its gRPC check passing) by itself.
+        await eventually(lambda: resolver.addresses(loyalty) == [instance.address], "the loyalty instance")
+        assert await unresolvable(resolver, [loyalty], timeout=SETTLE) == {}
+        assert await whoami(pool, loyalty) == "loyalty"
+    finally:
+        await pool.close()
+        await resolver.close()
+
+
+async def test_a_name_first_asked_for_by_a_call_is_watched_from_then_on(
+    consul_agent: ConsulUnderTest, instances: Callable[[str], Awaitable[Instance]]
+) -> None:
+    """Without the check, the first call to a new name fails UNAVAILABLE (retried); later ones reach it."""
+    points = f"points-{uuid.uuid4().hex[:8]}"
+    instance = await instances("points")
+    await consul_agent.register(points, instance.port)
+    resolver = consul_agent.resolver()
+    await resolver.start()
+    pool = ChannelPool(resolver)
+    try:
+        with pytest.raises(NoHealthyInstance, match=points):
+            pool.channel(points)
+        await eventually(lambda: resolver.addresses(points) == [instance.address], "the watch of the new name")
+        assert await whoami(pool, points) == "points"
+    finally:
+        await pool.close()
+        await resolver.close()
+
+
+async def test_a_name_that_is_no_service_name_is_never_sent_to_consul(consul_agent: ConsulUnderTest) -> None:
+    resolver = consul_agent.resolver()
+    await resolver.start()
+    try:
+        assert resolver.addresses("../agent/self") == []
+        with pytest.raises(LookupError, match="is not a service name"):
+            await resolver.wait_for("../agent/self", SETTLE)
+        assert "is not a service name" in (resolver.last_error("../agent/self") or "")
+        if consul_agent.standin is not None:
+            assert not [target for _, target, _ in consul_agent.standin.requests_seen if "agent/self" in target]
     finally:
         await resolver.close()
 
