@@ -1,11 +1,10 @@
-"""A YAML saga against a service outside the suite, built from its own proto, with no Python added to the orchestrator."""
+"""A YAML saga against a service outside the suite, built from its own proto, with no Python in the orchestrator."""
 
 from __future__ import annotations
 
 import json
 import time
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -167,7 +166,7 @@ def test_the_loyalty_saga_runs_with_static_discovery(tmp_path: Path, loyalty_bui
         env = {"SAGA_DEFINITIONS_DIR": str(definitions_dir(tmp_path, loyalty_build)), "LOYALTY_ADDR": loyalty.address}
         stack: LocalStack = start_stack(tmp_path / "stack", orchestrator_env=env)
         try:
-            with grpc.insecure_channel(stack.orchestrator.address) as channel:
+            with grpc.insecure_channel(stack.address) as channel:
                 orchestrator = pb_grpc.OrchestratorServiceStub(channel)
                 check_both_outcomes(orchestrator, loyalty_build, loyalty.address)
                 listed = orchestrator.ListDefinitions(pb.ListDefinitionsRequest(name="LoyaltyOrder"), timeout=10)
