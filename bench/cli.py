@@ -127,6 +127,7 @@ def bench_command(
     rounds: Annotated[int, typer.Option(help="times every target runs, alternating, per load")] = 1,
     db: Annotated[str, typer.Option(help="orchestrator database: empty for SQLite, or postgresql+psycopg://...")] = "",
     floor: Annotated[bool, typer.Option(help="also measure the four calls alone")] = True,
+    yaml: Annotated[bool, typer.Option(help="also measure the order saga from its YAML definition (SQLite)")] = True,
     peers: Annotated[str, typer.Option(help="peer engines to run beside ours: temporal,dbos (needs .[bench])")] = "",
     data_dir: Annotated[Path | None, typer.Option(help="where the stack keeps files and logs (default: temp)")] = None,
     log_level: Annotated[str, typer.Option(help="LOG_LEVEL of every process")] = "WARNING",
@@ -158,6 +159,7 @@ def bench_command(
         database_url=db,
         data_dir=data_dir,
         floor=floor,
+        yaml=yaml,
         peers=[p.strip() for p in peers.split(",") if p.strip()],
         log_level=log_level,
     )

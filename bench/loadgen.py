@@ -404,6 +404,8 @@ class BenchConfig:
     data_dir: Path | None = None
     floor: bool = True
     orchestrator: bool = True
+    # Also the same order saga from its YAML definition, on a replica of its own (SQLite only).
+    yaml: bool = True
     peers: Sequence[str] = ()
     log_level: str = "WARNING"
     stack_env: dict[str, str] = field(default_factory=dict)
@@ -451,6 +453,10 @@ async def _run_targets(
     return results
 
 
+# The suite's YAML definitions, shipped with the orchestrator package.
+YAML_DEFINITIONS = Path(__file__).resolve().parent.parent / "orchestrator" / "sagas" / "yaml"
+
+
 def run_benchmark(config: BenchConfig, on_phase: PhaseStarted | None = None) -> BenchReport:
     """Start the local stack (and any peer), run every target under every load, stop everything."""
     from bench.floor import FloorTarget
@@ -481,6 +487,20 @@ def run_benchmark(config: BenchConfig, on_phase: PhaseStarted | None = None) -> 
         if config.orchestrator:
             assert stack.orchestrator is not None and stack.orchestrator.pid
             targets.append(OrchestratorTarget(stack.address, {**service_pids, "orchestrator": stack.orchestrator.pid}))
+        if config.orchestrator and config.yaml and not config.database_url:
+            # Its own SQLite file, so neither replica takes the other's sagas; it idles while the
+            # Python one is measured, and the other way round.
+            yaml_env = {
+                "SAGA_DEFINITIONS_DIR": str(YAML_DEFINITIONS),
+                "DATABASE_URL": f"sqlite:///{data_dir / 'stack' / 'orchestrator-yaml.db'}",
+                "REPLICA_ID": "bench-yaml",
+            }
+            yaml_replica = stack.add_orchestrator("orchestrator-yaml", yaml_env)
+            stack_scope.callback(yaml_replica.stop)
+            assert yaml_replica.pid
+            notes.append(f"orchestrator-yaml runs OrderSaga v1 from {YAML_DEFINITIONS.name}/order-v1.yaml")
+            pids = {**service_pids, "orchestrator": yaml_replica.pid}
+            targets.append(OrchestratorTarget(yaml_replica.address, pids, name="orchestrator-yaml"))
         for peer in config.peers:
             if peer == "temporal":
                 from bench.peers.temporal import TemporalPeer

@@ -32,6 +32,7 @@ from orchestrator.declarative.contracts import (
     sample,
     to_jq,
 )
+from orchestrator.declarative.direct import direct_builder
 from orchestrator.declarative.expressions import (
     Expression,
     ExpressionError,
@@ -336,6 +337,16 @@ class _Compiler:
             value = key_program.evaluate(to_jq(message), {}, {})
             return str(value) if value is not None else ""
 
+        simple_key = _SIMPLE_PATH.match(key_program.text)
+        if simple_key and _string_path(input_type.DESCRIPTOR, simple_key.group(1)):
+            key_fields = [part for part in simple_key.group(1).split(".") if part]
+
+            def business_key(message: Message) -> str:  # the same key, read without jq
+                value: Any = message
+                for name in key_fields:
+                    value = getattr(value, name)
+                return str(value)
+
         # The parameters' values count as content: a running saga's conditions must not change under it.
         parameters = json.dumps(self.params, sort_keys=True).encode()
         fingerprint = hashlib.sha256(
@@ -549,6 +560,11 @@ class _Compiler:
             self.problem(where, f"{what}: {error}", error.hint)
             return None
         self.dry_run(expression, message_type, visible, where, what)
+        # Literals and plain field paths of the same types: the same message, built by copying fields.
+        assert self.input_descriptor is not None
+        direct = direct_builder(_plain(value), message_type, self.input_descriptor, visible)
+        if direct is not None:
+            return direct
 
         def build(context: SagaContext) -> Message:
             return _message_from(_evaluate(expression, context), message_type, what)
@@ -906,6 +922,22 @@ def _calls(tasks: Any) -> list[tuple[Any, str, Any]]:
             if isinstance(fork, dict) and isinstance(fork.get("branches"), list):
                 found.extend(_calls(fork["branches"]))
     return found
+
+
+def _string_path(descriptor: Any, path: str) -> bool:
+    """Whether a path of proto names leads through set-or-default singular messages to a string field."""
+    names = [part for part in path.split(".") if part]
+    current = descriptor
+    for position, name in enumerate(names):
+        field = current.fields_by_name.get(name) if current is not None else None
+        if field is None or field.is_repeated:
+            return False
+        if position == len(names) - 1:
+            return bool(field.type == field.TYPE_STRING and not field.has_presence)
+        if position < len(names) - 1:
+            return False  # a nested key: an unset message reads null through jq, "" by getattr
+        current = field.message_type
+    return False
 
 
 def _plain(value: Any) -> Any:

@@ -20,7 +20,9 @@ def test_a_short_bench_reports_every_figure_as_json(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     report = json.loads(output.read_text())
     by_target = {phase["target"]: phase for phase in report["phases"]}
-    assert set(by_target) == {"floor (4 calls)", "orchestrator"}
+    assert set(by_target) == {"floor (4 calls)", "orchestrator", "orchestrator-yaml"}
+    # The YAML definition of the same saga, on a replica of its own, completes the same orders.
+    assert set(by_target["orchestrator-yaml"]["outcomes"]) == {"COMPLETED"}
     ours = by_target["orchestrator"]
     # Every saga of the bench is an accepted order: nothing but COMPLETED.
     assert set(ours["outcomes"]) == {"COMPLETED"} and ours["completed_per_s"] > 0
