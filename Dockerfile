@@ -28,6 +28,7 @@ COPY svckit ./svckit
 COPY orchestrator ./orchestrator
 COPY sagactl ./sagactl
 COPY devstack ./devstack
+COPY conformance ./conformance
 COPY inventory_svc ./inventory_svc
 COPY payment_svc ./payment_svc
 COPY shipping_svc ./shipping_svc

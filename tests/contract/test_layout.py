@@ -24,7 +24,9 @@ MAY_IMPORT: Mapping[str, frozenset[str]] = {
     "devstack": frozenset({"sagasuite", "svckit", "orchestrator"}),
     # The floor and the peers send the order saga's own requests (its compensation reason).
     "bench": frozenset({"sagasuite", "svckit", "orchestrator", "devstack"}),
-    "sagactl": frozenset({"sagasuite", "svckit", "devstack", "bench"}),
+    # The participant conformance kit checks services against a definition's calls (the definition API).
+    "conformance": frozenset({"sagasuite", "svckit", "orchestrator"}),
+    "sagactl": frozenset({"sagasuite", "svckit", "devstack", "bench", "conformance"}),
 }
 # Folders with Python code that ships nothing: anything below may be imported from them.
 UNLAYERED = ("tests", "scripts")

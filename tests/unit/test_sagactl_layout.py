@@ -8,7 +8,16 @@ from tests.contract.test_layout import _circle, _imports, _module_name, _python_
 LAYERS = (
     {"sagactl.main"},
     {"sagactl.app"},
-    {"sagactl.stack", "sagactl.order", "sagactl.reads", "sagactl.operate", "sagactl.waiting"},
+    {
+        "sagactl.stack",
+        "sagactl.order",
+        "sagactl.reads",
+        "sagactl.operate",
+        "sagactl.waiting",
+        "sagactl.definitions",
+        "sagactl.definition_graph",
+        "sagactl.conformance",
+    },
     {"sagactl.common", "sagactl.demo"},
     {"sagactl.roothelp", "sagactl.client", "sagactl.render"},
     {"sagactl.settings"},
