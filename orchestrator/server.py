@@ -6,23 +6,40 @@ import contextlib
 import json
 import logging
 import math
+import re
+import unicodedata
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
-from google.protobuf import any_pb2, struct_pb2
+from google.protobuf import any_pb2, json_format, struct_pb2
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from orchestrator import store
 from orchestrator.auth import AccessControl, TokenSource, audit
-from orchestrator.definition import SIGNAL_NAME, DefinitionRegistry, SagaDefinition, approval_signal
+from orchestrator.definition import (
+    SIGNAL_NAME,
+    BusinessKeyMismatch,
+    DefinitionRegistry,
+    SagaDefinition,
+    approval_signal,
+)
 from orchestrator.dispatcher import Dispatcher
 from orchestrator.engine import SagaState
 from orchestrator.errors import SagaNotFound
 from orchestrator.observability import Observability
 from orchestrator.status import OperatorCall, SagaStatus
 from orchestrator.store import EventRecord
-from orchestrator.views import STATUS_FROM_PB, STATUS_TO_PB, StatusTracker, api_status, event_pb, saga_pb
+from orchestrator.views import (
+    STATUS_FROM_PB,
+    STATUS_TO_PB,
+    StatusTracker,
+    api_status,
+    definition_info_pb,
+    event_pb,
+    saga_pb,
+)
 from orchestrator.watch import WatchHub
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
@@ -52,6 +69,15 @@ MAX_SAGA_INPUT_BYTES = 64 * 1024
 # A signal's payload is stored with the saga until consumed, then as the wait's result.
 MAX_SIGNAL_PAYLOAD_BYTES = 64 * 1024
 MAX_SIGNAL_ID_LENGTH = 200
+# StartSaga's input_json: arrays and objects nested deeper than this are refused before parsing, so
+# the parser's recursion never meets a hostile depth. A saga input is a few levels deep.
+MAX_INPUT_JSON_DEPTH = 64
+# An integer in input_json with more digits than this is refused as such (uint64 takes 20).
+MAX_JSON_INTEGER_DIGITS = 40
+# A refusal quotes at most this much of the JSON parser's reason, which may quote the input.
+MAX_PARSER_REASON_LENGTH = 200
+# The three ways StartSaga takes an input, as the proto declares them.
+INPUT_FIELDS = ("input", "input_struct", "input_json")
 
 
 def validate_place_order(request: pb.PlaceOrderRequest) -> None:
@@ -159,39 +185,34 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         self._access.authorize(call.grpc_context, "start", "PlaceOrder")
         validate_place_order(request)
         definition = self._order_definition or self._registry.latest("OrderSaga")
-        business_key = definition.business_key_of(request)
+        business_key = _business_key(definition, request, "")
         saga, created = await self._start(definition, business_key, request, request.deadline_seconds, call)
         return pb.PlaceOrderResponse(saga_id=saga.saga_id, status=api_status(saga), created=created)
+
+    def _starts_on(self, saga_type: str) -> SagaDefinition | None:
+        """The definition a new saga of this type starts on: the latest version, or for OrderSaga the
+        ORDER_SAGA_VERSION pin (PlaceOrder and StartSaga alike); None for a type not loaded."""
+        if saga_type == "OrderSaga" and self._order_definition is not None:
+            return self._order_definition
+        try:
+            return self._registry.latest(saga_type)
+        except LookupError:
+            return None
 
     @rpc(mutating=False)
     async def StartSaga(self, request: pb.StartSagaRequest, call: CallContext) -> pb.StartSagaResponse:
         self._access.authorize(call.grpc_context, "start", "StartSaga")
         violations = Violations()
         violations.text("saga_type", request.saga_type, required=True, max_length=MAX_SAGA_TYPE_LENGTH)
-        violations.text("business_key", request.business_key, required=True, max_length=MAX_BUSINESS_KEY_LENGTH)
+        violations.text("business_key", request.business_key, required=False, max_length=MAX_BUSINESS_KEY_LENGTH)
         _deadline(violations, request.deadline_seconds)
-        if not request.HasField("input"):
-            violations.add("input", "is required")
-        elif len(request.input.type_url) > MAX_TYPE_URL_LENGTH:
-            violations.add("input", f"type_url must be at most {MAX_TYPE_URL_LENGTH} characters")
-        elif len(request.input.value) > MAX_SAGA_INPUT_BYTES:
-            violations.add(
-                "input", f"must be at most {MAX_SAGA_INPUT_BYTES} bytes serialized, got {len(request.input.value)}"
-            )
+        _check_input_given(violations, request)
         violations.raise_if_any()
-        try:
-            # ORDER_SAGA_VERSION pins OrderSaga for StartSaga as for PlaceOrder.
-            pinned = self._order_definition if request.saga_type == "OrderSaga" else None
-            definition = pinned or self._registry.latest(request.saga_type)
-        except LookupError:
+        definition = self._starts_on(request.saga_type)
+        if definition is None:
             known = ", ".join(self._registry.names())
-            raise InvalidArgument.of(
-                "saga_type", f"unknown saga type {quote(request.saga_type)}; known: {known}"
-            ) from None
-        message = definition.input_type()
-        if not _unpack(request.input, message):
-            expected = definition.input_type.DESCRIPTOR.full_name
-            raise InvalidArgument.of("input", f"must be a packed {expected}, got {quote(request.input.TypeName(), 96)}")
+            raise InvalidArgument.of("saga_type", f"unknown saga type {quote(request.saga_type)}; known: {known}")
+        message, field_name = _input_message(definition, request)
         if isinstance(message, pb.PlaceOrderRequest):
             validate_place_order(message)
         else:
@@ -199,14 +220,39 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             contents = Violations()
             contents.contents("", message)
             contents.raise_if_any()
+        # JSON spends more bytes on a value than the wire format, but the message it makes is capped too.
+        _input_size(field_name, message.ByteSize())
         # One input entity, one saga: a key other than the one the input derives is refused.
-        definition.check_business_key(request.business_key, message)
-        saga, created = await self._start(definition, request.business_key, message, request.deadline_seconds, call)
+        business_key = _business_key(definition, message, request.business_key)
+        saga, created = await self._start(definition, business_key, message, request.deadline_seconds, call)
         return pb.StartSagaResponse(
             saga_id=saga.saga_id,
             status=api_status(saga),
             created=created,
             definition_version=saga.version,
+            business_key=saga.business_key,
+        )
+
+    @rpc(mutating=False)
+    async def ListDefinitions(
+        self, request: pb.ListDefinitionsRequest, call: CallContext
+    ) -> pb.ListDefinitionsResponse:
+        self._access.authorize(call.grpc_context, "read", "ListDefinitions")
+        violations = Violations()
+        violations.text("name", request.name, required=False, max_length=MAX_SAGA_TYPE_LENGTH)
+        violations.raise_if_any()
+        definitions = sorted(
+            (d for d in self._registry.all() if not request.name or d.name == request.name),
+            key=lambda d: (d.name, d.version),
+        )
+        keys = [(d.name, d.version) for d in definitions]
+        running = await self._database.transaction(lambda c: store.count_not_ended(c, keys)) if keys else {}
+        starts_on = {name: self._starts_on(name) for name in {d.name for d in definitions}}
+        return pb.ListDefinitionsResponse(
+            definitions=[
+                definition_info_pb(d, running=running.get((d.name, d.version), 0), latest=starts_on[d.name] is d)
+                for d in definitions
+            ]
         )
 
     # -- reading -----------------------------------------------------------------------------
@@ -230,16 +276,23 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         except LookupError:
             return None
 
-    async def _view(self, saga_id: str, *, include_history: bool) -> pb.Saga:
+    async def _view(self, saga_id: str, *, include_history: bool, include_data: bool = False) -> pb.Saga:
         saga, events, pendings, children = await self._load_full(saga_id)
         return saga_pb(
-            saga, self._definition(saga), events, pendings, include_history=include_history, children=children
+            saga,
+            self._definition(saga),
+            events,
+            pendings,
+            include_history=include_history,
+            include_data=include_data,
+            children=children,
         )
 
     @rpc(mutating=False)
     async def GetSaga(self, request: pb.GetSagaRequest, call: CallContext) -> pb.GetSagaResponse:
         self._access.authorize(call.grpc_context, "read", "GetSaga", request.saga_id)
-        return pb.GetSagaResponse(saga=await self._view(_saga_id(request.saga_id), include_history=True))
+        saga = await self._view(_saga_id(request.saga_id), include_history=True, include_data=True)
+        return pb.GetSagaResponse(saga=saga)
 
     @rpc(mutating=False)
     async def ListSagas(self, request: pb.ListSagasRequest, call: CallContext) -> pb.ListSagasResponse:
@@ -488,6 +541,194 @@ def _check_json(violations: Violations, value: Message, path: str) -> None:
                 violations.add(path, f"holds a control character at position {position}")
         elif kind in ("struct_value", "list_value"):
             _check_json(violations, getattr(value, kind), path)
+
+
+def _check_input_given(violations: Violations, request: pb.StartSagaRequest) -> None:
+    """Exactly one of input, input_struct and input_json, within its size cap (before anything parses it)."""
+    # The two messages are given when set, the JSON text when not empty.
+    present = {"input": request.HasField("input"), "input_struct": request.HasField("input_struct")}
+    given = [name for name in INPUT_FIELDS if present.get(name, bool(request.input_json))]
+    if not given:
+        violations.add("input", "is required: give the saga's input as input (an Any), input_struct or input_json")
+        return
+    if len(given) > 1:
+        for name in given:
+            violations.add(name, f"give only one of input, input_struct and input_json; got {' and '.join(given)}")
+        return
+    if request.HasField("input"):
+        if len(request.input.type_url) > MAX_TYPE_URL_LENGTH:
+            violations.add("input", f"type_url must be at most {MAX_TYPE_URL_LENGTH} characters")
+        elif len(request.input.value) > MAX_SAGA_INPUT_BYTES:
+            violations.add(
+                "input", f"must be at most {MAX_SAGA_INPUT_BYTES} bytes serialized, got {len(request.input.value)}"
+            )
+    elif request.HasField("input_struct"):
+        size = request.input_struct.ByteSize()
+        if size > MAX_SAGA_INPUT_BYTES:
+            violations.add("input_struct", f"must be at most {MAX_SAGA_INPUT_BYTES} bytes serialized, got {size}")
+        else:
+            _check_json(violations, request.input_struct, "input_struct")
+    else:
+        size = len(request.input_json.encode())
+        if size > MAX_SAGA_INPUT_BYTES:
+            violations.add("input_json", f"must be at most {MAX_SAGA_INPUT_BYTES} bytes of UTF-8, got {size}")
+        elif _nests_too_deep(request.input_json):
+            violations.add("input_json", f"nests arrays and objects more than {MAX_INPUT_JSON_DEPTH} deep")
+
+
+def _input_message(definition: SagaDefinition, request: pb.StartSagaRequest) -> tuple[Message, str]:
+    """The definition's input message from whichever input field the request gives, and that field's name."""
+    message = definition.input_type()
+    expected = definition.input_type.DESCRIPTOR.full_name
+    if request.HasField("input"):
+        if not _unpack(request.input, message):
+            raise InvalidArgument.of("input", f"must be a packed {expected}, got {quote(request.input.TypeName(), 96)}")
+        return message, "input"
+    if request.HasField("input_struct"):
+        _parse_json("input_struct", json_format.MessageToDict(request.input_struct), message)
+        return message, "input_struct"
+    _parse_json("input_json", _load_json(request.input_json), message)
+    return message, "input_json"
+
+
+class _JsonRefused(ValueError):
+    """JSON that the standard parser would take but an input must not hold."""
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # As json_format's own loader, a key given twice is refused (the last one would silently win).
+    found: dict[str, Any] = {}
+    for key, value in pairs:
+        position = forbidden_character(key)
+        if position is not None:
+            raise _JsonRefused(f"the key {quote(key)} holds a control character at position {position}")
+        if key in found:
+            raise _JsonRefused(f"the key {quote(key)} is given twice")
+        found[key] = value
+    return found
+
+
+def _no_constant(name: str) -> None:
+    raise _JsonRefused(f"{name} is not a JSON number (the proto3 JSON mapping spells it as the string {name!r})")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _JsonRefused(f"the number {quote(text)} is too large for a double")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    # Short of Python's own digit limit (4300), whose refusal speaks of sys.set_int_max_str_digits().
+    if len(text.lstrip("-")) > MAX_JSON_INTEGER_DIGITS:
+        raise _JsonRefused(f"the integer {quote(text)} has more digits than any integer field takes")
+    return int(text)
+
+
+def _load_json(text: str) -> object:
+    """input_json as JSON values; INVALID_ARGUMENT naming input_json with the parser's reason."""
+    try:
+        return json.loads(
+            text,
+            object_pairs_hook=_json_object,
+            parse_constant=_no_constant,
+            parse_float=_finite_float,
+            parse_int=_bounded_int,
+        )
+    except (ValueError, RecursionError) as error:
+        # ValueError covers the decoder's errors and our refusals; the depth was checked before.
+        raise InvalidArgument.of("input_json", f"is not valid JSON: {_parser_reason(error)}") from None
+
+
+def _parse_json(field_name: str, value: object, message: Message) -> None:
+    """Fill message from JSON values in the proto3 JSON mapping; unknown fields are refused."""
+    expected = message.DESCRIPTOR.full_name
+    if not isinstance(value, dict):
+        kind = _JSON_KINDS.get(type(value), "another value")
+        raise InvalidArgument.of(field_name, f"must be a JSON object (a {expected}), got {kind}")
+    try:
+        json_format.ParseDict(value, message, ignore_unknown_fields=False)
+    except (json_format.ParseError, ValueError, TypeError, OverflowError, RecursionError) as error:
+        # ParseDict raises ParseError for what it checks; a conversion it does not guard surfaces as the others.
+        raise InvalidArgument.of(field_name, f"is not a {expected}: {_parser_reason(error)}") from None
+
+
+_JSON_KINDS: dict[type, str] = {
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+    type(None): "null",
+}
+_JSON_STRUCTURE = re.compile(r'[\\"\[\]{}]')
+
+
+def _nests_too_deep(text: str) -> bool:
+    """Whether arrays and objects nest more than MAX_INPUT_JSON_DEPTH deep in JSON text (outside strings)."""
+    if text.count("[") + text.count("{") <= MAX_INPUT_JSON_DEPTH:
+        return False  # too few brackets to nest too deep: most inputs end here
+    depth = 0
+    in_string = False
+    escaped_at = -1
+    for match in _JSON_STRUCTURE.finditer(text):
+        at, character = match.start(), match.group()
+        if at == escaped_at:
+            continue
+        if in_string:
+            if character == "\\":
+                escaped_at = at + 1
+            elif character == '"':
+                in_string = False
+        elif character == '"':
+            in_string = True
+        elif character in "[{":
+            depth += 1
+            if depth > MAX_INPUT_JSON_DEPTH:
+                return True
+        elif character in "]}":
+            depth -= 1
+    return False
+
+
+def _parser_reason(error: BaseException) -> str:
+    """A parser's message fit for a refusal: unprintable characters escaped, at most a short length."""
+    # json_format breaks its line before the list of a message's fields: read as a space.
+    text = (str(error) or type(error).__name__).replace("\n", " ")
+    cut = len(text) > MAX_PARSER_REASON_LENGTH
+    shown = "".join(
+        f"\\u{ord(c):04x}" if unicodedata.category(c)[0] == "C" or c in "\u2028\u2029" else c
+        for c in text[:MAX_PARSER_REASON_LENGTH]
+    )
+    return shown + (f"... ({len(text)} characters)" if cut else "")
+
+
+def _business_key(definition: SagaDefinition, message: Message, given: str) -> str:
+    """The saga's business key: the one the definition derives from the input, which a given key must equal."""
+    where = f"is empty, and the key {definition.name} derives from the input" if not given else "cannot be checked"
+    try:
+        key = definition.business_key_of(message)
+    except (DomainError, RetryableError):
+        raise
+    except Exception as error:
+        # A declared derivation (a YAML definition's jq expression, say) may fail on an input it did not expect.
+        reason = f"{where}: {definition.name} cannot derive its key from this input: {_parser_reason(error)}"
+        raise InvalidArgument.of("business_key", reason) from None
+    if given:
+        if given != key:
+            raise BusinessKeyMismatch(definition.name, given, key)
+        return given
+    position = forbidden_character(key)
+    if not key.strip():
+        reason = f"{where} is empty too: give business_key, or the input field it derives from"
+    elif len(key) > MAX_BUSINESS_KEY_LENGTH:
+        reason = f"{where} is {len(key)} characters long; at most {MAX_BUSINESS_KEY_LENGTH} are allowed"
+    elif position is not None:
+        reason = f"{where} holds a control character at position {position}"
+    else:
+        return key
+    raise InvalidArgument.of("business_key", reason)
 
 
 def _reason(reason: str, *, required: bool) -> None:

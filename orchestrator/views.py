@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import grpc
+from google.protobuf import json_format, struct_pb2
+from google.protobuf.message import DecodeError, Message
 
-from orchestrator.definition import Approval, ChildSaga, SagaDefinition, Step, Timer, WaitForSignal
+from orchestrator.definition import (
+    Approval,
+    Call,
+    ChildSaga,
+    Node,
+    OnTimeout,
+    SagaDefinition,
+    Step,
+    Timer,
+    WaitForSignal,
+)
 from orchestrator.engine import WAIT_END_EVENTS as _WAIT_END_EVENTS
 from orchestrator.engine import SagaState
 from orchestrator.engine import utc_clock as _clock
@@ -16,15 +29,26 @@ from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 from svckit.convert import timestamp
 
 __all__ = [
+    "MAX_VIEW_JSON_BYTES",
     "STATUS_FROM_PB",
     "STATUS_TO_PB",
     "StatusTracker",
     "api_status",
+    "capped_json",
+    "definition_info_pb",
     "event_pb",
+    "input_json",
+    "message_json",
+    "result_json",
     "saga_pb",
     "steps_maybe_applied",
     "trace_id_of",
 ]
+
+# GetSaga's input_json and each step's result_json: larger JSON is left out (flagged truncated), never cut,
+# so what a client gets always parses. 64 KiB holds any input (its wire form is capped at 64 KiB too,
+# and JSON rarely takes more) and the results of the suite's calls many times over.
+MAX_VIEW_JSON_BYTES = 64 * 1024
 
 # The API's SagaStatus numbers by the same names: SAGA_STATUS_<status>.
 STATUS_TO_PB: dict[SagaStatus, Any] = {status: pb.SagaStatus.Value(f"SAGA_STATUS_{status}") for status in SagaStatus}
@@ -63,13 +87,54 @@ def event_pb(event: EventRecord) -> pb.HistoryEvent:
     )
 
 
+def capped_json(text: str) -> tuple[str, bool]:
+    """(text, False) when it fits MAX_VIEW_JSON_BYTES in UTF-8, else ("", True): JSON is never cut."""
+    if len(text) > MAX_VIEW_JSON_BYTES or len(text.encode()) > MAX_VIEW_JSON_BYTES:
+        return "", True
+    return text, False
+
+
+def message_json(message: Message) -> str:
+    """A message in the proto3 JSON mapping (lowerCamelCase names, defaults left out), compact."""
+    return json.dumps(json_format.MessageToDict(message), separators=(",", ":"), ensure_ascii=False)
+
+
+def input_json(saga: SagaState, definition: SagaDefinition) -> tuple[str, bool]:
+    """The saga's stored input as capped JSON; ("", False) when it does not parse as the input type."""
+    try:
+        return capped_json(message_json(definition.input_type.FromString(saga.input)))
+    except DecodeError:
+        return "", False
+
+
+def result_json(node: Node, payload: bytes) -> tuple[str, bool]:
+    """A node's stored result as capped JSON: a call's response, a wait's Struct payload, a child's stored
+    outcome; ("", False) for a node without results or a payload that does not parse."""
+    try:
+        if isinstance(node, Step):
+            return capped_json(message_json(node.action.response_type.FromString(payload)))
+        if isinstance(node, WaitForSignal | Approval):
+            return capped_json(message_json(struct_pb2.Struct.FromString(payload)))
+        if isinstance(node, ChildSaga):
+            # Stored as JSON already (definition.encode_child_result): the child's id, key, input and results.
+            return capped_json(payload.decode())
+    except (DecodeError, UnicodeDecodeError):
+        pass
+    return "", False
+
+
 def _steps(
-    definition: SagaDefinition, saga: SagaState, events: list[EventRecord], pendings: dict[str, PendingCommand]
+    definition: SagaDefinition,
+    saga: SagaState,
+    events: list[EventRecord],
+    pendings: dict[str, PendingCommand],
+    *,
+    include_results: bool = False,
 ) -> list[pb.SagaStep]:
     steps: dict[str, pb.SagaStep] = {}
     for flat in definition.nodes:
         group = definition.nodes[flat.group].node.name if flat.group >= 0 else ""
-        steps[flat.node.name] = pb.SagaStep(
+        view = steps[flat.node.name] = pb.SagaStep(
             name=flat.node.name,
             index=flat.index,
             kind=flat.node.node_kind,
@@ -77,6 +142,9 @@ def _steps(
             branch=flat.branch,
             child_saga_id=saga.progress.children.get(flat.node.name, ""),
         )
+        payload = saga.results.get(flat.node.name) if include_results else None
+        if payload is not None:
+            view.result_json, view.result_truncated = result_json(flat.node, payload)
     skipped = {definition.nodes[i].node.name for i in saga.progress.skipped}
     waiting = {definition.nodes[p.command.step_index].node.name: p for p in pendings.values()}
     finished_waits: set[str] = set()
@@ -232,8 +300,11 @@ def saga_pb(
     pendings: dict[str, PendingCommand] | None = None,
     *,
     include_history: bool = False,
+    include_data: bool = False,
     children: list[SagaState] | None = None,
 ) -> pb.Saga:
+    """The API's view of a saga. With events, its steps; include_data adds its input and each step's
+    result as JSON (GetSaga: a list spares the cost)."""
     pendings = pendings or {}
     view = pb.Saga(
         saga_id=saga.saga_id,
@@ -247,14 +318,17 @@ def saga_pb(
         last_error=saga.last_error,
         trace_id=trace_id_of(saga.trace_context),
         parent_saga_id=saga.parent_id,
+        contract_hash=saga.contract_hash,
     )
     if saga.ended_at is not None:
         view.ended_at.CopyFrom(timestamp(saga.ended_at))
     if definition is not None:
         if not saga.ended or saga.status == SagaStatus.NEEDS_ATTENTION:
             view.current_step = definition.node(saga.step_index).name
+        if include_data:
+            view.input_json, view.input_truncated = input_json(saga, definition)
         if events is not None:
-            view.steps.extend(_steps(definition, saga, events, pendings))
+            view.steps.extend(_steps(definition, saga, events, pendings, include_results=include_data))
             if saga.status == SagaStatus.TERMINATED:
                 view.steps_maybe_applied.extend(steps_maybe_applied(definition, events, pendings))
         if not saga.ended:
@@ -275,6 +349,74 @@ def saga_pb(
     if include_history and events is not None:
         view.history.extend(event_pb(event) for event in events)
     return view
+
+
+def _call_path(call: Call) -> str:
+    """service/Method as a definition node names a call, e.g. payment/sagasuite.payment.v1.PaymentService/Charge."""
+    return f"{call.service}{call.method_path}"
+
+
+def _node_pb(definition: SagaDefinition, index: int) -> pb.DefinitionNode:
+    flat = definition.nodes[index]
+    node = flat.node
+    view = pb.DefinitionNode(
+        name=node.name,
+        kind=node.node_kind,
+        index=flat.index,
+        group=definition.nodes[flat.group].node.name if flat.group >= 0 else "",
+        branch=flat.branch,
+        conditional=node.when is not None,
+        pivot=index == definition.pivot_index,
+    )
+    if isinstance(node, Step):
+        view.step_kind = node.kind.value
+        view.action = _call_path(node.action)
+        view.compensation = _call_path(node.compensation) if node.compensation is not None else ""
+        view.call_timeout_seconds = node.timeout
+        view.budget_seconds = node.budget
+    elif isinstance(node, Timer):
+        view.timeout_seconds = node.duration or 0.0
+    elif isinstance(node, WaitForSignal):
+        view.timeout_seconds = node.timeout
+        view.signal = node.signal_name
+        view.on_timeout = node.on_timeout.value
+    elif isinstance(node, Approval):
+        view.timeout_seconds = node.timeout
+        view.signal = node.role
+        view.on_timeout = OnTimeout.COMPENSATE.value
+    elif isinstance(node, ChildSaga):
+        view.child = f"{node.definition.name} v{node.definition.version}"
+    return view
+
+
+def _services(definition: SagaDefinition) -> list[str]:
+    """The discovery names its own calls use (actions and compensations), sorted; a child's are the child's."""
+    services: set[str] = set()
+    for flat in definition.nodes:
+        node = flat.node
+        if isinstance(node, Step):
+            services.add(node.action.service)
+            if node.compensation is not None:
+                services.add(node.compensation.service)
+    return sorted(services)
+
+
+def definition_info_pb(definition: SagaDefinition, *, running: int, latest: bool) -> pb.SagaDefinitionInfo:
+    """ListDefinitions' view of one loaded definition version, its nodes in flat order."""
+    return pb.SagaDefinitionInfo(
+        name=definition.name,
+        version=definition.version,
+        # Python definitions loaded without a recorded module say only that they are Python code.
+        source=definition.source or "python",
+        input_type=definition.input_type.DESCRIPTOR.full_name,
+        fingerprint=definition.fingerprint,
+        contract_hash=definition.contract_hash,
+        deadline_seconds=definition.deadline or 0.0,
+        services=_services(definition),
+        nodes=[_node_pb(definition, index) for index in range(len(definition.nodes))],
+        running=running,
+        latest=latest,
+    )
 
 
 _ENDING_EVENTS: dict[str, Any] = {

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from sagactl import operate, order, reads, stack, waiting
+from sagactl import conformance, definition_graph, definitions, operate, order, reads, stack, waiting
 from sagactl.common import fail
 from sagactl.roothelp import SUMMARY, root_help, summary
 from sagactl.settings import EXIT_USAGE, version_line
@@ -112,6 +112,10 @@ def root(
 # Each module's commands join the root group unnamed, in the order the help lists them.
 for _commands in (stack.commands, order.commands, reads.commands, operate.commands, waiting.commands):
     app.add_typer(_commands)
+# A group of its own: list and show from sagactl.definitions, graph and validate from sagactl.definition_graph.
+definition_graph.register(definitions.definitions_app)
+app.add_typer(definitions.definitions_app, name="definitions")
+app.add_typer(conformance.commands)
 
 
 def main() -> None:

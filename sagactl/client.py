@@ -284,6 +284,10 @@ class SagaClient:
     def stats(self, request: pb.GetSagaStatsRequest) -> pb.GetSagaStatsResponse:
         return self.call(self.stub.GetSagaStats, request)
 
+    def definitions(self, name: str = "") -> list[pb.SagaDefinitionInfo]:
+        """The definitions the orchestrator has loaded (of one name, when given), by name then version."""
+        return list(self.call(self.stub.ListDefinitions, pb.ListDefinitionsRequest(name=name)).definitions)
+
     def resolve(self, reference: str) -> pb.Saga:
         """The saga with this id or, failing that, the one saga with this business key (order id) that no
         saga started as its child: an order id of OrderSaga v2 names the order's saga and its
@@ -343,6 +347,9 @@ class SagaClient:
 
     def place_order(self, request: pb.PlaceOrderRequest) -> pb.PlaceOrderResponse:
         return self.call(self.stub.PlaceOrder, request)
+
+    def start_saga(self, request: pb.StartSagaRequest) -> pb.StartSagaResponse:
+        return self.call(self.stub.StartSaga, request)
 
     def decide(self, saga_id: str, step: str, *, approve: bool, reason: str) -> pb.DecideApprovalResponse:
         """Approve or reject the saga's approval step."""

@@ -1,7 +1,9 @@
-"""`saga order`: place an order (from flags or a JSON file, built by devstack.orders) and follow its saga."""
+"""`saga order` and `saga start`: place an order (from flags or a JSON file, built by devstack.orders), or start a
+saga of any type from JSON input, and follow it."""
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 import uuid
@@ -35,6 +37,8 @@ commands = typer.Typer()
 _DEFAULT_ITEM = ("BOOK-001", 1)
 _DEFAULT_CURRENCY = "EUR"
 _ADDRESS_FIELDS = ("recipient_name", "street", "city", "postal_code", "country_code")
+# StartSaga takes at most this many bytes of JSON input (its contract says so): larger is refused before a call.
+_MAX_INPUT_JSON_BYTES = 64 * 1024
 
 
 def _parse_item(text: str) -> tuple[str, int]:
@@ -231,6 +235,122 @@ def order(
             saga = _follow(client, placed.saga_id, None if as_json else console)
         except KeyboardInterrupt:
             print(f"stopped following; the saga goes on: saga watch {placed.saga_id}", file=sys.stderr)
+            raise typer.Exit(130) from None
+    if as_json:
+        print_json({**summary, "status": status_name(saga.status), "saga": saga_dict(saga, history=False)})
+    else:
+        console.print(saga_header(saga))
+        console.print(saga_steps(saga))
+    if not ended_well(saga):
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _refuse_constant(text: str) -> None:
+    raise ValueError(f"{text} is not a JSON number")
+
+
+def _read_input(source: str, saga_type: str) -> str:
+    """The JSON text of --input (a file, or - for stdin), checked to be one JSON object; a usage error otherwise."""
+    try:
+        raw = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+    except OSError as error:
+        raise typer.BadParameter(f"cannot read {source}: {error.strerror}", param_hint="--input") from None
+    where = "stdin" if source == "-" else source
+    if len(raw) > _MAX_INPUT_JSON_BYTES:
+        raise typer.BadParameter(
+            f"{where} holds {len(raw)} bytes; the orchestrator takes at most {_MAX_INPUT_JSON_BYTES} bytes of "
+            "JSON input",
+            param_hint="--input",
+        )
+    try:
+        # An editor's byte order mark is not part of the JSON.
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise typer.BadParameter(f"{where} is not UTF-8 text (byte {error.start})", param_hint="--input") from None
+    try:
+        value = json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise typer.BadParameter(f"{where} nests arrays and objects too deeply", param_hint="--input") from None
+    except ValueError as error:
+        raise typer.BadParameter(f"{where} is not JSON: {error}", param_hint="--input") from None
+    if not isinstance(value, dict):
+        kind = "an array" if isinstance(value, list) else "a single value"
+        raise typer.BadParameter(
+            f"{where} holds {kind}; the input of {saga_type} is a JSON object (its input message in the proto3 "
+            'JSON mapping, e.g. {"orderId": "ord-1"})',
+            param_hint="--input",
+        )
+    return text
+
+
+@commands.command(
+    "start",
+    epilog="The input is the saga type's input message in the proto3 JSON mapping (field names in lowerCamelCase "
+    "or as in the proto; int64 values may be strings). It is checked here to be one JSON object, and by the "
+    "orchestrator against the input message: an unknown field or a wrong type is refused (exit 4) naming "
+    "input_json. Without --key the orchestrator derives the business key from the input, as the definition "
+    "declares (OrderSaga: the order id); with --key it must be that key. Starting the same type with the same "
+    "key and input again returns the saga started first. "
+    "Exits 0 once the saga is started (with --watch: when it completed; 1 when it ended otherwise), 2 for a bad "
+    "--input file, 3 when the orchestrator is unreachable, 4 when it refused the start.\n\n"
+    "[bold]Examples[/]\n\n"
+    "  saga start OrderSaga --input order.json\n\n"
+    "  saga start OrderSaga --input order.json --key ord-42 --deadline 600 --watch\n\n"
+    '  echo \'{"orderId": "ord-7", "items": [{"sku": "TEE-007", "quantity": 1}]}\' | saga start OrderSaga --input -\n\n'
+    "  saga start LoyaltySaga --input points.json --json | jq -r .saga_id",
+)
+@calls_orchestrator
+def start(
+    saga_type: Annotated[str, typer.Argument(metavar="TYPE", help="the saga type, e.g. OrderSaga", show_default=False)],
+    input_source: Annotated[
+        str,
+        typer.Option("--input", "-i", metavar="FILE|-", help="the input as JSON ('-' reads stdin)", show_default=False),
+    ],
+    key: Annotated[
+        str, typer.Option("--key", help="the business key (default: derived from the input)", show_default=False)
+    ] = "",
+    deadline: Annotated[
+        int, typer.Option(min=0, help="seconds before the saga is compensated; 0: the definition's or the default")
+    ] = 0,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="follow the saga to its end")] = False,
+    as_json: Json_ = False,
+    *,
+    config: ClientConfig,
+) -> None:
+    """Start a saga of any loaded type from JSON input: print its id, and with --watch follow it to its end."""
+    from sagactl.client import SagaClient
+    from sagactl.render import saga_dict, saga_header, saga_steps, status_name
+    from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
+
+    text = _read_input(input_source, saga_type)
+    request = pb.StartSagaRequest(saga_type=saga_type, business_key=key, input_json=text, deadline_seconds=deadline)
+    console = new_console()
+    with SagaClient(config) as client:
+        started = client.start_saga(request)
+        summary: dict[str, object] = {
+            "saga_id": started.saga_id,
+            "saga_type": saga_type,
+            "definition_version": started.definition_version,
+            "business_key": started.business_key,
+            "created": started.created,
+            "status": status_name(started.status),
+        }
+        if not as_json:
+            from rich.text import Text
+
+            # Text, not markup: the key comes from the input, and brackets in it are not styles.
+            line = Text(f"{'started' if started.created else 'already started:'} {saga_type} ")
+            line.append(f"v{started.definition_version} for key {started.business_key} → saga ")
+            line.append(started.saga_id, style="bold")
+            console.print(line, soft_wrap=True)
+        if not watch:
+            if as_json:
+                print_json(summary)
+            return
+        try:
+            saga = _follow(client, started.saga_id, None if as_json else console)
+        except KeyboardInterrupt:
+            print(f"stopped following; the saga goes on: saga watch {started.saga_id}", file=sys.stderr)
             raise typer.Exit(130) from None
     if as_json:
         print_json({**summary, "status": status_name(saga.status), "saga": saga_dict(saga, history=False)})

@@ -85,7 +85,8 @@ def list_sagas(
     "  saga show 3f2a9c0e...\n\n"
     "  saga show ord-42                 (an order id works too)\n\n"
     "  saga show ord-42 --history\n\n"
-    "  saga show ord-42 --json | jq '.waits, .children'"
+    "  saga show ord-42 --json | jq '.waits, .children'\n\n"
+    "  saga show ord-42 --json | jq '.input, (.steps[] | {name, result})'"
 )
 @calls_orchestrator
 def show(
@@ -100,7 +101,9 @@ def show(
     (attempts, durations, codes, messages, compensations), and the calls as bars on the saga's time axis,
     so a slow step or a retry storm stands out.
 
-    A saga that waits says for what (a timer, a signal, an approval, a child) and which command ends the
+    Its input and each step's result (a call's response, a signal's payload, a child's outcome) are printed as
+    compact JSON, one line each, cut to the terminal's width; --json gives them whole (up to the orchestrator's
+    64 KiB cap). A saga that waits says for what (a timer, a signal, an approval, a child) and which command ends the
     wait; a saga that started others lists its children (step, id, type, status), and a child names its
     parent. An order id of OrderSaga v2 names the order's saga and its FulfilmentSaga child: it shows the
     order's.
@@ -112,6 +115,8 @@ def show(
         saga_dict,
         saga_header,
         saga_history,
+        saga_input,
+        saga_results,
         saga_steps,
         saga_timeline,
         saga_waits,
@@ -126,6 +131,10 @@ def show(
 
     console = new_console()
     console.print(saga_header(saga))
+    console.print()
+    console.print(Text("input", style="bold underline"))
+    # One line, cut to the terminal: --json has it whole.
+    console.print(saga_input(saga), no_wrap=True, overflow="ellipsis")
     if saga.waits:
         console.print()
         console.print(Text("waiting for", style="bold underline"))
@@ -133,6 +142,10 @@ def show(
     console.print()
     console.print(Text("steps", style="bold underline"))
     console.print(saga_steps(saga))
+    if any(step.result_json or step.result_truncated for step in saga.steps):
+        console.print()
+        console.print(Text("results", style="bold underline"))
+        console.print(saga_results(saga))
     if saga.children:
         console.print()
         console.print(Text("children", style="bold underline"))

@@ -23,6 +23,10 @@ __all__ = [
     "STATUS_STYLE",
     "age",
     "attempt_dict",
+    "definition_dict",
+    "definition_list",
+    "definition_nodes",
+    "definition_summary",
     "event_dict",
     "event_line",
     "json_text",
@@ -32,7 +36,9 @@ __all__ = [
     "saga_dict",
     "saga_header",
     "saga_history",
+    "saga_input",
     "saga_list",
+    "saga_results",
     "saga_steps",
     "saga_timeline",
     "saga_waits",
@@ -310,6 +316,44 @@ def saga_children(saga: pb.Saga) -> Table:
     return table
 
 
+def _json_value(text: str) -> object:
+    """A view's JSON text as a value, for --json output; the text itself should it not parse."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def saga_input(saga: pb.Saga) -> Text:
+    """The saga's input as one line of compact JSON: print it with no_wrap and overflow="ellipsis" to cut it
+    to the terminal's width."""
+    from rich.text import Text
+
+    if saga.input_truncated:
+        return Text("(larger than the orchestrator shows, 64 KiB: not shown)", style="dim")
+    if not saga.input_json:
+        return Text("(not available: the orchestrator has not loaded this saga's definition)", style="dim")
+    return Text(saga.input_json)
+
+
+def saga_results(saga: pb.Saga) -> Table:
+    """Each step that has a result, with its result as one line of compact JSON, cut to the terminal."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(show_edge=False, pad_edge=False, header_style="bold")
+    # The names stay whole; the results give way to the terminal's width.
+    table.add_column("step", no_wrap=True, min_width=max((len(step.name) for step in saga.steps), default=4))
+    table.add_column("result", no_wrap=True, overflow="ellipsis", ratio=1)
+    for step in saga.steps:
+        if step.result_truncated:
+            table.add_row(step.name, Text("(larger than 64 KiB: not shown)", style="dim"))
+        elif step.result_json:
+            # Text, not markup: a participant's strings may hold brackets.
+            table.add_row(step.name, Text(step.result_json))
+    return table
+
+
 # Marks a child saga (one another saga started) in a listing.
 CHILD_MARK = "↳ "
 
@@ -533,6 +577,10 @@ def saga_dict(saga: pb.Saga, *, history: bool = True, steps: bool = True) -> dic
         "waits": [wait_dict(wait) for wait in saga.waits],
     }
     if steps:
+        # GetSaga's input and results, as JSON values (null when the orchestrator left them out).
+        found["input"] = _json_value(saga.input_json) if saga.input_json else None
+        found["input_truncated"] = saga.input_truncated
+        found["contract_hash"] = saga.contract_hash
         found["steps"] = [
             {
                 "name": step.name,
@@ -544,6 +592,8 @@ def saga_dict(saga: pb.Saga, *, history: bool = True, steps: bool = True) -> dic
                 "state": step.state,
                 "last_error": step.last_error,
                 "attempts": [attempt_dict(a) for a in step.attempts],
+                "result": _json_value(step.result_json) if step.result_json else None,
+                "result_truncated": step.result_truncated,
             }
             for step in saga.steps
         ]
@@ -577,3 +627,162 @@ def stats_dict(stats: pb.GetSagaStatsResponse) -> dict[str, object]:
             saga_dict(stats.oldest_in_flight, history=False) if stats.HasField("oldest_in_flight") else None
         ),
     }
+
+
+# -- definitions ---------------------------------------------------------------------------------
+
+
+def definition_dict(info: pb.SagaDefinitionInfo) -> dict[str, object]:
+    """One loaded definition version as `saga definitions list|show --json` prints it: every field."""
+    from google.protobuf import json_format
+
+    found: dict[str, object] = json_format.MessageToDict(
+        info, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    # int64 is a string in the proto3 JSON mapping; a count reads better as a number.
+    found["running"] = info.running
+    return found
+
+
+def _seconds_text(seconds: float) -> str:
+    return age(seconds) if seconds else ""
+
+
+def definition_list(definitions: list[pb.SagaDefinitionInfo]) -> Table:
+    """One row per loaded version: name, version, where it came from, whether new starts get it, how many
+    of its sagas have not ended, and how many steps it has."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(show_edge=False, pad_edge=False, header_style="bold")
+    for column in ("name", "version", "source", "latest", "running", "steps"):
+        right = column in ("version", "running", "steps")
+        table.add_column(column, justify="right" if right else "left", no_wrap=column != "source")
+    for info in definitions:
+        table.add_row(
+            Text(info.name),
+            str(info.version),
+            Text(info.source),  # a file's path, which may hold brackets: not markup
+            Text("✓ latest", style="green") if info.latest else "",
+            str(info.running),
+            str(len(info.nodes)),
+        )
+    return table
+
+
+def definition_summary(info: pb.SagaDefinitionInfo) -> Text:
+    """The header of `saga definitions show`: name and version, source, input, deadline, services and hashes."""
+    from rich.text import Text
+
+    header = Text()
+    header.append(f"{info.name} v{info.version}", style="bold")
+    if info.latest:
+        header.append("  latest: new sagas start on it", style="green")
+    rows = [
+        ("source", info.source),
+        ("input", info.input_type),
+        ("deadline", age(info.deadline_seconds) if info.deadline_seconds else "the start's, or the default"),
+        ("services", ", ".join(info.services) or "none"),
+        ("running", f"{info.running} saga(s) not ended"),
+        ("fingerprint", info.fingerprint),
+        ("contract", info.contract_hash),
+    ]
+    for label, value in rows:
+        if value:
+            header.append(f"\n  {label:<12}{value}")
+    return header
+
+
+def _short_call(path: str) -> str:
+    """service/package.Service/Method as service/Service/Method: the package is in --json."""
+    service, _, method = path.partition("/")
+    qualified, _, name = method.partition("/")
+    return f"{service}/{qualified.rsplit('.', 1)[-1]}/{name}" if name else path
+
+
+def _node_kind(node: pb.DefinitionNode) -> str:
+    if node.kind == "call":
+        return f"call, {node.step_kind}"
+    if node.kind == "signal":
+        return f"signal {node.signal}"
+    if node.kind == "approval":
+        return f"approval by {node.signal}"
+    if node.kind == "child":
+        return f"child {node.child}"
+    return node.kind
+
+
+def _node_timeout(node: pb.DefinitionNode) -> str:
+    if node.kind == "call":
+        return f"{age(node.call_timeout_seconds)} a try, {age(node.budget_seconds)} in all"
+    if node.kind == "timer" and not node.timeout_seconds:
+        return "until a time"
+    return _seconds_text(node.timeout_seconds)
+
+
+def _node_notes(node: pb.DefinitionNode) -> Text:
+    from rich.text import Text
+
+    notes = Text()
+    if node.pivot:
+        notes.append("◆ pivot", style="bold yellow")
+    for note in (
+        "conditional" if node.conditional else "",
+        f"on timeout: {node.on_timeout}" if node.on_timeout else "",
+    ):
+        if note:
+            notes.append(("  " if notes else "") + note, style="dim")
+    return notes
+
+
+def _nodes_table(info: pb.SagaDefinitionInfo) -> Table:
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(show_edge=False, pad_edge=False, header_style="bold")
+    for column in ("#", "node", "kind", "action", "compensation", "timeout", ""):
+        table.add_column(column, justify="right" if column == "#" else "left", no_wrap=True)
+    for node in info.nodes:
+        # Text throughout, not markup: names and calls come from a YAML file and may hold brackets.
+        table.add_row(
+            str(node.index),
+            Text(_node_name(node)),
+            Text(_node_kind(node), style="dim"),
+            Text(_short_call(node.action) if node.action else ""),
+            Text(_short_call(node.compensation) if node.compensation else ""),
+            Text(_node_timeout(node)),
+            _node_notes(node),
+        )
+    return table
+
+
+def _node_name(node: pb.DefinitionNode) -> str:
+    # A branch's nodes sit under their parallel group.
+    return f"  {node.name} (branch {node.branch})" if node.group else node.name
+
+
+def _nodes_stacked(info: pb.SagaDefinitionInfo) -> Text:
+    from rich.text import Text
+
+    lines = Text()
+    for node in info.nodes:
+        if lines:
+            lines.append("\n")
+        lines.append(f"{node.index:>2} {_node_name(node)}", style="bold")
+        lines.append(f"  {_node_kind(node)}  ", style="dim")
+        lines.append_text(_node_notes(node))
+        indent = "       " if node.group else "     "
+        for label, value in (
+            ("action", _short_call(node.action) if node.action else ""),
+            ("compensation", _short_call(node.compensation) if node.compensation else ""),
+            ("timeout", _node_timeout(node)),
+        ):
+            if value:
+                lines.append(f"\n{indent}{label:<13} {value}")
+    return lines
+
+
+def definition_nodes(info: pb.SagaDefinitionInfo) -> RenderableType:
+    """The nodes in flat order, a branch's under its parallel group: kind, action and compensation, timeouts,
+    and the pivot (the last node that can be compensated); a few lines a node where the table does not fit."""
+    return _Fitting(_nodes_table(info), _nodes_stacked(info))

@@ -49,6 +49,7 @@ _EXIT_CODES = (
 _EXAMPLES = (
     ("saga up", "run the local stack (Ctrl-C stops it)"),
     ("saga order --item BOOK-001:2", "place an order and follow its saga"),
+    ("saga start OrderSaga --input order.json", "start a saga from JSON input"),
     ("saga ls --status needs_attention", "sagas waiting for an operator"),
     ("saga show ord-1234", "one saga: steps, timeline, time bars"),
     ("saga retry --status needs_attention --yes", ""),
@@ -69,6 +70,7 @@ COMMANDS = {
     "up": "Run the local stack in the foreground: the four services and the orchestrator on loopback, with a live "
     "status panel (each process, its port, health, sagas in flight). Ctrl-C stops everything.",
     "order": "Place an order: print the saga id, then follow the saga to its end.",
+    "start": "Start a saga of any loaded type from JSON input: print its id, and with --watch follow it to its end.",
     "ls": "List sagas, newest first, filtered by status, type, age and order id; one page at a time.",
     "show": "Describe one saga: its header, each step's state and tries, every call as a timeline table (attempts, "
     "durations, codes, messages, compensations), and the calls as bars on the saga's time axis, so a slow step or "
@@ -85,6 +87,11 @@ COMMANDS = {
     "reject": "Reject a saga's approval step: the saga compensates, with your token's name and the reason on record.",
     "signal": "Send a named signal with a JSON payload to a saga that waits for it (or will), by id or by type and "
     "business key; each signal id is delivered once.",
+    "definitions": "The saga definitions the orchestrator has loaded: each version with its source, whether new "
+    "sagas start on it, how many of its sagas run, and its steps.",
+    "conformance": "Check that the services a saga definition calls honour the participant contract, for each "
+    "call step's action and compensation: replays byte for byte, key reuse refused, 20 concurrent duplicates run "
+    "once, compensation before action, refusals with a reason, health, reflection, expired deadlines.",
     "bench": "Benchmark the order saga through the orchestrator against the four calls alone (and peers).",
     "chaos": "Run sagas while killing processes, then check every invariant from the services' own records.",
 }

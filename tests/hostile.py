@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+import json
+import math
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -11,7 +13,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, cast
 
-from google.protobuf import any_pb2, message_factory, text_format
+from google.protobuf import any_pb2, message_factory, struct_pb2, text_format
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor, MethodDescriptor
 from google.protobuf.message import DecodeError, Message
 from hypothesis import strategies as st
@@ -19,6 +21,8 @@ from hypothesis import strategies as st
 __all__ = [
     "CONTROL_CHARACTERS",
     "FORGED_LOG_LINE",
+    "HOSTILE_JSON_TEXTS",
+    "JSON_NEAR_MISSES",
     "MALFORMED_WIRE",
     "NEAR_MISSES",
     "Base",
@@ -27,9 +31,12 @@ __all__ = [
     "contract_modules",
     "contract_rpcs",
     "field_values",
+    "holds_json",
     "hostile_any",
     "hostile_durations",
+    "hostile_json",
     "hostile_strings",
+    "hostile_structs",
     "hostile_timestamps",
     "invalid_utf8_records",
     "malformed_requests",
@@ -298,6 +305,169 @@ NEAR_MISSES: st.SearchStrategy[Callable[[str], str]] = st.one_of(
 )
 
 
+# -- JSON text and google.protobuf.Struct ---------------------------------------------------------
+
+
+def holds_json(field: FieldDescriptor) -> bool:
+    """A string field whose value is JSON text (StartSaga's input_json): it gets hostile JSON as well."""
+    return field.type == FieldDescriptor.TYPE_STRING and field.name.endswith("_json")
+
+
+def _nested(depth: int, opener: str = "[", closer: str = "]", inner: str = "1") -> str:
+    return opener * depth + inner + closer * depth
+
+
+# JSON texts where parsers and converters tend to break: syntax, depth, numbers past every type, duplicate and
+# control-character keys, lone surrogates, wrong JSON types for a message, and sizes past the caps.
+HOSTILE_JSON_TEXTS: tuple[str, ...] = (
+    "", " ", "{", "}", "[]", "{}", "null", "0", "true", '"x"', "\ufeff{}", "{} {}", '{"a": 1} trailing',
+    '{"orderId": "x",}', "{'orderId': 'x'}", '{"orderId": "x"', "{\n\t\"orderId\": \"x\"\r\n}",
+    "NaN", "Infinity", '{"n": NaN}', '{"n": Infinity}', '{"n": -Infinity}', '{"n": 1e999}', '{"n": -1e999}',
+    '{"n": 1e-400}', '{"n": -0}', '{"n": 0.1e1}', '{"n": 01}', '{"n": 1.}', '{"n": .5}', '{"n": +1}',
+    '{"n": ' + "9" * 41 + "}", '{"n": ' + "9" * 5_000 + "}", '{"n": "' + "9" * 5_000 + '"}',
+    '{"deadlineSeconds": 2147483648}', '{"deadlineSeconds": -2147483649}', '{"deadlineSeconds": 1.5}',
+    '{"deadlineSeconds": "NaN"}', '{"deadlineSeconds": "Infinity"}', '{"deadlineSeconds": "1e3"}',
+    '{"deadlineSeconds": true}', '{"deadlineSeconds": []}', '{"amount": {"minorUnits": "99999999999999999999"}}',
+    '{"amount": {"minorUnits": 1e300}}', '{"amount": []}', '{"amount": "USD"}', '{"items": null}',
+    '{"items": {}}', '{"items": [null]}', '{"items": [[[]]]}', '{"orderId": 12}', '{"orderId": null}',
+    '{"orderId": ["x"]}', '{"orderId": "a", "orderId": "b"}', '{"orderId": "a", "order_id": "b"}',
+    '{"orderId": "\\ud800"}', '{"orderId": "\\udfff\\ud800"}', '{"\\ud800": 1}', '{"\\u0000": 1}',
+    '{"a\\nb": 1}', '{"orderId": "\\u0000"}', '{"orderId": "\\u2028"}', '{"orderId": "\\u001b[31m"}',
+    '{"orderId": "x\\naudit actor=mallory action=terminate saga=x outcome=ok"}', '{"@type": "x"}',
+    '{"zzUnknownField": 1}', '{"' + "k" * 70_000 + '": 1}', '{"orderId": "' + "o" * 70_000 + '"}',
+    _nested(64), _nested(65), _nested(100_000), "[" * 100_000, _nested(5_000, '{"a":', "}"),
+    '{"items": ' + _nested(200) + "}", '{"amount": ' + _nested(200, '{"minorUnits":', "}") + "}",
+)  # fmt: skip
+
+
+def _json_values() -> st.SearchStrategy[Any]:
+    leaves = st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**70), 2**70),
+        st.floats(),  # NaN and infinities included: json.dumps spells them as JavaScript does
+        st.text(st.characters(codec="utf-8"), max_size=20),
+        st.sampled_from(_SPECIAL_STRINGS),
+    )
+    return st.recursive(
+        leaves,
+        lambda children: st.one_of(
+            st.lists(children, max_size=4), st.dictionaries(st.text(max_size=12), children, max_size=4)
+        ),
+        max_leaves=12,
+    )
+
+
+@functools.cache
+def hostile_json() -> st.SearchStrategy[str]:
+    """Hostile JSON text: the fixed cases above, and random JSON values (NaN and huge numbers among them)."""
+    return st.one_of(st.sampled_from(HOSTILE_JSON_TEXTS), _json_values().map(json.dumps))
+
+
+# Values a JSON edit puts in place of one value of a valid document.
+_HOSTILE_JSON_VALUES: tuple[Any, ...] = (
+    None, True, 0, -1, 1.5, -0.0, math.nan, math.inf, -math.inf, 10**400, 2**63, -(2**63) - 1, 2**64, 1e308,
+    "", " ", "\x00", "\ud800", "a\u2028b", "9" * 30, "NaN", "Infinity", "1e3", FORGED_LOG_LINE, "é" * 40_000,
+    [], {}, [None], {"": None}, {"zzUnknownField": 1}, [[[[[[[[]]]]]]]],
+)  # fmt: skip
+
+
+def _json_paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every path to a value inside a JSON document (keys and indexes), the document itself first."""
+    paths = [prefix]
+    if isinstance(value, dict):
+        for key, item in value.items():
+            paths += _json_paths(item, (*prefix, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            paths += _json_paths(item, (*prefix, index))
+    return paths
+
+
+def _json_edit(pick: int, replacement: Any, how: str) -> Callable[[str], str]:
+    """An edit of JSON text: one value (the pick-th path) replaced, a key doubled or added, or wrapped deep."""
+
+    def edit(text: str) -> str:
+        try:
+            document = json.loads(text)
+        except ValueError:
+            return text + "}"
+        paths = _json_paths(document)
+        path = paths[pick % len(paths)]
+        if how == "duplicate key" and isinstance(document, dict) and document:
+            first = json.dumps(next(iter(document)))
+            return text.replace("{", "{" + first + ": null, ", 1)
+        if how == "wrap deep":
+            return _nested(100, inner=text)
+        if not path:
+            return json.dumps(replacement)
+        holder = document
+        for step in path[:-1]:
+            holder = holder[step]
+        holder[path[-1]] = replacement
+        try:
+            return json.dumps(document)
+        except (ValueError, RecursionError):
+            return text
+
+    return edit
+
+
+# Edits of a valid JSON input, so rules past the parser's are reached: a value set to a hostile one (a NaN,
+# a number past int64, a control character, a wrong JSON type, an unknown field), a key doubled, or the whole
+# document nested deep.
+JSON_NEAR_MISSES: st.SearchStrategy[Callable[[str], str]] = st.builds(
+    _json_edit,
+    st.integers(0, 2**16),
+    st.sampled_from(_HOSTILE_JSON_VALUES),
+    st.sampled_from(("value",) * 8 + ("duplicate key", "wrap deep")),
+)
+
+
+def _struct_of(value: Any) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    try:
+        struct.update(value if isinstance(value, dict) else {"value": value})
+    except (ValueError, TypeError):
+        # A lone surrogate or a number Python protobuf refuses: a plain string instead.
+        struct.update({"value": repr(value)[:100]})
+    return struct
+
+
+def _deep_struct(depth: int) -> struct_pb2.Struct:
+    value: Any = 1
+    for _ in range(depth):
+        value = {"a": value}
+    return _struct_of(value)
+
+
+@functools.cache
+def hostile_structs() -> st.SearchStrategy[struct_pb2.Struct]:
+    """google.protobuf.Struct values: NaN and infinities, control characters in keys, deep or wide ones, and
+    random JSON objects."""
+    fixed = [
+        _struct_of({"n": math.nan}),
+        _struct_of({"n": math.inf}),
+        _struct_of({"n": -math.inf}),
+        _struct_of({"n": 1e308, "m": -1e308}),
+        _struct_of({"\x00": 1}),
+        _struct_of({"a\nb": "x"}),
+        _struct_of({"k": "\x1b[31m"}),
+        _struct_of({"orderId": "x" + FORGED_LOG_LINE}),
+        _struct_of({"zzUnknownField": 1}),
+        _struct_of({"orderId": 12}),
+        _struct_of({"items": {"sku": "BOOK-001"}}),
+        _struct_of({f"k{i}": i for i in range(5_000)}),
+        _struct_of({"orderId": "o" * 70_000}),
+        _deep_struct(20),
+        _deep_struct(31),
+        _deep_struct(40),
+    ]
+    return st.one_of(
+        st.sampled_from(fixed), st.dictionaries(st.text(max_size=12), _json_values(), max_size=5).map(_struct_of)
+    )
+
+
 @functools.cache
 def _hostile_bytes(*, huge: bool = True) -> st.SearchStrategy[bytes]:
     branches = [
@@ -405,7 +575,11 @@ def field_values(field: FieldDescriptor, *, depth: int = 0, huge: bool = True) -
             return pairs.map(lambda pair: cls(seconds=pair[0], nanos=pair[1]))
         if name == "google.protobuf.Any":
             return hostile_any(depth)
+        if name == "google.protobuf.Struct":
+            return st.one_of(hostile_structs(), messages(field.message_type, depth=depth + 1))
         return messages(field.message_type, depth=depth + 1)
+    if holds_json(field):
+        return st.one_of(hostile_json(), hostile_strings(huge=huge))
     if field.type == FieldDescriptor.TYPE_STRING:
         return hostile_strings(huge=huge)
     if field.type == FieldDescriptor.TYPE_BYTES:
@@ -569,6 +743,7 @@ def unknown_fields(draw: st.DrawFn, descriptor: Descriptor) -> tuple[bytes, str]
 
 # Characters no text field takes: C0 and C1 controls, DEL, and the Unicode line and paragraph separators.
 _FORBIDDEN_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_FORBIDDEN_JSON_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029]")
 _TIMESTAMP_RANGE = (-62_135_596_800, 253_402_300_799)  # 0001-01-01 to 9999-12-31, as the protobuf docs define
 _DURATION_RANGE = (-315_576_000_000, 315_576_000_000)  # about ±10,000 years
 
@@ -580,6 +755,15 @@ def unacceptable(message: Message, prefix: str = "") -> list[tuple[str, str]]:
     found: list[tuple[str, str]] = []
     for field, value in message.ListFields():
         name = f"{prefix}{field.name}"
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            key_field, value_field = (
+                field.message_type.fields_by_name["key"],
+                field.message_type.fields_by_name["value"],
+            )
+            for key, item in value.items():
+                found += _unacceptable_value(key_field, key, f"{name}[{key!r}] (key)")
+                found += _unacceptable_value(value_field, item, f"{name}[{key!r}]")
+            continue
         values = list(value) if field.is_repeated else [value]
         for index, item in enumerate(values):
             where = f"{name}[{index}]" if field.is_repeated else name
@@ -589,7 +773,9 @@ def unacceptable(message: Message, prefix: str = "") -> list[tuple[str, str]]:
 
 def _unacceptable_value(field: FieldDescriptor, value: Any, where: str) -> list[tuple[str, str]]:
     if field.type == FieldDescriptor.TYPE_STRING:
-        bad = _FORBIDDEN_TEXT.search(value)
+        # JSON text may be laid out with tabs and line breaks between its tokens (a pretty-printed file):
+        # what it holds is checked once parsed, where a control character is refused like anywhere else.
+        bad = (_FORBIDDEN_JSON_TEXT if holds_json(field) else _FORBIDDEN_TEXT).search(value)
         return [(where, f"control character {bad.group()!r}")] if bad else []
     if field.enum_type is not None:
         return (
@@ -651,7 +837,15 @@ def _shortened(message: Message) -> Message:
         return any_pb2.Any(type_url=_cut(message.type_url))
     copy = type(message)()
     for field, value in message.ListFields():
-        if field.is_repeated:
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            # A map (a Struct's fields): its first three entries, keys cut like any string.
+            holder = getattr(copy, field.name)
+            for key in list(value)[:3]:
+                if field.message_type.fields_by_name["value"].message_type is not None:
+                    holder[_cut(key)].CopyFrom(_shortened(value[key]))
+                else:
+                    holder[_cut(key)] = _cut(value[key])
+        elif field.is_repeated:
             shown = list(value)[:3]
             if field.message_type is not None:
                 getattr(copy, field.name).extend([_shortened(v) for v in shown])
@@ -821,8 +1015,10 @@ def _mutated_copy(draw: st.DrawFn, descriptor: Descriptor, base: Message) -> tup
             getattr(holder, field.name).CopyFrom(mutated[0])
             return message, f"{name}: {mutated[1]}"
     if field.type == FieldDescriptor.TYPE_STRING and draw(st.booleans()):
-        # Half the time a near miss of the valid value, so each rule past the shape checks is reached.
-        value = draw(NEAR_MISSES)(getattr(holder, field.name) or "x")
+        # Half the time a near miss of the valid value, so each rule past the shape checks is reached;
+        # for JSON text, half of those edit the document rather than its characters.
+        edits = JSON_NEAR_MISSES if holds_json(field) and draw(st.booleans()) else NEAR_MISSES
+        value = draw(edits)(getattr(holder, field.name) or "x")
     else:
         value = draw(field_values(field, depth=1))
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import itertools
+import json
 import os
 import re
 import signal
@@ -24,7 +25,7 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import any_pb2, struct_pb2, timestamp_pb2
+from google.protobuf import any_pb2, json_format, struct_pb2, timestamp_pb2
 from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
@@ -129,6 +130,9 @@ class Rpc:
     """One method of one served contract, and the stack process that serves it."""
 
     method: MethodDescriptor
+    # A second way to call the same method, fuzzed as a case of its own with its own base request
+    # (StartSaga's input as input_struct or input_json beside the packed Any); "" for the method itself.
+    variant: str = ""
 
     @property
     def process(self) -> str:
@@ -144,11 +148,22 @@ class Rpc:
         return f"{self.process}.{self.method.name}"
 
     @property
+    def case(self) -> str:
+        """The method's name and its variant: what bases, regressions, findings and test ids go by."""
+        return f"{self.name}[{self.variant}]" if self.variant else self.name
+
+    @property
     def streaming(self) -> bool:
         return bool(self.method.server_streaming)
 
 
-RPCS = [Rpc(method) for method in hostile.contract_rpcs()]
+def _rpcs() -> list[Rpc]:
+    methods = hostile.contract_rpcs()
+    start = next(m for m in methods if m.full_name == "sagasuite.orchestrator.v1.OrchestratorService.StartSaga")
+    return [Rpc(method) for method in methods] + [Rpc(start, "input_struct"), Rpc(start, "input_json")]
+
+
+RPCS = _rpcs()
 
 
 # -- findings ------------------------------------------------------------------------------------
@@ -253,8 +268,8 @@ class Target:
     def base(self, rpc: Rpc) -> hostile.Base | None:
         """The RPC's base request; for an RPC this suite does not know, an empty request with its id-like
         fields filled in (or none when it has no such field)."""
-        if rpc.name in self.bases:
-            return self.bases[rpc.name]
+        if rpc.case in self.bases:
+            return self.bases[rpc.case]
         fields = rpc.method.input_type.fields_by_name
         keyed = [name for name in ("order_id", "business_key") if name in fields]
         if not keyed and "saga_id" not in fields:
@@ -446,7 +461,7 @@ def _prepare(target: Target) -> None:
             outcome = target.call(rpc, message.SerializeToString(), keyed)
         # Operator calls on an ended saga are refused by the saga's state; everything else must go through.
         if outcome.code not in (grpc.StatusCode.OK, grpc.StatusCode.FAILED_PRECONDITION):
-            target.base_refusals[rpc.name] = _got(outcome)
+            target.base_refusals[rpc.case] = _got(outcome)
         if outcome.code == grpc.StatusCode.OK and rpc.name in _STARTS:
             target.accepted_sagas.add(_started_saga_id(rpc, outcome))
         if outcome.code == grpc.StatusCode.OK and rpc.name in _OPERATIONS:
@@ -505,6 +520,18 @@ def _bases(target: Target) -> dict[str, hostile.Base]:
         packed.Pack(order_request(key, items=[("TEE-007", 1)]))
         return pb.StartSagaRequest(saga_type="OrderSaga", business_key=key, input=packed), key
 
+    def start_saga_struct() -> tuple[Message, str]:
+        key = target.fresh()
+        struct = struct_pb2.Struct()
+        struct.update(json_format.MessageToDict(order_request(key, items=[("TEE-007", 1)])))
+        return pb.StartSagaRequest(saga_type="OrderSaga", business_key=key, input_struct=struct), key
+
+    def start_saga_json() -> tuple[Message, str]:
+        # Pretty-printed, as a file is, and without a business key: the orchestrator derives it from the input.
+        key = target.fresh()
+        text = json_format.MessageToJson(order_request(key, items=[("TEE-007", 1)]))
+        return pb.StartSagaRequest(saga_type="OrderSaga", input_json=text), key
+
     def keyed(build: Callable[[str], Message]) -> hostile.Base:
         def make() -> tuple[Message, str]:
             key = target.fresh()
@@ -528,6 +555,8 @@ def _bases(target: Target) -> dict[str, hostile.Base]:
     bases: dict[str, hostile.Base] = {
         "orchestrator.PlaceOrder": place_order,
         "orchestrator.StartSaga": start_saga,
+        "orchestrator.StartSaga[input_struct]": start_saga_struct,
+        "orchestrator.StartSaga[input_json]": start_saga_json,
         "orchestrator.GetSaga": fixed(pb.GetSagaRequest(saga_id=ended_saga)),
         "orchestrator.ListSagas": fixed(
             pb.ListSagasRequest(
@@ -553,6 +582,7 @@ def _bases(target: Target) -> dict[str, hostile.Base]:
         "orchestrator.DecideApproval": fixed(
             pb.DecideApprovalRequest(saga_id=ended_saga, step="fraud_review", approve=True, reason="fuzz")
         ),
+        "orchestrator.ListDefinitions": fixed(pb.ListDefinitionsRequest(name="OrderSaga")),
         "inventory.ReserveStock": keyed(lambda key: inventory_pb.ReserveStockRequest(order_id=key, items=lines)),
         "inventory.ReleaseStock": keyed(lambda key: inventory_pb.ReleaseStockRequest(order_id=key, reason="fuzz")),
         "inventory.GetReservation": fixed(inventory_pb.GetReservationRequest(order_id=ended_order)),
@@ -734,7 +764,7 @@ class FuzzRun:
     def finding(self, what: str, got: str, request: hostile.HostileRequest | None = None) -> None:
         self.findings.add(
             Finding(
-                self.rpc.name,
+                self.rpc.case,
                 what,
                 got,
                 request.text() if request else "",
@@ -838,6 +868,31 @@ def _set(path: str, value: Any) -> Edit:
     return edit
 
 
+def _every_input(message: Any) -> None:
+    """All three inputs at once (the order as an Any, a Struct and JSON text): exactly one is allowed."""
+    order = order_request(message.business_key or "fz-every-input")
+    message.input.Pack(order)
+    message.input_struct.update(json_format.MessageToDict(order))
+    message.input_json = json_format.MessageToJson(order)
+
+
+def _no_input(message: Any) -> None:
+    for name in ("input", "input_struct", "input_json"):
+        message.ClearField(name)
+
+
+def _struct(value: dict[str, Any]) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    struct.update(value)
+    return struct
+
+
+def _deep(depth: int, leaf: Any) -> Any:
+    for _ in range(depth):
+        leaf = {"a": leaf}
+    return leaf
+
+
 # Each class of finding in /work/notes/fuzz-findings.md, as a fixed example, so every run covers it whatever
 # the generated examples happen to be (F-numbers as there).
 _REGRESSIONS: dict[str, list[tuple[str, Edit]]] = {
@@ -850,6 +905,33 @@ _REGRESSIONS: dict[str, list[tuple[str, Edit]]] = {
     ],
     "orchestrator.StartSaga": [
         ("F0b: a 1 MB type_url", _set("input.type_url", "type.googleapis.com/" + "a" * 1_000_000)),
+        ("input, input_struct and input_json at once", _every_input),
+        ("no input at all", _no_input),
+    ],
+    "orchestrator.StartSaga[input_json]": [
+        ("input_json nested 30,000 deep", _set("input_json", "[" * 30_000 + "]" * 30_000)),
+        ("input_json objects nested 10,000 deep", _set("input_json", '{"a":' * 10_000 + "1" + "}" * 10_000)),
+        ("a NaN in input_json", _set("input_json", '{"orderId": "fz-nan", "deadlineSeconds": NaN}')),
+        ("1e999 in input_json", _set("input_json", '{"orderId": "fz-inf", "deadlineSeconds": 1e999}')),
+        ("a 5,000-digit integer in input_json", _set("input_json", '{"deadlineSeconds": ' + "9" * 5_000 + "}")),
+        ("a key given twice in input_json", _set("input_json", '{"orderId": "fz-a", "orderId": "fz-b"}')),
+        ("a lone surrogate in input_json", _set("input_json", '{"orderId": "\\ud800"}')),
+        ("an unknown field in input_json", _set("input_json", '{"orderId": "fz-u", "zzUnknownField": 1}')),
+        ("a forged log line in an input_json key", _set("input_json", json.dumps({"x" + hostile.FORGED_LOG_LINE: 1}))),
+        ("input_json of 1 MB", _set("input_json", '{"orderId": "' + "o" * 1_000_000 + '"}')),
+        ("input_json of 65,537 bytes", _set("input_json", '{"orderId": "' + "o" * 65_522 + '"}')),
+        ("input_json an array", _set("input_json", "[]")),
+    ],
+    "orchestrator.StartSaga[input_struct]": [
+        ("a NaN in input_struct", _set("input_struct", _struct({"deadlineSeconds": float("nan")}))),
+        ("a control character in an input_struct key", _set("input_struct", _struct({"order\x00Id": "x"}))),
+        ("input_struct 40 levels deep", _set("input_struct", _struct(_deep(40, 1)))),
+        ("an unknown field in input_struct", _set("input_struct", _struct({"zzUnknownField": 1}))),
+    ],
+    "orchestrator.ListDefinitions": [
+        ("a NUL in name", _set("name", "Order\x00Saga")),
+        ("a forged log line in name", _set("name", "OrderSaga" + hostile.FORGED_LOG_LINE)),
+        ("a 100,000-character name", _set("name", "n" * 100_000)),
     ],
     "orchestrator.ListSagas": [
         ("F0b: 1,000 unknown statuses", _set("statuses", [28446] * 1000)),
@@ -918,7 +1000,7 @@ def regressions(target: Target, rpc: Rpc) -> list[hostile.HostileRequest]:
     base = target.base(rpc)
     if base is None:
         return examples
-    for note, edit in _REGRESSIONS.get(rpc.name, []):
+    for note, edit in _REGRESSIONS.get(rpc.case, []):
         message, key = base()
         copy = type(message)()
         copy.CopyFrom(message)
@@ -930,7 +1012,7 @@ def regressions(target: Target, rpc: Rpc) -> list[hostile.HostileRequest]:
 # -- the tests -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("rpc", RPCS, ids=[rpc.name for rpc in RPCS])
+@pytest.mark.parametrize("rpc", RPCS, ids=[rpc.case for rpc in RPCS])
 def test_hostile_requests_are_refused_cleanly(target: Target, rpc: Rpc) -> None:
     run = FuzzRun(target, rpc)
     logs_before = target.log_sizes()
@@ -957,8 +1039,8 @@ def test_hostile_requests_are_refused_cleanly(target: Target, rpc: Rpc) -> None:
     for request in regressions(target, rpc):
         run.example(request, [("idempotency-key", FRESH), *target.auth()])
 
-    if rpc.name in target.base_refusals:
-        run.finding("the valid base request is refused", target.base_refusals[rpc.name])
+    if rpc.case in target.base_refusals:
+        run.finding("the valid base request is refused", target.base_refusals[rpc.case])
     for problem in target.not_serving():
         run.finding("a process is not SERVING afterwards", problem)
     new_logs = target.new_log_text(logs_before)
@@ -974,7 +1056,7 @@ def test_hostile_requests_are_refused_cleanly(target: Target, rpc: Rpc) -> None:
         if saga_id not in run.operated and after != before:
             run.finding("refused operator calls changed a saga's history", f"{saga_id}: {before} -> {after} events")
 
-    summary = f"{rpc.name} on {target.backend}: {sum(run.codes.values())} calls, {dict(run.codes)}"
+    summary = f"{rpc.case} on {target.backend}: {sum(run.codes.values())} calls, {dict(run.codes)}"
     print(summary)
     if run.findings:
         target.report.append(run.findings.report(target.backend))

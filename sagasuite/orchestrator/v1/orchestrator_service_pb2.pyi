@@ -77,16 +77,18 @@ class StartSagaRequest(_message.Message):
     def __init__(self, saga_type: _Optional[str] = ..., business_key: _Optional[str] = ..., input: _Optional[_Union[_any_pb2.Any, _Mapping]] = ..., deadline_seconds: _Optional[int] = ..., input_struct: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., input_json: _Optional[str] = ...) -> None: ...
 
 class StartSagaResponse(_message.Message):
-    __slots__ = ("saga_id", "status", "created", "definition_version")
+    __slots__ = ("saga_id", "status", "created", "definition_version", "business_key")
     SAGA_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
     DEFINITION_VERSION_FIELD_NUMBER: _ClassVar[int]
+    BUSINESS_KEY_FIELD_NUMBER: _ClassVar[int]
     saga_id: str
     status: SagaStatus
     created: bool
     definition_version: int
-    def __init__(self, saga_id: _Optional[str] = ..., status: _Optional[_Union[SagaStatus, str]] = ..., created: bool = ..., definition_version: _Optional[int] = ...) -> None: ...
+    business_key: str
+    def __init__(self, saga_id: _Optional[str] = ..., status: _Optional[_Union[SagaStatus, str]] = ..., created: bool = ..., definition_version: _Optional[int] = ..., business_key: _Optional[str] = ...) -> None: ...
 
 class GetSagaRequest(_message.Message):
     __slots__ = ("saga_id",)
@@ -463,7 +465,7 @@ class SagaDefinitionInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., source: _Optional[str] = ..., input_type: _Optional[str] = ..., fingerprint: _Optional[str] = ..., contract_hash: _Optional[str] = ..., deadline_seconds: _Optional[float] = ..., services: _Optional[_Iterable[str]] = ..., nodes: _Optional[_Iterable[_Union[DefinitionNode, _Mapping]]] = ..., running: _Optional[int] = ..., latest: bool = ...) -> None: ...
 
 class DefinitionNode(_message.Message):
-    __slots__ = ("name", "kind", "index", "group", "branch", "step_kind", "action", "compensation", "conditional", "timeout_seconds", "signal", "child", "pivot", "on_timeout")
+    __slots__ = ("name", "kind", "index", "group", "branch", "step_kind", "action", "compensation", "conditional", "timeout_seconds", "signal", "child", "pivot", "on_timeout", "call_timeout_seconds", "budget_seconds")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -478,6 +480,8 @@ class DefinitionNode(_message.Message):
     CHILD_FIELD_NUMBER: _ClassVar[int]
     PIVOT_FIELD_NUMBER: _ClassVar[int]
     ON_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    CALL_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_SECONDS_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     index: int
@@ -492,4 +496,6 @@ class DefinitionNode(_message.Message):
     child: str
     pivot: bool
     on_timeout: str
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., index: _Optional[int] = ..., group: _Optional[str] = ..., branch: _Optional[int] = ..., step_kind: _Optional[str] = ..., action: _Optional[str] = ..., compensation: _Optional[str] = ..., conditional: bool = ..., timeout_seconds: _Optional[float] = ..., signal: _Optional[str] = ..., child: _Optional[str] = ..., pivot: bool = ..., on_timeout: _Optional[str] = ...) -> None: ...
+    call_timeout_seconds: float
+    budget_seconds: float
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., index: _Optional[int] = ..., group: _Optional[str] = ..., branch: _Optional[int] = ..., step_kind: _Optional[str] = ..., action: _Optional[str] = ..., compensation: _Optional[str] = ..., conditional: bool = ..., timeout_seconds: _Optional[float] = ..., signal: _Optional[str] = ..., child: _Optional[str] = ..., pivot: bool = ..., on_timeout: _Optional[str] = ..., call_timeout_seconds: _Optional[float] = ..., budget_seconds: _Optional[float] = ...) -> None: ...

@@ -119,16 +119,17 @@ class OrchestratorServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def StartSaga(self, request, context):
-        """Starts a saga of any registered type from its input message; the business key dedups. The key
-        must be the one the definition derives from the input (the order saga: its order_id), else
-        INVALID_ARGUMENT naming business_key: one input entity has one saga.
+        """Starts a saga of any registered type from its input message, given packed in an Any, as a
+        Struct or as JSON text; the business key dedups. An empty business key is derived from the
+        input by the definition; a given one must be the key the definition derives (the order saga:
+        its order_id), else INVALID_ARGUMENT naming business_key: one input entity has one saga.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetSaga(self, request, context):
-        """Returns a saga with its steps, attempts and history.
+        """Returns a saga with its steps, attempts and history, its input and each step's result as JSON.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -36,12 +36,13 @@ class OrchestratorServiceStub:
     PlaceOrder: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.PlaceOrderRequest, _orchestrator_service_pb2.PlaceOrderResponse]
     """Starts the order saga; the order id is the business key, so a repeat returns the same saga."""
     StartSaga: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.StartSagaRequest, _orchestrator_service_pb2.StartSagaResponse]
-    """Starts a saga of any registered type from its input message; the business key dedups. The key
-    must be the one the definition derives from the input (the order saga: its order_id), else
-    INVALID_ARGUMENT naming business_key: one input entity has one saga.
+    """Starts a saga of any registered type from its input message, given packed in an Any, as a
+    Struct or as JSON text; the business key dedups. An empty business key is derived from the
+    input by the definition; a given one must be the key the definition derives (the order saga:
+    its order_id), else INVALID_ARGUMENT naming business_key: one input entity has one saga.
     """
     GetSaga: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.GetSagaRequest, _orchestrator_service_pb2.GetSagaResponse]
-    """Returns a saga with its steps, attempts and history."""
+    """Returns a saga with its steps, attempts and history, its input and each step's result as JSON."""
     ListSagas: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.ListSagasRequest, _orchestrator_service_pb2.ListSagasResponse]
     """Lists sagas, newest first, filtered and paginated."""
     WatchSaga: _grpc.UnaryStreamMultiCallable[_orchestrator_service_pb2.WatchSagaRequest, _orchestrator_service_pb2.WatchSagaResponse]
@@ -89,12 +90,13 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     PlaceOrder: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.PlaceOrderRequest, _orchestrator_service_pb2.PlaceOrderResponse]  # type: ignore[assignment]
     """Starts the order saga; the order id is the business key, so a repeat returns the same saga."""
     StartSaga: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.StartSagaRequest, _orchestrator_service_pb2.StartSagaResponse]  # type: ignore[assignment]
-    """Starts a saga of any registered type from its input message; the business key dedups. The key
-    must be the one the definition derives from the input (the order saga: its order_id), else
-    INVALID_ARGUMENT naming business_key: one input entity has one saga.
+    """Starts a saga of any registered type from its input message, given packed in an Any, as a
+    Struct or as JSON text; the business key dedups. An empty business key is derived from the
+    input by the definition; a given one must be the key the definition derives (the order saga:
+    its order_id), else INVALID_ARGUMENT naming business_key: one input entity has one saga.
     """
     GetSaga: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.GetSagaRequest, _orchestrator_service_pb2.GetSagaResponse]  # type: ignore[assignment]
-    """Returns a saga with its steps, attempts and history."""
+    """Returns a saga with its steps, attempts and history, its input and each step's result as JSON."""
     ListSagas: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.ListSagasRequest, _orchestrator_service_pb2.ListSagasResponse]  # type: ignore[assignment]
     """Lists sagas, newest first, filtered and paginated."""
     WatchSaga: _aio.UnaryStreamMultiCallable[_orchestrator_service_pb2.WatchSagaRequest, _orchestrator_service_pb2.WatchSagaResponse]  # type: ignore[assignment]
@@ -151,9 +153,10 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _orchestrator_service_pb2.StartSagaRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_service_pb2.StartSagaResponse, _abc.Awaitable[_orchestrator_service_pb2.StartSagaResponse]]:
-        """Starts a saga of any registered type from its input message; the business key dedups. The key
-        must be the one the definition derives from the input (the order saga: its order_id), else
-        INVALID_ARGUMENT naming business_key: one input entity has one saga.
+        """Starts a saga of any registered type from its input message, given packed in an Any, as a
+        Struct or as JSON text; the business key dedups. An empty business key is derived from the
+        input by the definition; a given one must be the key the definition derives (the order saga:
+        its order_id), else INVALID_ARGUMENT naming business_key: one input entity has one saga.
         """
 
     @_abc_1.abstractmethod
@@ -162,7 +165,7 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _orchestrator_service_pb2.GetSagaRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_service_pb2.GetSagaResponse, _abc.Awaitable[_orchestrator_service_pb2.GetSagaResponse]]:
-        """Returns a saga with its steps, attempts and history."""
+        """Returns a saga with its steps, attempts and history, its input and each step's result as JSON."""
 
     @_abc_1.abstractmethod
     def ListSagas(
