@@ -94,11 +94,12 @@ def order_key(order: PlaceOrderRequest) -> str:
     return order.order_id
 
 
+SOURCE = f"python:{__name__}"
 ORDER_SAGA = SagaDefinition(name="OrderSaga", version=1, input_type=PlaceOrderRequest, steps=order_steps(),
-                            business_key=order_key)
+                            business_key=order_key, source=SOURCE)
 # The child of v2: its business key is the parent's (the order id), under its own type.
 FULFILMENT_SAGA = SagaDefinition(name="FulfilmentSaga", version=1, input_type=PlaceOrderRequest,
-                                 steps=fulfilment_steps(), business_key=order_key)
+                                 steps=fulfilment_steps(), business_key=order_key, source=SOURCE)
 # fmt: on
 
 
@@ -122,4 +123,5 @@ def order_saga_v2(review_threshold: int, review_timeout: float, review_role: str
         business_key=order_key,
         # The review may take its whole timeout; the saga gets an hour more for the rest.
         deadline=min(7 * 24 * 3600.0, review_timeout + 3600.0),
+        source=SOURCE,
     )  # fmt: skip

@@ -286,3 +286,15 @@ def test_saga_conformance_on_the_command_line(
     assert ("REPLAY", "action") in failed and ("KEY_REUSE", "compensation") in failed
     missing = saga(loyalty[""], "--target", "nowhere=bad")
     assert missing.returncode == 2 and "NAME=host:port" in missing.stderr, missing.stderr
+
+
+def test_saga_conformance_passes_for_the_yaml_order_saga_against_the_suite(suite: dict[str, str]) -> None:
+    # The suite's own YAML definition, its saga.example as the input: what the tutorial runs.
+    command = [sys.executable, "-c", "import sys; sys.argv[0] = 'saga'; from sagactl.main import main; main()"]
+    command += ["conformance", "--definition", "orchestrator/sagas/yaml/order-v1.yaml"]
+    for name in ("inventory", "payment", "shipping", "notify"):
+        command += ["--target", f"{name}={suite[name]}"]
+    env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OrderSaga v1: conforms" in result.stdout
