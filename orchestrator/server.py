@@ -29,7 +29,7 @@ from orchestrator.dispatcher import Dispatcher
 from orchestrator.engine import SagaState
 from orchestrator.errors import SagaNotFound
 from orchestrator.observability import Observability
-from orchestrator.status import OperatorCall, SagaStatus
+from orchestrator.status import IN_FLIGHT_STATUSES, OperatorCall, SagaStatus
 from orchestrator.store import EventRecord
 from orchestrator.views import (
     STATUS_FROM_PB,
@@ -62,6 +62,10 @@ MAX_SAGA_TYPE_LENGTH = 100
 MAX_BUSINESS_KEY_LENGTH = 200
 MAX_OPERATOR_REASON_LENGTH = 500
 MAX_STATUS_FILTERS = 16
+MAX_STEP_NAME_LENGTH = 64
+# The start of a saga id (uuid4 hex): what a short id is.
+SAGA_ID_PREFIX = re.compile(r"^[0-9a-f]{1,32}$")
+STATUS_CODE_NAMES = frozenset(code.name for code in grpc.StatusCode)
 MAX_TYPE_URL_LENGTH = 256
 # A saga's input is stored with it and read for every step: PlaceOrder's request, or StartSaga's
 # packed input, serialized. A valid order is far smaller (about 12 KiB with every field at its limit).
@@ -308,6 +312,17 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         violations.text("business_key", request.business_key, required=False, max_length=MAX_BUSINESS_KEY_LENGTH)
         created_after = _created_bound(violations, request, "created_after")
         created_before = _created_bound(violations, request, "created_before")
+        if request.saga_id_prefix and not SAGA_ID_PREFIX.match(request.saga_id_prefix):
+            violations.add("saga_id_prefix", "must be 1-32 lowercase hex characters, the start of a saga id")
+        violations.text(
+            "business_key_prefix", request.business_key_prefix, required=False, max_length=MAX_BUSINESS_KEY_LENGTH
+        )
+        violations.text("current_step", request.current_step, required=False, max_length=MAX_STEP_NAME_LENGTH)
+        if request.error_code and request.error_code not in STATUS_CODE_NAMES:
+            violations.add(
+                "error_code",
+                f"must be a gRPC status code name such as FAILED_PRECONDITION, got {quote(request.error_code, 40)}",
+            )
         violations.raise_if_any()
         # "<created_at>_<saga_id>" of the previous page's last saga (svckit.page_token cursor).
         after = decode_cursor(request.page_token)
@@ -319,6 +334,10 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             business_key=request.business_key,
             created_after=created_after,
             created_before=created_before,
+            saga_id_prefix=request.saga_id_prefix,
+            business_key_prefix=request.business_key_prefix,
+            at_steps=self._at_steps(request.saga_type, request.current_step) if request.current_step else None,
+            error_code=request.error_code,
         )
         if names and not saga_filter.statuses and not saga_filter.include_paused:
             return pb.ListSagasResponse()
@@ -330,6 +349,17 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             response.next_page_token = encode_cursor(last.created_at, last.saga_id)
         return response
 
+    def _at_steps(self, saga_type: str, step: str) -> tuple[tuple[str, int, tuple[int, ...]], ...]:
+        """Every loaded (type, version, flat indexes) whose node is named step."""
+        found = []
+        for definition in self._registry.all():
+            if saga_type and definition.name != saga_type:
+                continue
+            indexes = tuple(flat.index for flat in definition.nodes if flat.node.name == step)
+            if indexes:
+                found.append((definition.name, definition.version, indexes))
+        return tuple(found)
+
     @rpc(mutating=False)
     async def GetSagaStats(self, request: pb.GetSagaStatsRequest, call: CallContext) -> pb.GetSagaStatsResponse:
         self._access.authorize(call.grpc_context, "read", "GetSagaStats")
@@ -338,16 +368,23 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         violations.raise_if_any()
 
         def work(connection):  # type: ignore[no-untyped-def]
+            # One created_after for every figure, so they describe the same sagas.
             return (
                 store.count_by_status(connection, created_after),
                 store.completion_latencies(connection, created_after),
-                store.oldest_in_flight(connection),
+                store.oldest_with_status(connection, sorted(IN_FLIGHT_STATUSES), created_after),
+                store.oldest_with_status(connection, [SagaStatus.NEEDS_ATTENTION], created_after),
             )
 
-        counts, latencies, oldest = await self._database.transaction(work)
+        counts, latencies, oldest, oldest_attention = await self._database.transaction(work)
+        in_flight = sum(counts.get(status, 0) for status in (*IN_FLIGHT_STATUSES, SagaStatus.PAUSED))
         response = pb.GetSagaStatsResponse(
-            counts=[pb.StatusCount(status=STATUS_TO_PB[name], count=n) for name, n in sorted(counts.items())]
+            counts=[pb.StatusCount(status=STATUS_TO_PB[name], count=n) for name, n in sorted(counts.items())],
+            in_flight=in_flight,
+            needs_attention=counts.get(SagaStatus.NEEDS_ATTENTION, 0),
         )
+        if oldest_attention is not None:
+            response.oldest_needs_attention.CopyFrom(saga_pb(oldest_attention, self._definition(oldest_attention)))
         if latencies:
             ordered = sorted(latencies)
             response.completion_p50_ms = _percentile(ordered, 0.50) * 1000

@@ -290,6 +290,11 @@ class SagaFilter:
     business_key: str = ""
     created_after: float | None = None
     created_before: float | None = None
+    saga_id_prefix: str = ""
+    business_key_prefix: str = ""
+    # (saga type, version, step indexes) whose node has the name asked for; None: no such filter.
+    at_steps: tuple[tuple[str, int, tuple[int, ...]], ...] | None = None
+    error_code: str = ""
 
 
 def _where(saga_filter: SagaFilter) -> list[Any]:
@@ -309,6 +314,19 @@ def _where(saga_filter: SagaFilter) -> list[Any]:
         conditions.append(SAGA.c.created_at >= saga_filter.created_after)
     if saga_filter.created_before is not None:
         conditions.append(SAGA.c.created_at < saga_filter.created_before)
+    if saga_filter.saga_id_prefix:
+        conditions.append(SAGA.c.saga_id.startswith(saga_filter.saga_id_prefix, autoescape=True))
+    if saga_filter.business_key_prefix:
+        conditions.append(SAGA.c.business_key.startswith(saga_filter.business_key_prefix, autoescape=True))
+    if saga_filter.at_steps is not None:
+        at = [
+            and_(SAGA.c.saga_type == name, SAGA.c.version == version, SAGA.c.step_index.in_(indexes))
+            for name, version, indexes in saga_filter.at_steps
+        ]
+        conditions.append(or_(*at) if at else text("1 = 0"))
+    if saga_filter.error_code:
+        # last_error reads "<step>: <CODE>: <message>" after a failed call (engine.py).
+        conditions.append(SAGA.c.last_error.contains(f": {saga_filter.error_code}:", autoescape=True))
     return conditions
 
 
@@ -345,8 +363,14 @@ def completion_latencies(connection: Connection, created_after: float | None, li
     return [float(value) for value in connection.execute(query).scalars()]
 
 
-def oldest_in_flight(connection: Connection) -> SagaState | None:
-    row = connection.execute(select(SAGA).where(SAGA.c.ended_at.is_(None)).order_by(SAGA.c.created_at).limit(1)).first()
+def oldest_with_status(
+    connection: Connection, statuses: Iterable[str], created_after: float | None = None
+) -> SagaState | None:
+    """The oldest saga in one of statuses (paused or not), created at or after created_after when given."""
+    conditions = [SAGA.c.status.in_(list(statuses))]
+    if created_after is not None:
+        conditions.append(SAGA.c.created_at >= created_after)
+    row = connection.execute(select(SAGA).where(*conditions).order_by(SAGA.c.created_at).limit(1)).first()
     return saga_from_row(row) if row else None
 
 

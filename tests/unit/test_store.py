@@ -364,6 +364,13 @@ FILTERS = [
     (SagaFilter(business_key="order-x"), ["s6"]),
     (SagaFilter(created_after=T0 + 2, created_before=T0 + 5), ["s4", "s3", "s2"]),
     (SagaFilter(saga_type="OrderSaga", statuses=(Status.NEEDS_ATTENTION,)), []),
+    (SagaFilter(saga_id_prefix="s"), ["s6", "s5", "s4", "s3", "s2", "s1"]),
+    (SagaFilter(saga_id_prefix="s4"), ["s4"]),
+    (SagaFilter(saga_id_prefix="s%"), []),  # LIKE's wildcards are matched as themselves
+    (SagaFilter(business_key_prefix="order-x"), ["s6"]),
+    (SagaFilter(business_key_prefix="order-s"), ["s5", "s4", "s3", "s2", "s1"]),
+    (SagaFilter(at_steps=(("LoyaltySaga", 1, (0,)),)), ["s4"]),
+    (SagaFilter(at_steps=()), []),
 ]
 
 
@@ -412,14 +419,23 @@ def test_count_by_status_counts_paused_sagas_apart(population: Database) -> None
     }
 
 
-def test_oldest_in_flight_is_the_oldest_saga_that_has_not_ended(population: Database) -> None:
-    oldest = run(population, store.oldest_in_flight)
+IN_FLIGHT = (Status.RUNNING, Status.COMPENSATING)
+
+
+def test_the_oldest_in_flight_is_the_oldest_running_or_compensating_saga(population: Database) -> None:
+    oldest = run(population, lambda c: store.oldest_with_status(c, IN_FLIGHT))
     assert oldest is not None and oldest.saga_id in {"s2", "s3"} and oldest.created_at == T0 + 2
+    # Counted as the counts are: created at or after created_after.
+    later = run(population, lambda c: store.oldest_with_status(c, IN_FLIGHT, T0 + 3))
+    assert later is not None and later.saga_id == "s5"
+    # A saga that needs attention is not in flight: it has its own oldest.
+    attention = run(population, lambda c: store.oldest_with_status(c, [Status.NEEDS_ATTENTION]))
+    assert attention is not None and attention.saga_id == "s4"
 
 
 def test_no_saga_is_in_flight_when_every_one_ended(database: Database) -> None:
     insert_sagas(database, new_saga("s1", status=Status.COMPLETED), new_saga("s2", status=Status.TERMINATED))
-    assert run(database, store.oldest_in_flight) is None
+    assert run(database, lambda c: store.oldest_with_status(c, IN_FLIGHT)) is None
     insert_sagas(database, new_saga("s3", created_at=T0 + 9))
-    oldest = run(database, store.oldest_in_flight)
+    oldest = run(database, lambda c: store.oldest_with_status(c, IN_FLIGHT))
     assert oldest is not None and oldest.saga_id == "s3"

@@ -243,7 +243,7 @@ class Saga(_message.Message):
     def __init__(self, saga_id: _Optional[str] = ..., saga_type: _Optional[str] = ..., definition_version: _Optional[int] = ..., business_key: _Optional[str] = ..., status: _Optional[_Union[SagaStatus, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deadline_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., current_step: _Optional[str] = ..., last_error: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[SagaStep, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[HistoryEvent, _Mapping]]] = ..., trace_id: _Optional[str] = ..., steps_maybe_applied: _Optional[_Iterable[str]] = ..., waits: _Optional[_Iterable[_Union[SagaWait, _Mapping]]] = ..., parent_saga_id: _Optional[str] = ..., children: _Optional[_Iterable[_Union[ChildLink, _Mapping]]] = ..., input_json: _Optional[str] = ..., input_truncated: bool = ..., contract_hash: _Optional[str] = ...) -> None: ...
 
 class ListSagasRequest(_message.Message):
-    __slots__ = ("statuses", "saga_type", "created_after", "created_before", "business_key", "page_size", "page_token")
+    __slots__ = ("statuses", "saga_type", "created_after", "created_before", "business_key", "page_size", "page_token", "saga_id_prefix", "business_key_prefix", "current_step", "error_code")
     STATUSES_FIELD_NUMBER: _ClassVar[int]
     SAGA_TYPE_FIELD_NUMBER: _ClassVar[int]
     CREATED_AFTER_FIELD_NUMBER: _ClassVar[int]
@@ -251,6 +251,10 @@ class ListSagasRequest(_message.Message):
     BUSINESS_KEY_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SAGA_ID_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    BUSINESS_KEY_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_STEP_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     statuses: _containers.RepeatedScalarFieldContainer[SagaStatus]
     saga_type: str
     created_after: _timestamp_pb2.Timestamp
@@ -258,7 +262,11 @@ class ListSagasRequest(_message.Message):
     business_key: str
     page_size: int
     page_token: str
-    def __init__(self, statuses: _Optional[_Iterable[_Union[SagaStatus, str]]] = ..., saga_type: _Optional[str] = ..., created_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., business_key: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+    saga_id_prefix: str
+    business_key_prefix: str
+    current_step: str
+    error_code: str
+    def __init__(self, statuses: _Optional[_Iterable[_Union[SagaStatus, str]]] = ..., saga_type: _Optional[str] = ..., created_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., business_key: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., saga_id_prefix: _Optional[str] = ..., business_key_prefix: _Optional[str] = ..., current_step: _Optional[str] = ..., error_code: _Optional[str] = ...) -> None: ...
 
 class ListSagasResponse(_message.Message):
     __slots__ = ("sagas", "next_page_token")
@@ -367,18 +375,24 @@ class StatusCount(_message.Message):
     def __init__(self, status: _Optional[_Union[SagaStatus, str]] = ..., count: _Optional[int] = ...) -> None: ...
 
 class GetSagaStatsResponse(_message.Message):
-    __slots__ = ("counts", "completion_p50_ms", "completion_p95_ms", "completion_p99_ms", "oldest_in_flight")
+    __slots__ = ("counts", "completion_p50_ms", "completion_p95_ms", "completion_p99_ms", "oldest_in_flight", "in_flight", "needs_attention", "oldest_needs_attention")
     COUNTS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_P50_MS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_P95_MS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_P99_MS_FIELD_NUMBER: _ClassVar[int]
     OLDEST_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    NEEDS_ATTENTION_FIELD_NUMBER: _ClassVar[int]
+    OLDEST_NEEDS_ATTENTION_FIELD_NUMBER: _ClassVar[int]
     counts: _containers.RepeatedCompositeFieldContainer[StatusCount]
     completion_p50_ms: float
     completion_p95_ms: float
     completion_p99_ms: float
     oldest_in_flight: Saga
-    def __init__(self, counts: _Optional[_Iterable[_Union[StatusCount, _Mapping]]] = ..., completion_p50_ms: _Optional[float] = ..., completion_p95_ms: _Optional[float] = ..., completion_p99_ms: _Optional[float] = ..., oldest_in_flight: _Optional[_Union[Saga, _Mapping]] = ...) -> None: ...
+    in_flight: int
+    needs_attention: int
+    oldest_needs_attention: Saga
+    def __init__(self, counts: _Optional[_Iterable[_Union[StatusCount, _Mapping]]] = ..., completion_p50_ms: _Optional[float] = ..., completion_p95_ms: _Optional[float] = ..., completion_p99_ms: _Optional[float] = ..., oldest_in_flight: _Optional[_Union[Saga, _Mapping]] = ..., in_flight: _Optional[int] = ..., needs_attention: _Optional[int] = ..., oldest_needs_attention: _Optional[_Union[Saga, _Mapping]] = ...) -> None: ...
 
 class SignalSagaRequest(_message.Message):
     __slots__ = ("saga_id", "saga_type", "business_key", "name", "signal_id", "payload")
