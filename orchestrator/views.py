@@ -95,8 +95,9 @@ def capped_json(text: str) -> tuple[str, bool]:
 
 
 def message_json(message: Message) -> str:
-    """A message in the proto3 JSON mapping (lowerCamelCase names, defaults left out), compact."""
-    return json.dumps(json_format.MessageToDict(message), separators=(",", ":"), ensure_ascii=False)
+    """A message in the proto3 JSON mapping, compact, with proto field names (as YAML expressions read them)."""
+    as_dict = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    return json.dumps(as_dict, separators=(",", ":"), ensure_ascii=False)
 
 
 def input_json(saga: SagaState, definition: SagaDefinition) -> tuple[str, bool]:

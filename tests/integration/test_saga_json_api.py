@@ -92,7 +92,7 @@ async def test_input_struct_and_a_packed_any_without_a_key_start_too(clients: Cl
     assert started.created and started.business_key == order_id
     saga = await wait_for(clients, started.saga_id, ENDED)
     assert status_name(saga.status) == "COMPLETED", render(saga)
-    assert json.loads(saga.input_json)["deadlineSeconds"] == 600
+    assert json.loads(saga.input_json)["deadline_seconds"] == 600
 
     packed_id = new_order_id("packed")
     packed = any_pb2.Any()
@@ -172,13 +172,14 @@ async def test_get_saga_shows_the_input_and_each_steps_result(clients: Clients) 
     saga = await wait_for(clients, started.saga_id, ENDED)
     assert status_name(saga.status) == "COMPLETED", render(saga)
     assert not saga.input_truncated
-    assert json.loads(saga.input_json) == json_format.MessageToDict(order_request(order_id))
+    expected = json_format.MessageToDict(order_request(order_id), preserving_proto_field_name=True)
+    assert json.loads(saga.input_json) == expected
     results = {step.name: json.loads(step.result_json) for step in saga.steps}
     payment = await clients.payment_of(order_id)
     shipment = await clients.shipment(order_id)
-    assert results["charge_payment"]["payment"]["paymentId"] == payment.payment_id
-    assert results["create_shipment"]["shipment"]["trackingNumber"] == shipment.tracking_number
-    assert results["reserve_stock"]["reservation"]["orderId"] == order_id
+    assert results["charge_payment"]["payment"]["payment_id"] == payment.payment_id
+    assert results["create_shipment"]["shipment"]["tracking_number"] == shipment.tracking_number
+    assert results["reserve_stock"]["reservation"]["order_id"] == order_id
     assert shipment.tracking_number in results["send_confirmation"]["notification"]["body"]
     assert not any(step.result_truncated for step in saga.steps)
     # A list leaves the input out (and has no steps).
@@ -272,7 +273,7 @@ def test_saga_start_from_a_file_or_stdin(saga: Any, tmp_path: Path) -> None:
     )
     assert watched["status"] == "COMPLETED" and watched["created"] is True
     results = {step["name"]: step["result"] for step in watched["saga"]["steps"]}
-    assert results["create_shipment"]["shipment"]["trackingNumber"]
+    assert results["create_shipment"]["shipment"]["tracking_number"]
 
 
 def test_saga_start_refuses_a_bad_file_before_any_call(saga: Any, tmp_path: Path) -> None:
@@ -303,18 +304,18 @@ def test_saga_show_prints_the_input_and_each_result(saga: Any) -> None:
         ok(saga("start", "OrderSaga", "-i", "-", "--watch", "--json", input=order_json(order_id))).stdout
     )
     shown = ok(saga("show", started["saga_id"])).stdout
-    assert "input" in shown and f'"orderId":"{order_id}"' in shown
+    assert "input" in shown and f'"order_id":"{order_id}"' in shown
     tracking = {s["name"]: s["result"] for s in started["saga"]["steps"]}["create_shipment"]["shipment"][
-        "trackingNumber"
+        "tracking_number"
     ]
     assert "results" in shown and tracking in shown
     described = json.loads(ok(saga("show", started["saga_id"], "--json")).stdout)
-    assert described["input"]["orderId"] == order_id and described["input_truncated"] is False
+    assert described["input"]["order_id"] == order_id and described["input_truncated"] is False
     by_name = {step["name"]: step for step in described["steps"]}
-    assert by_name["create_shipment"]["result"]["shipment"]["trackingNumber"] == tracking
+    assert by_name["create_shipment"]["result"]["shipment"]["tracking_number"] == tracking
     # A narrow terminal cuts each JSON line at its width, with an ellipsis, rather than wrapping it.
     narrow = ok(saga("show", started["saga_id"], columns="70")).stdout.splitlines()
-    line = next(line for line in narrow if line.startswith('{"orderId"'))
+    line = next(line for line in narrow if line.startswith('{"order_id"'))
     assert len(line) <= 70 and line.endswith("…"), narrow
     start = narrow.index("results")
     results = narrow[start + 1 : narrow.index("", start)]

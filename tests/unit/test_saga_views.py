@@ -47,12 +47,13 @@ def test_the_input_and_results_are_compact_json_in_the_proto3_mapping() -> None:
     view = saga_pb(saga, ORDER_SAGA, [], include_data=True)
     assert not view.input_truncated
     given = json.loads(view.input_json)
-    assert given["orderId"] == "ord-1" and given["items"] and "order_id" not in given
+    # Proto field names, as a YAML definition's expressions read them.
+    assert given["order_id"] == "ord-1" and given["items"] and "orderId" not in given
     # Compact: no blank after a separator.
     assert '": ' not in view.input_json and ', "' not in view.input_json
     results = {step.name: step.result_json for step in view.steps}
-    assert json.loads(results["charge_payment"])["payment"]["paymentId"] == "pay-7"
-    assert json.loads(results["create_shipment"])["shipment"]["trackingNumber"] == "TRK-42"
+    assert json.loads(results["charge_payment"])["payment"]["payment_id"] == "pay-7"
+    assert json.loads(results["create_shipment"])["shipment"]["tracking_number"] == "TRK-42"
     assert results["reserve_stock"] == "" and results["send_confirmation"] == ""
 
 
@@ -103,7 +104,7 @@ def test_a_signal_an_approval_and_a_child_show_their_stored_json() -> None:
 
 def test_definition_info_lists_nodes_in_flat_order_with_the_pivot() -> None:
     info = definition_info_pb(ORDER_SAGA, running=3, latest=True)
-    assert (info.name, info.version, info.source, info.running, info.latest) == ("OrderSaga", 1, "python", 3, True)
+    assert (info.name, info.version, info.source, info.running, info.latest) == ("OrderSaga", 1, "python:orchestrator.sagas.order", 3, True)
     assert info.input_type == "sagasuite.orchestrator.v1.PlaceOrderRequest"
     assert list(info.services) == ["inventory", "notify", "payment", "shipping"]
     assert [(n.index, n.name, n.step_kind, n.pivot) for n in info.nodes] == [
