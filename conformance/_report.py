@@ -96,7 +96,7 @@ class Report:
             f"{counts[Outcome.SKIP]} skipped)"
         )
 
-    def table(self) -> Table:
+    def table(self, width: int | None = None) -> Table:
         """The report as a rich table: check x step x direction, outcome and a one-line reason."""
         from rich.table import Table
         from rich.text import Text
@@ -104,19 +104,24 @@ class Report:
         table = Table(title=f"Participant conformance: {self.definition}", title_justify="left")
         for column in ("step", "service", "direction", "check", "result"):
             table.add_column(column, no_wrap=True)
-        table.add_column("reason", overflow="fold")
+        # Below 120 columns the reasons would wrap word by word: they are left out of the table (each
+        # failure is printed again in full below it, and --json holds every reason).
+        with_reason = width is None or width >= 120
+        if with_reason:
+            table.add_column("reason", overflow="fold")
         previous = ""
         for result in self.results:
             # The step and its service once per group of rows, as a reader scans them.
             shown = (result.step, result.service) if result.step != previous else ("", "")
             previous = result.step
             outcome = Text(result.outcome.name, style=_STYLE[result.outcome])
-            table.add_row(*shown, result.direction, result.check.value, outcome, result.reason)
+            reason = (result.reason,) if with_reason else ()
+            table.add_row(*shown, result.direction, result.check.value, outcome, *reason)
         return table
 
     def print(self, console: Console) -> None:
         """The table, then each failure again as one plain line (for logs), then the summary."""
-        console.print(self.table())
+        console.print(self.table(console.width))
         for failure in self.failures:
             console.print(failure.line(), markup=False, highlight=False, soft_wrap=True)
         console.print(self.summary(), markup=False, highlight=False, style="green" if self.passed else "bold red")
