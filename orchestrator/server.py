@@ -186,12 +186,36 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
 
     @rpc(mutating=False)
     async def PlaceOrder(self, request: pb.PlaceOrderRequest, call: CallContext) -> pb.PlaceOrderResponse:
-        self._access.authorize(call.grpc_context, "start", "PlaceOrder")
+        saga, created = await self._place_order(request, call, "PlaceOrder")
+        return pb.PlaceOrderResponse(saga_id=saga.saga_id, status=api_status(saga), created=created)
+
+    @rpc(mutating=False)
+    async def PlaceOrderAndWait(self, request: pb.PlaceOrderRequest, call: CallContext) -> pb.PlaceOrderAndWaitResponse:
+        saga, created = await self._place_order(request, call, "PlaceOrderAndWait")
+        view = await self._until_settled(saga)
+        return pb.PlaceOrderAndWaitResponse(saga_id=saga.saga_id, created=created, saga=view)
+
+    async def _place_order(
+        self, request: pb.PlaceOrderRequest, call: CallContext, method: str
+    ) -> tuple[SagaState, bool]:
+        self._access.authorize(call.grpc_context, "start", method)
         validate_place_order(request)
         definition = self._order_definition or self._registry.latest("OrderSaga")
         business_key = _business_key(definition, request, "")
-        saga, created = await self._start(definition, business_key, request, request.deadline_seconds, call)
-        return pb.PlaceOrderResponse(saga_id=saga.saga_id, status=api_status(saga), created=created)
+        return await self._start(definition, business_key, request, request.deadline_seconds, call)
+
+    async def _until_settled(self, saga: SagaState) -> pb.Saga:
+        """The saga once it ended or needs attention, as WatchSaga sees it stop (the call's deadline bounds it)."""
+        if not (saga.ended or saga.status == SagaStatus.NEEDS_ATTENTION):
+            # Past MAX_WATCHERS this raises WatchersExhausted (RESOURCE_EXHAUSTED); the saga runs on.
+            subscription = self._watches.subscribe(saga.saga_id)
+            try:
+                async with contextlib.aclosing(subscription.events(saga.event_seq)) as updates:
+                    async for _ in updates:
+                        pass
+            finally:
+                subscription.close()
+        return await self._view(saga.saga_id, include_history=False)
 
     def _starts_on(self, saga_type: str) -> SagaDefinition | None:
         """The definition a new saga of this type starts on: the latest version, or for OrderSaga the
@@ -205,7 +229,25 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
 
     @rpc(mutating=False)
     async def StartSaga(self, request: pb.StartSagaRequest, call: CallContext) -> pb.StartSagaResponse:
-        self._access.authorize(call.grpc_context, "start", "StartSaga")
+        saga, created = await self._start_saga(request, call, "StartSaga")
+        return pb.StartSagaResponse(
+            saga_id=saga.saga_id,
+            status=api_status(saga),
+            created=created,
+            definition_version=saga.version,
+            business_key=saga.business_key,
+        )
+
+    @rpc(mutating=False)
+    async def StartSagaAndWait(self, request: pb.StartSagaRequest, call: CallContext) -> pb.StartSagaAndWaitResponse:
+        saga, created = await self._start_saga(request, call, "StartSagaAndWait")
+        view = await self._until_settled(saga)
+        return pb.StartSagaAndWaitResponse(
+            saga_id=saga.saga_id, created=created, definition_version=saga.version, saga=view
+        )
+
+    async def _start_saga(self, request: pb.StartSagaRequest, call: CallContext, method: str) -> tuple[SagaState, bool]:
+        self._access.authorize(call.grpc_context, "start", method)
         violations = Violations()
         violations.text("saga_type", request.saga_type, required=True, max_length=MAX_SAGA_TYPE_LENGTH)
         violations.text("business_key", request.business_key, required=False, max_length=MAX_BUSINESS_KEY_LENGTH)
@@ -228,14 +270,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         _input_size(field_name, message.ByteSize())
         # One input entity, one saga: a key other than the one the input derives is refused.
         business_key = _business_key(definition, message, request.business_key)
-        saga, created = await self._start(definition, business_key, message, request.deadline_seconds, call)
-        return pb.StartSagaResponse(
-            saga_id=saga.saga_id,
-            status=api_status(saga),
-            created=created,
-            definition_version=saga.version,
-            business_key=saga.business_key,
-        )
+        return await self._start(definition, business_key, message, request.deadline_seconds, call)
 
     @rpc(mutating=False)
     async def ListDefinitions(

@@ -555,6 +555,9 @@ def _bases(target: Target) -> dict[str, hostile.Base]:
     bases: dict[str, hostile.Base] = {
         "orchestrator.PlaceOrder": place_order,
         "orchestrator.StartSaga": start_saga,
+        # The start-and-wait calls take the same requests; an accepted one answers when its saga ends.
+        "orchestrator.PlaceOrderAndWait": place_order,
+        "orchestrator.StartSagaAndWait": start_saga,
         "orchestrator.StartSaga[input_struct]": start_saga_struct,
         "orchestrator.StartSaga[input_json]": start_saga_json,
         "orchestrator.GetSaga": fixed(pb.GetSagaRequest(saga_id=ended_saga)),
@@ -652,7 +655,18 @@ def _resolve(target: Target, metadata: Metadata) -> Metadata:
 
 
 # The RPCs that start sagas: what they accept runs across every participant.
-_STARTS = ("orchestrator.PlaceOrder", "orchestrator.StartSaga")
+_STARTS = (
+    "orchestrator.PlaceOrder",
+    "orchestrator.StartSaga",
+    "orchestrator.PlaceOrderAndWait",
+    "orchestrator.StartSagaAndWait",
+)
+_START_RESPONSES: dict[str, type[Message]] = {
+    "PlaceOrder": pb.PlaceOrderResponse,
+    "StartSaga": pb.StartSagaResponse,
+    "PlaceOrderAndWait": pb.PlaceOrderAndWaitResponse,
+    "StartSagaAndWait": pb.StartSagaAndWaitResponse,
+}
 # The operator calls: what they accept changes the saga they name.
 _OPERATIONS = tuple(f"orchestrator.{name}Saga" for name in ("Retry", "Pause", "Resume", "Cancel", "Terminate"))
 
@@ -721,8 +735,8 @@ def _got(outcome: Outcome) -> str:
 
 
 def _started_saga_id(rpc: Rpc, outcome: Outcome) -> str:
-    response_type = pb.PlaceOrderResponse if rpc.method.name == "PlaceOrder" else pb.StartSagaResponse
-    return response_type.FromString(outcome.responses[0]).saga_id
+    response_type = _START_RESPONSES[rpc.method.name]
+    return str(response_type.FromString(outcome.responses[0]).saga_id)
 
 
 def _left_behind(target: Target, rpc: Rpc, key: str) -> str:
@@ -785,8 +799,7 @@ class FuzzRun:
                 kind = re.sub(r"'.*'|\{.*\}|-?\d+", "…", why)
                 self.finding("accepted a value every field must refuse", f"OK with {where}: {kind}", request)
             if rpc.name in _STARTS:
-                response_type = pb.PlaceOrderResponse if rpc.method.name == "PlaceOrder" else pb.StartSagaResponse
-                response = response_type.FromString(outcome.responses[0])
+                response: Any = _START_RESPONSES[rpc.method.name].FromString(outcome.responses[0])
                 self.created += response.created
                 target.accepted_sagas.add(response.saga_id)
             elif rpc.name in _OPERATIONS and request.message is not None:

@@ -513,3 +513,25 @@ class DefinitionNode(_message.Message):
     call_timeout_seconds: float
     budget_seconds: float
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., index: _Optional[int] = ..., group: _Optional[str] = ..., branch: _Optional[int] = ..., step_kind: _Optional[str] = ..., action: _Optional[str] = ..., compensation: _Optional[str] = ..., conditional: bool = ..., timeout_seconds: _Optional[float] = ..., signal: _Optional[str] = ..., child: _Optional[str] = ..., pivot: bool = ..., on_timeout: _Optional[str] = ..., call_timeout_seconds: _Optional[float] = ..., budget_seconds: _Optional[float] = ...) -> None: ...
+
+class PlaceOrderAndWaitResponse(_message.Message):
+    __slots__ = ("saga_id", "created", "saga")
+    SAGA_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    SAGA_FIELD_NUMBER: _ClassVar[int]
+    saga_id: str
+    created: bool
+    saga: Saga
+    def __init__(self, saga_id: _Optional[str] = ..., created: bool = ..., saga: _Optional[_Union[Saga, _Mapping]] = ...) -> None: ...
+
+class StartSagaAndWaitResponse(_message.Message):
+    __slots__ = ("saga_id", "created", "definition_version", "saga")
+    SAGA_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    DEFINITION_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SAGA_FIELD_NUMBER: _ClassVar[int]
+    saga_id: str
+    created: bool
+    definition_version: int
+    saga: Saga
+    def __init__(self, saga_id: _Optional[str] = ..., created: bool = ..., definition_version: _Optional[int] = ..., saga: _Optional[_Union[Saga, _Mapping]] = ...) -> None: ...

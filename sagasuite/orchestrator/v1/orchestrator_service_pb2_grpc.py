@@ -105,6 +105,16 @@ class OrchestratorServiceStub(object):
                 request_serializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListDefinitionsRequest.SerializeToString,
                 response_deserializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListDefinitionsResponse.FromString,
                 _registered_method=True)
+        self.PlaceOrderAndWait = channel.unary_unary(
+                '/sagasuite.orchestrator.v1.OrchestratorService/PlaceOrderAndWait',
+                request_serializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.PlaceOrderRequest.SerializeToString,
+                response_deserializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.PlaceOrderAndWaitResponse.FromString,
+                _registered_method=True)
+        self.StartSagaAndWait = channel.unary_unary(
+                '/sagasuite.orchestrator.v1.OrchestratorService/StartSagaAndWait',
+                request_serializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.StartSagaRequest.SerializeToString,
+                response_deserializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.StartSagaAndWaitResponse.FromString,
+                _registered_method=True)
 
 
 class OrchestratorServiceServicer(object):
@@ -223,6 +233,24 @@ class OrchestratorServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PlaceOrderAndWait(self, request, context):
+        """Starts the order saga as PlaceOrder does, then answers once the saga has stopped moving: ended
+        (COMPLETED, COMPENSATED, TERMINATED) or NEEDS_ATTENTION. The way for a client that wants the
+        outcome: one call instead of PlaceOrder then WatchSaga. The call's deadline bounds the wait; when
+        it passes first the call ends DEADLINE_EXCEEDED and the saga goes on (GetSaga and WatchSaga find
+        it by its business key's saga). Each waiting call holds one of MAX_WATCHERS slots.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartSagaAndWait(self, request, context):
+        """StartSaga, then the same wait as PlaceOrderAndWait.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrchestratorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -295,6 +323,16 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.ListDefinitions,
                     request_deserializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListDefinitionsRequest.FromString,
                     response_serializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListDefinitionsResponse.SerializeToString,
+            ),
+            'PlaceOrderAndWait': grpc.unary_unary_rpc_method_handler(
+                    servicer.PlaceOrderAndWait,
+                    request_deserializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.PlaceOrderRequest.FromString,
+                    response_serializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.PlaceOrderAndWaitResponse.SerializeToString,
+            ),
+            'StartSagaAndWait': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartSagaAndWait,
+                    request_deserializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.StartSagaRequest.FromString,
+                    response_serializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.StartSagaAndWaitResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -676,6 +714,60 @@ class OrchestratorService(object):
             '/sagasuite.orchestrator.v1.OrchestratorService/ListDefinitions',
             sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListDefinitionsRequest.SerializeToString,
             sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListDefinitionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PlaceOrderAndWait(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sagasuite.orchestrator.v1.OrchestratorService/PlaceOrderAndWait',
+            sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.PlaceOrderRequest.SerializeToString,
+            sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.PlaceOrderAndWaitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartSagaAndWait(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sagasuite.orchestrator.v1.OrchestratorService/StartSagaAndWait',
+            sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.StartSagaRequest.SerializeToString,
+            sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.StartSagaAndWaitResponse.FromString,
             options,
             channel_credentials,
             insecure,

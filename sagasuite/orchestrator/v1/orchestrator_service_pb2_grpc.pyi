@@ -81,6 +81,15 @@ class OrchestratorServiceStub:
     """Lists the saga definitions this replica has loaded, each version with its steps, its source
     (Python or a YAML file), its content fingerprint and its contract hash. Access as GetSaga.
     """
+    PlaceOrderAndWait: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.PlaceOrderRequest, _orchestrator_service_pb2.PlaceOrderAndWaitResponse]
+    """Starts the order saga as PlaceOrder does, then answers once the saga has stopped moving: ended
+    (COMPLETED, COMPENSATED, TERMINATED) or NEEDS_ATTENTION. The way for a client that wants the
+    outcome: one call instead of PlaceOrder then WatchSaga. The call's deadline bounds the wait; when
+    it passes first the call ends DEADLINE_EXCEEDED and the saga goes on (GetSaga and WatchSaga find
+    it by its business key's saga). Each waiting call holds one of MAX_WATCHERS slots.
+    """
+    StartSagaAndWait: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.StartSagaRequest, _orchestrator_service_pb2.StartSagaAndWaitResponse]
+    """StartSaga, then the same wait as PlaceOrderAndWait."""
 
 @_typing.type_check_only
 class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
@@ -135,6 +144,15 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     """Lists the saga definitions this replica has loaded, each version with its steps, its source
     (Python or a YAML file), its content fingerprint and its contract hash. Access as GetSaga.
     """
+    PlaceOrderAndWait: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.PlaceOrderRequest, _orchestrator_service_pb2.PlaceOrderAndWaitResponse]  # type: ignore[assignment]
+    """Starts the order saga as PlaceOrder does, then answers once the saga has stopped moving: ended
+    (COMPLETED, COMPENSATED, TERMINATED) or NEEDS_ATTENTION. The way for a client that wants the
+    outcome: one call instead of PlaceOrder then WatchSaga. The call's deadline bounds the wait; when
+    it passes first the call ends DEADLINE_EXCEEDED and the saga goes on (GetSaga and WatchSaga find
+    it by its business key's saga). Each waiting call holds one of MAX_WATCHERS slots.
+    """
+    StartSagaAndWait: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.StartSagaRequest, _orchestrator_service_pb2.StartSagaAndWaitResponse]  # type: ignore[assignment]
+    """StartSaga, then the same wait as PlaceOrderAndWait."""
 
 class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
     """Runs order sagas across the inventory, payment, shipping and notify services."""
@@ -270,5 +288,26 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         """Lists the saga definitions this replica has loaded, each version with its steps, its source
         (Python or a YAML file), its content fingerprint and its contract hash. Access as GetSaga.
         """
+
+    @_abc_1.abstractmethod
+    def PlaceOrderAndWait(
+        self,
+        request: _orchestrator_service_pb2.PlaceOrderRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_service_pb2.PlaceOrderAndWaitResponse, _abc.Awaitable[_orchestrator_service_pb2.PlaceOrderAndWaitResponse]]:
+        """Starts the order saga as PlaceOrder does, then answers once the saga has stopped moving: ended
+        (COMPLETED, COMPENSATED, TERMINATED) or NEEDS_ATTENTION. The way for a client that wants the
+        outcome: one call instead of PlaceOrder then WatchSaga. The call's deadline bounds the wait; when
+        it passes first the call ends DEADLINE_EXCEEDED and the saga goes on (GetSaga and WatchSaga find
+        it by its business key's saga). Each waiting call holds one of MAX_WATCHERS slots.
+        """
+
+    @_abc_1.abstractmethod
+    def StartSagaAndWait(
+        self,
+        request: _orchestrator_service_pb2.StartSagaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_service_pb2.StartSagaAndWaitResponse, _abc.Awaitable[_orchestrator_service_pb2.StartSagaAndWaitResponse]]:
+        """StartSaga, then the same wait as PlaceOrderAndWait."""
 
 def add_OrchestratorServiceServicer_to_server(servicer: OrchestratorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
