@@ -190,8 +190,10 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         return pb.PlaceOrderResponse(saga_id=saga.saga_id, status=api_status(saga), created=created)
 
     @rpc(mutating=False)
-    async def PlaceOrderAndWait(self, request: pb.PlaceOrderRequest, call: CallContext) -> pb.PlaceOrderAndWaitResponse:
-        saga, created = await self._place_order(request, call, "PlaceOrderAndWait")
+    async def PlaceOrderAndWait(
+        self, request: pb.PlaceOrderAndWaitRequest, call: CallContext
+    ) -> pb.PlaceOrderAndWaitResponse:
+        saga, created = await self._place_order(request.order, call, "PlaceOrderAndWait")
         view = await self._until_settled(saga)
         return pb.PlaceOrderAndWaitResponse(saga_id=saga.saga_id, created=created, saga=view)
 
@@ -239,8 +241,10 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         )
 
     @rpc(mutating=False)
-    async def StartSagaAndWait(self, request: pb.StartSagaRequest, call: CallContext) -> pb.StartSagaAndWaitResponse:
-        saga, created = await self._start_saga(request, call, "StartSagaAndWait")
+    async def StartSagaAndWait(
+        self, request: pb.StartSagaAndWaitRequest, call: CallContext
+    ) -> pb.StartSagaAndWaitResponse:
+        saga, created = await self._start_saga(request.start, call, "StartSagaAndWait")
         view = await self._until_settled(saga)
         return pb.StartSagaAndWaitResponse(
             saga_id=saga.saga_id, created=created, definition_version=saga.version, saga=view

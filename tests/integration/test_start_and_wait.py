@@ -28,23 +28,29 @@ def orchestrator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pb_grpc.O
         stack.stop()
 
 
+def and_wait(order: pb.PlaceOrderRequest) -> pb.PlaceOrderAndWaitRequest:
+    return pb.PlaceOrderAndWaitRequest(order=order)
+
+
 def order_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
 def test_a_completed_order_answers_with_its_steps_and_results(orchestrator: pb_grpc.OrchestratorServiceStub) -> None:
-    answer = orchestrator.PlaceOrderAndWait(order_request(order_id("wait-ok"), minor_units=2000), timeout=30)
+    answer = orchestrator.PlaceOrderAndWait(and_wait(order_request(order_id("wait-ok"), minor_units=2000)), timeout=30)
     assert answer.created and answer.saga.saga_id == answer.saga_id
     assert answer.saga.status == pb.SAGA_STATUS_COMPLETED
     assert not answer.saga.history  # the outcome, not the record
     # The repeat finds the same saga, already ended, and answers at once.
-    again = orchestrator.PlaceOrderAndWait(order_request(answer.saga.business_key, minor_units=2000), timeout=30)
+    again = orchestrator.PlaceOrderAndWait(
+        and_wait(order_request(answer.saga.business_key, minor_units=2000)), timeout=30
+    )
     assert not again.created and again.saga_id == answer.saga_id and again.saga.status == pb.SAGA_STATUS_COMPLETED
 
 
 def test_a_declined_order_answers_compensated(orchestrator: pb_grpc.OrchestratorServiceStub) -> None:
     request = order_request(order_id("wait-declined"), minor_units=2000, token="tok_declined")
-    answer = orchestrator.PlaceOrderAndWait(request, timeout=30)
+    answer = orchestrator.PlaceOrderAndWait(and_wait(request), timeout=30)
     assert answer.saga.status == pb.SAGA_STATUS_COMPENSATED, answer.saga.last_error
     assert "charge_payment" in answer.saga.last_error
 
@@ -52,7 +58,7 @@ def test_a_declined_order_answers_compensated(orchestrator: pb_grpc.Orchestrator
 def test_the_deadline_bounds_the_wait_and_the_saga_goes_on(orchestrator: pb_grpc.OrchestratorServiceStub) -> None:
     key = order_id("wait-review")
     with pytest.raises(grpc.RpcError) as raised:
-        orchestrator.PlaceOrderAndWait(order_request(key, minor_units=9000), timeout=1.5)
+        orchestrator.PlaceOrderAndWait(and_wait(order_request(key, minor_units=9000)), timeout=1.5)
     assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     found = orchestrator.ListSagas(pb.ListSagasRequest(business_key=key), timeout=10).sagas
     assert len(found) == 1 and found[0].status == pb.SAGA_STATUS_RUNNING
@@ -62,7 +68,7 @@ def test_start_saga_and_wait_takes_json_input(orchestrator: pb_grpc.Orchestrator
     packed = any_pb2.Any()
     packed.Pack(order_request(order_id("wait-start"), minor_units=2000))
     request = pb.StartSagaRequest(saga_type="OrderSaga", input=packed)
-    answer = orchestrator.StartSagaAndWait(request, timeout=30)
+    answer = orchestrator.StartSagaAndWait(pb.StartSagaAndWaitRequest(start=request), timeout=30)
     assert answer.created and answer.definition_version == 2
     assert answer.saga.status == pb.SAGA_STATUS_COMPLETED
     assert [child.saga_type for child in answer.saga.children] == ["FulfilmentSaga"]
@@ -70,5 +76,7 @@ def test_start_saga_and_wait_takes_json_input(orchestrator: pb_grpc.Orchestrator
 
 def test_bad_input_is_refused_before_anything_starts(orchestrator: pb_grpc.OrchestratorServiceStub) -> None:
     with pytest.raises(grpc.RpcError) as raised:
-        orchestrator.StartSagaAndWait(pb.StartSagaRequest(saga_type="OrderSaga"), timeout=10)
+        orchestrator.StartSagaAndWait(
+            pb.StartSagaAndWaitRequest(start=pb.StartSagaRequest(saga_type="OrderSaga")), timeout=10
+        )
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT

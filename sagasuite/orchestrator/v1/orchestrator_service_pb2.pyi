@@ -514,6 +514,18 @@ class DefinitionNode(_message.Message):
     budget_seconds: float
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., index: _Optional[int] = ..., group: _Optional[str] = ..., branch: _Optional[int] = ..., step_kind: _Optional[str] = ..., action: _Optional[str] = ..., compensation: _Optional[str] = ..., conditional: bool = ..., timeout_seconds: _Optional[float] = ..., signal: _Optional[str] = ..., child: _Optional[str] = ..., pivot: bool = ..., on_timeout: _Optional[str] = ..., call_timeout_seconds: _Optional[float] = ..., budget_seconds: _Optional[float] = ...) -> None: ...
 
+class PlaceOrderAndWaitRequest(_message.Message):
+    __slots__ = ("order",)
+    ORDER_FIELD_NUMBER: _ClassVar[int]
+    order: PlaceOrderRequest
+    def __init__(self, order: _Optional[_Union[PlaceOrderRequest, _Mapping]] = ...) -> None: ...
+
+class StartSagaAndWaitRequest(_message.Message):
+    __slots__ = ("start",)
+    START_FIELD_NUMBER: _ClassVar[int]
+    start: StartSagaRequest
+    def __init__(self, start: _Optional[_Union[StartSagaRequest, _Mapping]] = ...) -> None: ...
+
 class PlaceOrderAndWaitResponse(_message.Message):
     __slots__ = ("saga_id", "created", "saga")
     SAGA_ID_FIELD_NUMBER: _ClassVar[int]

@@ -107,12 +107,12 @@ class OrchestratorServiceStub(object):
                 _registered_method=True)
         self.PlaceOrderAndWait = channel.unary_unary(
                 '/sagasuite.orchestrator.v1.OrchestratorService/PlaceOrderAndWait',
-                request_serializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.PlaceOrderRequest.SerializeToString,
+                request_serializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.PlaceOrderAndWaitRequest.SerializeToString,
                 response_deserializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.PlaceOrderAndWaitResponse.FromString,
                 _registered_method=True)
         self.StartSagaAndWait = channel.unary_unary(
                 '/sagasuite.orchestrator.v1.OrchestratorService/StartSagaAndWait',
-                request_serializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.StartSagaRequest.SerializeToString,
+                request_serializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.StartSagaAndWaitRequest.SerializeToString,
                 response_deserializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.StartSagaAndWaitResponse.FromString,
                 _registered_method=True)
 
@@ -326,12 +326,12 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
             ),
             'PlaceOrderAndWait': grpc.unary_unary_rpc_method_handler(
                     servicer.PlaceOrderAndWait,
-                    request_deserializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.PlaceOrderRequest.FromString,
+                    request_deserializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.PlaceOrderAndWaitRequest.FromString,
                     response_serializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.PlaceOrderAndWaitResponse.SerializeToString,
             ),
             'StartSagaAndWait': grpc.unary_unary_rpc_method_handler(
                     servicer.StartSagaAndWait,
-                    request_deserializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.StartSagaRequest.FromString,
+                    request_deserializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.StartSagaAndWaitRequest.FromString,
                     response_serializer=sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.StartSagaAndWaitResponse.SerializeToString,
             ),
     }
@@ -739,7 +739,7 @@ class OrchestratorService(object):
             request,
             target,
             '/sagasuite.orchestrator.v1.OrchestratorService/PlaceOrderAndWait',
-            sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.PlaceOrderRequest.SerializeToString,
+            sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.PlaceOrderAndWaitRequest.SerializeToString,
             sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.PlaceOrderAndWaitResponse.FromString,
             options,
             channel_credentials,
@@ -766,7 +766,7 @@ class OrchestratorService(object):
             request,
             target,
             '/sagasuite.orchestrator.v1.OrchestratorService/StartSagaAndWait',
-            sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.StartSagaRequest.SerializeToString,
+            sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.StartSagaAndWaitRequest.SerializeToString,
             sagasuite_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.StartSagaAndWaitResponse.FromString,
             options,
             channel_credentials,

@@ -81,14 +81,14 @@ class OrchestratorServiceStub:
     """Lists the saga definitions this replica has loaded, each version with its steps, its source
     (Python or a YAML file), its content fingerprint and its contract hash. Access as GetSaga.
     """
-    PlaceOrderAndWait: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.PlaceOrderRequest, _orchestrator_service_pb2.PlaceOrderAndWaitResponse]
+    PlaceOrderAndWait: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.PlaceOrderAndWaitRequest, _orchestrator_service_pb2.PlaceOrderAndWaitResponse]
     """Starts the order saga as PlaceOrder does, then answers once the saga has stopped moving: ended
     (COMPLETED, COMPENSATED, TERMINATED) or NEEDS_ATTENTION. The way for a client that wants the
     outcome: one call instead of PlaceOrder then WatchSaga. The call's deadline bounds the wait; when
     it passes first the call ends DEADLINE_EXCEEDED and the saga goes on (GetSaga and WatchSaga find
     it by its business key's saga). Each waiting call holds one of MAX_WATCHERS slots.
     """
-    StartSagaAndWait: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.StartSagaRequest, _orchestrator_service_pb2.StartSagaAndWaitResponse]
+    StartSagaAndWait: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.StartSagaAndWaitRequest, _orchestrator_service_pb2.StartSagaAndWaitResponse]
     """StartSaga, then the same wait as PlaceOrderAndWait."""
 
 @_typing.type_check_only
@@ -144,14 +144,14 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     """Lists the saga definitions this replica has loaded, each version with its steps, its source
     (Python or a YAML file), its content fingerprint and its contract hash. Access as GetSaga.
     """
-    PlaceOrderAndWait: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.PlaceOrderRequest, _orchestrator_service_pb2.PlaceOrderAndWaitResponse]  # type: ignore[assignment]
+    PlaceOrderAndWait: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.PlaceOrderAndWaitRequest, _orchestrator_service_pb2.PlaceOrderAndWaitResponse]  # type: ignore[assignment]
     """Starts the order saga as PlaceOrder does, then answers once the saga has stopped moving: ended
     (COMPLETED, COMPENSATED, TERMINATED) or NEEDS_ATTENTION. The way for a client that wants the
     outcome: one call instead of PlaceOrder then WatchSaga. The call's deadline bounds the wait; when
     it passes first the call ends DEADLINE_EXCEEDED and the saga goes on (GetSaga and WatchSaga find
     it by its business key's saga). Each waiting call holds one of MAX_WATCHERS slots.
     """
-    StartSagaAndWait: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.StartSagaRequest, _orchestrator_service_pb2.StartSagaAndWaitResponse]  # type: ignore[assignment]
+    StartSagaAndWait: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.StartSagaAndWaitRequest, _orchestrator_service_pb2.StartSagaAndWaitResponse]  # type: ignore[assignment]
     """StartSaga, then the same wait as PlaceOrderAndWait."""
 
 class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -292,7 +292,7 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
     def PlaceOrderAndWait(
         self,
-        request: _orchestrator_service_pb2.PlaceOrderRequest,
+        request: _orchestrator_service_pb2.PlaceOrderAndWaitRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_service_pb2.PlaceOrderAndWaitResponse, _abc.Awaitable[_orchestrator_service_pb2.PlaceOrderAndWaitResponse]]:
         """Starts the order saga as PlaceOrder does, then answers once the saga has stopped moving: ended
@@ -305,7 +305,7 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
     def StartSagaAndWait(
         self,
-        request: _orchestrator_service_pb2.StartSagaRequest,
+        request: _orchestrator_service_pb2.StartSagaAndWaitRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_service_pb2.StartSagaAndWaitResponse, _abc.Awaitable[_orchestrator_service_pb2.StartSagaAndWaitResponse]]:
         """StartSaga, then the same wait as PlaceOrderAndWait."""
