@@ -438,6 +438,13 @@ class Dispatcher:
     def definition_of(self, saga: SagaState) -> SagaDefinition:
         return self._registry.get(saga.saga_type, saga.version)
 
+    def _step_name(self, saga: SagaState) -> str:
+        """The name of the node a saga stands at, or its index when its definition is not loaded here."""
+        definition = self._registry.find(saga.saga_type, saga.version)
+        if definition is None or not 0 <= saga.step_index < len(definition.nodes):
+            return f"#{saga.step_index}"
+        return definition.node(saga.step_index).name
+
     @property
     def in_flight(self) -> int:
         return len(self._in_flight)
@@ -486,6 +493,10 @@ class Dispatcher:
                 if event.type is EventType.APPROVAL_REMINDER:
                     log.warning("saga %s (%s %s): approval %s still waits: %s", saga.saga_id, saga.saga_type,
                                 saga.business_key, event.step, event.message)  # fmt: skip
+                elif event.type is EventType.SAGA_NEEDS_ATTENTION:
+                    # Here, not in the observer: the line is written with metrics and tracing off too.
+                    log.warning("saga %s (%s %s) needs attention at step %s: %s", saga.saga_id, saga.saga_type,
+                                saga.business_key, self._step_name(saga), saga.last_error or event.message)  # fmt: skip
         try:
             for saga in outcome.started:
                 self.observer.saga_started(saga)
@@ -764,11 +775,7 @@ class Dispatcher:
 
     def _start_child(self, w: _Writes, parent: SagaState, start: ChildStart) -> None:
         """Start (or find, after a crash or a retry) the child a parent's step asks for, in the parent's transaction."""
-        node_name = next(
-            flat.node.name
-            for flat in self.definition_of(parent).nodes
-            if isinstance(flat.node, ChildSaga) and flat.node.definition is start.definition
-        )
+        node_name = start.node_name
         found = store.find_by_business_key(w.connection, start.definition.name, start.business_key)
         if found is not None:
             child, created = found[0], False

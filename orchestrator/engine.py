@@ -247,6 +247,7 @@ class ChildStart:
     input_payload: bytes
     deadline_at: float
     track: str = ""
+    node_name: str = ""  # the parent's child step
 
 
 @dataclass(frozen=True)
@@ -866,7 +867,7 @@ class Engine:
         child_deadline = saga.deadline_at
         if node.definition.deadline is not None:
             child_deadline = min(child_deadline, now + node.definition.deadline)
-        transition.start_child = ChildStart(node.definition, key, payload, child_deadline, track)
+        transition.start_child = ChildStart(node.definition, key, payload, child_deadline, track, node.name)
         # The parent waits on its own row: the child's end wakes it, the saga deadline bounds it.
         self._put(transition, track, self._wait(saga, index, track, now, saga.deadline_at, due=saga.deadline_at))
 

@@ -19,7 +19,8 @@ import jsonschema
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from ruamel.yaml import YAML
-from ruamel.yaml.error import MarkedYAMLError
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.reader import ReaderError
 
 from orchestrator.declarative.contracts import (
     Contract,
@@ -71,10 +72,19 @@ __all__ = [
 
 SUITE_DESCRIPTOR_SET = "suite"
 _MAX_FILE_BYTES = 1 << 20
+# A definition is a few hundred values a few levels deep. Aliases can make a small file expand to
+# billions of values (a "YAML bomb"), and deep nesting exhausts the recursion of what walks it.
+_MAX_VALUES = 100_000
+_MAX_DEPTH = 64
+# Brackets open at once, counted in the text before YAML reads it: ruamel's scanner slows down with
+# the square of flow nesting (seconds at a few thousand), so a deeper file is refused unread.
+_MAX_OPEN_BRACKETS = 256
+_BRACKET = re.compile(r"[\[\]{}]")
 _ISO_DURATION = re.compile(
     r"^P(?:(?P<days>\d+)D)?(?:T(?:(?P<hours>\d+)H)?(?:(?P<minutes>\d+)M)?(?:(?P<seconds>\d+(?:\.\d+)?)S)?)?$"
 )
 _UNITS = {"days": 86400.0, "hours": 3600.0, "minutes": 60.0, "seconds": 1.0, "milliseconds": 0.001}
+_PARAMETER_KINDS = {int: "a whole number", float: "a finite number", str: "a string"}
 _SIMPLE_PATH = re.compile(r"^\s*((?:\.[A-Za-z_][A-Za-z0-9_]*)+)\s*$")
 
 
@@ -278,6 +288,14 @@ class _Compiler:
     # -- the file ------------------------------------------------------------------------------
 
     def compile(self) -> LoadedDefinition | None:
+        deep = _too_many_brackets(self.text)
+        if deep is not None:
+            self.problem(
+                deep,
+                f"more than {_MAX_OPEN_BRACKETS} brackets are open here: the file nests too deeply",
+                f"a definition nests a few levels, at most {_MAX_DEPTH}",
+            )
+            return None
         try:
             document = YAML(typ="rt").load(self.text)
         except MarkedYAMLError as error:
@@ -285,13 +303,43 @@ class _Compiler:
             line, column = (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
             self.problem((line, column), f"not valid YAML: {error.problem or error.context}", "fix the YAML syntax")
             return None
+        except ReaderError as error:  # a control character: YAML refuses it before any token
+            position = int(error.position)
+            line = self.text.count("\n", 0, position) + 1
+            column = position - self.text.rfind("\n", 0, position)
+            self.problem(
+                (line, column),
+                f"not valid YAML: character #x{error.character:04x} is not allowed",
+                "remove the control character, or write it as an escape in a double-quoted string",
+            )
+            return None
+        except (YAMLError, RecursionError) as error:
+            too_deep = isinstance(error, RecursionError)
+            self.problem(
+                (1, 1),
+                "not valid YAML: it nests too deeply to read" if too_deep else f"not valid YAML: {str(error)[:200]}",
+                f"a definition nests a few levels, at most {_MAX_DEPTH}" if too_deep else "fix the YAML syntax",
+            )
+            return None
         if not isinstance(document, dict):
             self.problem((1, 1), "a definition is a YAML mapping with document, saga and do", "see docs/yaml-sagas.md")
             return None
+        oversized = _oversized(document)
+        if oversized is not None:
+            self.problem(*oversized)
+            return None
         for invalid in sorted(_validator().iter_errors(document), key=lambda e: list(map(str, e.absolute_path))):
-            where = self.schema_position(document, list(invalid.absolute_path))
+            path = list(invalid.absolute_path)
+            hint = "see the schema, docs/saga-definition.schema.json"
+            unknown = _unknown_keys(invalid)
+            if unknown:
+                # Point at the key itself, not at the mapping that holds it.
+                path.append(unknown[0])
+                allowed = ", ".join(invalid.schema.get("properties", {}))
+                hint = f"remove it or fix its spelling; allowed here: {allowed}"
+            where = self.schema_position(document, path)
             at = "/".join(map(str, invalid.absolute_path)) or "the file"
-            self.problem(where, f"{at}: {_schema_message(invalid)}", "see the schema, docs/saga-definition.schema.json")
+            self.problem(where, f"{at}: {_schema_message(invalid)}", hint)
         if self.problems:
             return None
         return self.compile_document(document)
@@ -349,8 +397,13 @@ class _Compiler:
 
         # The parameters' values count as content: a running saga's conditions must not change under it.
         parameters = json.dumps(self.params, sort_keys=True).encode()
+        # So do the children it starts: a changed child changes its parents, which then need a new
+        # version while their sagas run, as the child does.
+        children = json.dumps(
+            [[n, v, self.children[(n, v)].fingerprint or self.children[(n, v)].source] for n, v in self.child_keys]
+        ).encode()
         fingerprint = hashlib.sha256(
-            self.text.encode() + b"\0" + self.contract.hash.encode() + b"\0" + parameters
+            self.text.encode() + b"\0" + self.contract.hash.encode() + b"\0" + parameters + b"\0" + children
         ).hexdigest()
         try:
             definition = SagaDefinition(
@@ -366,7 +419,11 @@ class _Compiler:
             )
         except ValueError as error:
             message = str(error).split(": ", 1)[-1]
-            self.problem(self.key_at(document, "do"), message)
+            self.problem(
+                self._first_step_named(message) or self.key_at(document, "do"),
+                message,
+                "see the load-time checks in docs/yaml-sagas.md",
+            )
             return None
         simple = _SIMPLE_PATH.match(key_expression.text)
         key_path = tuple(part for part in simple.group(1).split(".") if part) if simple else None
@@ -380,6 +437,15 @@ class _Compiler:
             self.value_at(head, "version"),
         )
 
+    def _first_step_named(self, message: str) -> tuple[int, int] | None:
+        """Where the step a definition-level refusal names first is (the message names steps by name)."""
+        found = []
+        for name, where in self.names.items():
+            match = re.search(rf"(?<![\w.]){re.escape(name)}(?!\w)", message)
+            if match:
+                found.append((match.start(), where))
+        return min(found)[1] if found else None
+
     def read_parameters(self, saga: Any) -> None:
         """Each parameter from its environment variable, typed as its default, fixed for this load."""
         for name, spec in (saga.get("parameters") or {}).items():
@@ -392,11 +458,14 @@ class _Compiler:
                 if isinstance(default, bool):
                     raise ValueError("a parameter's default is a number or a string")
                 value: Any = type(default)(raw.strip()) if isinstance(default, int | float) else raw
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ValueError("nan and inf are not values a condition or a duration can use")
             except ValueError:
+                kind = _PARAMETER_KINDS.get(type(default), type(default).__name__)
                 self.problem(
                     self.value_at(saga["parameters"], name),
-                    f"parameter {name}: {spec['env']}={raw[:40]!r} is not a {type(default).__name__}",
-                    f"set {spec['env']} to a {type(default).__name__}, or unset it for the default {default!r}",
+                    f"parameter {name}: {spec['env']}={raw[:40]!r} is not {kind}",
+                    f"set {spec['env']} to {kind}, or unset it for the default {default!r}",
                 )
                 continue
             self.params[str(name)] = value
@@ -423,23 +492,26 @@ class _Compiler:
         where = self.value_at(saga, "contract") if "contract" in saga else self.key_at(document, "saga")
         sets: list[tuple[str, tuple[int, int]]] = []
         if "descriptorSet" in contract:
-            sets.append((str(contract["descriptorSet"]), where))
+            sets.append((str(contract["descriptorSet"]), self.value_at(contract, "descriptorSet")))
         for task, _, _ in _calls(document["do"]):
             for call in (task, task.get("compensate")):
                 if isinstance(call, dict) and isinstance(call.get("with"), dict) and "proto" in call["with"]:
                     endpoint = str(call["with"]["proto"].get("endpoint", ""))
                     sets.append((endpoint.removeprefix("file://"), self.value_at(call["with"], "proto")))
+        at = where  # the descriptor set being read, so that a problem points at the one that has it
         try:
-            for name, _ in sets:
+            for name, set_at in sets:
+                at = set_at
                 files.extend(read_descriptor_set(self.descriptor_path(name)).file)
             if contract.get("reflection"):
+                at = where
                 files.extend(self.reflected(document))
             if not files:
                 self.problem(where, "no contract: give saga.contract.descriptorSet or reflection: true")
                 return None
             return contract_from_files(files)
         except ContractError as error:
-            self.problem(where, str(error), "make the descriptor set with `buf build -o x.binpb`")
+            self.problem(at, str(error), "make the descriptor set with `buf build -o x.binpb`")
             return None
 
     def descriptor_path(self, name: str) -> Path:
@@ -480,7 +552,9 @@ class _Compiler:
             self.problem(self.value_at(container, key), str(error))
             return None
         if not 0 < seconds < math.inf:
-            self.problem(self.value_at(container, key), f"{key} must be a positive duration")
+            self.problem(
+                self.value_at(container, key), f"{key} must be a positive duration", "e.g. PT30S or {seconds: 30}"
+            )
             return None
         return seconds
 
@@ -550,6 +624,7 @@ class _Compiler:
                 value = {}
             else:
                 value = default
+        known_problems = len(self.problems)
         jq_text = self.jq_of(value, container, key, message_type.DESCRIPTOR, visible)
         if jq_text is None:
             return None
@@ -559,7 +634,8 @@ class _Compiler:
         except ExpressionError as error:
             self.problem(where, f"{what}: {error}", error.hint)
             return None
-        self.dry_run(expression, message_type, visible, where, what)
+        if len(self.problems) == known_problems:  # a field named wrong already said why the dry run would fail
+            self.dry_run(expression, message_type, visible, where, what)
         # Literals and plain field paths of the same types: the same message, built by copying fields.
         assert self.input_descriptor is not None
         direct = direct_builder(_plain(value), message_type, self.input_descriptor, visible)
@@ -634,7 +710,11 @@ class _Compiler:
         try:
             value = expression.evaluate(sample(self.input_descriptor), results, {"id": "saga", "business_key": "k"})
         except ValueError as error:
-            self.problem(where, f"{what}: the expression fails on a sample input: {str(error)[:200]}")
+            self.problem(
+                where,
+                f"{what}: the expression fails on a sample input: {str(error)[:200]}",
+                "each path must read what the message types hold: a message's fields, a list's items",
+            )
             return
         try:
             _message_from(value, message_type, what)
@@ -647,7 +727,11 @@ class _Compiler:
         try:
             value = expression.evaluate(sample(self.input_descriptor), {}, {})
         except ValueError as error:
-            self.problem(where, f"the business key cannot be derived: {str(error)[:200]}")
+            self.problem(
+                where,
+                f"the business key cannot be derived: {str(error)[:200]}",
+                "derive it from an input field, e.g. ${ .order_id }",
+            )
             return
         if not isinstance(value, str | int) or isinstance(value, bool) or value == "":
             self.problem(
@@ -739,8 +823,9 @@ class _Compiler:
             assert self.contract is not None
             method = self.contract.method(str(service["name"]), str(spec["method"]))
         except ContractError as error:
-            key = "method" if "has no method" in str(error) or "streaming" in str(error) else "service"
-            self.problem(self.value_at(spec, key), f"{what}: {error}", "check the service and method names")
+            wrong_method = "has no method" in str(error) or "streaming" in str(error)
+            at = self.value_at(spec, "method") if wrong_method else self.value_at(service, "name")
+            self.problem(at, f"{what}: {error}", "check the service and method names")
             return None
         request_type = self.contract.message_class(method.input_type.full_name)
         response_type = self.contract.message_class(method.output_type.full_name)
@@ -772,11 +857,15 @@ class _Compiler:
         compensation = None
         if "compensate" in body:
             if kind is StepKind.RETRIABLE:
-                self.problem(self.key_at(body, "compensate"), f"call {name} is retriable, so it is never compensated")
+                self.problem(
+                    self.key_at(body, "compensate"),
+                    f"call {name} is retriable, so it is never compensated",
+                    "remove compensate:, or drop kind: retriable and place the step before the pivot",
+                )
                 return None
             compensation = self.call(body["compensate"], visible, f"{name}'s compensation")
         elif kind is StepKind.COMPENSATABLE:
-            self.problem(where, f"call {name} is compensatable and needs compensate:")
+            self.problem(where, f"call {name} is compensatable and needs compensate:", "add its undo as compensate:")
             return None
         if kind is StepKind.RETRIABLE:
             self.seen_retriable = self.seen_retriable or name
@@ -898,6 +987,55 @@ class _Compiler:
         return ChildSaga(name, definition, build_input=builder, when=when)
 
 
+def _oversized(document: Any) -> tuple[tuple[int, int], str, str] | None:
+    """Where and why a loaded document is too big to check: aliases expanding past _MAX_VALUES, or deep nesting.
+
+    Walked without recursion, counting an aliased value each time it appears, and stopped at the
+    first excess, so a YAML bomb costs at most _MAX_VALUES steps.
+    """
+    stack: list[tuple[Any, int, Any]] = [(document, 1, document)]
+    count = 0
+    while stack:
+        value, depth, holder = stack.pop()
+        count += 1
+        if count > _MAX_VALUES:
+            return (
+                _Compiler.at(holder),
+                f"the file holds more than {_MAX_VALUES} values (an alias counts each time it is used)",
+                "a definition holds a few hundred values: use fewer aliases, or split the file",
+            )
+        if depth > _MAX_DEPTH:
+            return (
+                _Compiler.at(value if hasattr(value, "lc") else holder),
+                f"the file nests deeper than {_MAX_DEPTH} levels",
+                "a definition nests a few levels: flatten it",
+            )
+        if isinstance(value, dict):
+            stack.extend((item, depth + 1, value) for item in value.values())
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1, value) for item in value)
+    return None
+
+
+def _too_many_brackets(text: str) -> tuple[int, int] | None:
+    """Where more than _MAX_OPEN_BRACKETS brackets are open at once; quoted ones count too: a bound, not a parse."""
+    depth = 0
+    for match in _BRACKET.finditer(text):
+        depth = depth + 1 if match.group() in "[{" else max(0, depth - 1)
+        if depth > _MAX_OPEN_BRACKETS:
+            position = match.start()
+            return text.count("\n", 0, position) + 1, position - text.rfind("\n", 0, position)
+    return None
+
+
+def _unknown_keys(error: jsonschema.ValidationError) -> list[Any]:
+    """The keys an `additionalProperties: false` refused, in the file's order."""
+    if error.validator != "additionalProperties" or not isinstance(error.instance, dict):
+        return []
+    known = error.schema.get("properties", {}) if isinstance(error.schema, dict) else {}
+    return [key for key in error.instance if key not in known]
+
+
 def _schema_message(error: jsonschema.ValidationError) -> str:
     if error.validator == "additionalProperties":
         return error.message.replace("Additional properties are not allowed", "unknown key")
@@ -979,10 +1117,21 @@ def compile_file(
     try:
         size = path.stat().st_size
         if size > _MAX_FILE_BYTES:
-            raise DefinitionFileError([Problem(str(path), 1, 1, f"the file is {size} bytes; at most 1 MiB")])
+            raise DefinitionFileError(
+                [
+                    Problem(
+                        str(path), 1, 1, f"the file is {size} bytes; at most 1 MiB",
+                        "a definition is a few KiB: is this the right file?",
+                    )
+                ]
+            )  # fmt: skip
         text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise DefinitionFileError([Problem(str(path), 1, 1, "the file is not UTF-8 text")]) from None
+    except UnicodeDecodeError as error:
+        data = error.object
+        line, column = data.count(b"\n", 0, error.start) + 1, error.start - data.rfind(b"\n", 0, error.start)
+        raise DefinitionFileError(
+            [Problem(str(path), line, column, f"not UTF-8 text: byte {data[error.start]:#04x}", "save it as UTF-8")]
+        ) from None
     except OSError as error:
         raise DefinitionFileError([Problem(str(path), 1, 1, f"cannot read the file: {error.strerror}")]) from None
     compiler = _Compiler(path, text, children or {}, resolve_address, os.environ if environ is None else environ)

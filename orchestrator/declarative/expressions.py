@@ -60,6 +60,10 @@ VARIABLES = ("results", "saga", "params")
 _KEYWORDS_LEAVING_ROOT = frozenset({"as", "reduce", "foreach", "def", "label"})
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PATH = re.compile(r"(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
+_COLONS_AFTER = re.compile(r"\s*(::|:)?")
+_KEYWORDS_BEFORE_PATH = ("and", "or", "not", "then", "else", "elif", "if")
+_IDENTIFIER_START = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_")
+_IDENTIFIER_CHARS = _IDENTIFIER_START | frozenset("0123456789")
 
 
 class ExpressionError(ValueError):
@@ -157,8 +161,8 @@ def scan(text: str) -> list[FieldPath]:
             continue
         if before == ".":
             continue  # a field, e.g. `.now`
-        rest = code[match.end() :].lstrip()
-        if rest.startswith(":") and not rest.startswith("::"):
+        colons = _COLONS_AFTER.match(code, match.end())
+        if colons is not None and colons.group(1) == ":":
             continue  # an object key, e.g. `{input: .x}`
         if name in NONDETERMINISTIC:
             raise ExpressionError(
@@ -170,14 +174,38 @@ def scan(text: str) -> list[FieldPath]:
     return list(_paths(code))
 
 
+def _last_code(code: str, index: int) -> int:
+    """The index of the last non-blank character before index, or -1.
+
+    Walks back over the blanks just before index only: each run of blanks is walked once, by the
+    character after it, so a scan stays linear in the text (a long expression is not a slow load).
+    """
+    position = index - 1
+    while position >= 0 and code[position].isspace():
+        position -= 1
+    return position
+
+
+def _after_keyword(code: str, end: int) -> bool:
+    """Whether the code up to end (inclusive) ends with a keyword after which a path starts, e.g. `then`."""
+    for keyword in _KEYWORDS_BEFORE_PATH:
+        start = end - len(keyword) + 1
+        if start >= 0 and code.startswith(keyword, start):
+            if start == 0 or code[start - 1] not in _IDENTIFIER_CHARS | {"$", "."}:
+                return True
+    return False
+
+
 def _paths(code: str) -> Iterator[FieldPath]:
     root_stack = [True]
     index = 0
     while index < len(code):
         char = code[index]
-        previous = code[:index].rstrip()[-1:] if index else ""
+        # Only brackets, dots and identifiers look back: the scan stays linear (see _last_code).
+        last = _last_code(code, index) if char in "([{." or char in _IDENTIFIER_START else -1
+        previous = code[last] if last >= 0 else ""
         if char in "([{":
-            call = char == "(" and bool(previous) and (previous.isalnum() or previous == "_")
+            call = char == "(" and previous in _IDENTIFIER_CHARS
             root_stack.append(False if call else root_stack[-1])
         elif char in ")]}":
             if len(root_stack) > 1:
@@ -196,8 +224,7 @@ def _paths(code: str) -> Iterator[FieldPath]:
                 continue
         elif char == ".":
             path = _PATH.match(code, index)
-            before = code[:index].rstrip()
-            after_keyword = re.search(r"(?:^|[^A-Za-z0-9_$.])(and|or|not|then|else|elif|if)$", before) is not None
+            after_keyword = last >= 0 and _after_keyword(code, last)
             starts_path = not previous or previous in '(,[{:|=<>!+-*/%;"' or after_keyword
             if path and starts_path:
                 if root_stack[-1]:
@@ -205,7 +232,7 @@ def _paths(code: str) -> Iterator[FieldPath]:
                     yield FieldPath("input", names, index)
                 index = path.end()
                 continue
-        elif char.isalpha() or char == "_":
+        elif char in _IDENTIFIER_START:  # ASCII, as jq's identifiers: any other letter is jq's to refuse
             match = _IDENTIFIER.match(code, index)
             assert match is not None
             if match.group() in _KEYWORDS_LEAVING_ROOT and previous != ".":
@@ -225,7 +252,11 @@ class Expression:
     params: dict[str, Any]  # the definition's parameters, fixed when it was loaded
 
     def evaluate(self, input_value: Any, results: dict[str, Any], saga: dict[str, str]) -> Any:
-        return self.program.input_value([input_value, results, saga, self.params]).first()
+        """The expression's first output; ValueError (as jq's runtime errors) when it gives none (`empty`)."""
+        try:
+            return self.program.input_value([input_value, results, saga, self.params]).first()
+        except StopIteration:
+            raise ValueError("the expression gives no value (it is empty here)") from None
 
 
 def results_read(paths: Iterable[FieldPath], text: str) -> frozenset[str] | None:

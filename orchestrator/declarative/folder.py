@@ -10,7 +10,14 @@ from pathlib import Path
 from ruamel.yaml import YAML
 
 from orchestrator import store
-from orchestrator.declarative.compiler import DefinitionFileError, LoadedDefinition, Problem, compile_file
+from orchestrator.declarative.compiler import (
+    _MAX_FILE_BYTES,
+    DefinitionFileError,
+    LoadedDefinition,
+    Problem,
+    _too_many_brackets,
+    compile_file,
+)
 from orchestrator.definition import DefinitionRegistry, SagaDefinition
 from svckit.db import Database
 
@@ -77,7 +84,13 @@ def compile_files(
 def _declared_key(path: Path) -> tuple[str, int] | None:
     """The name and version a file declares, read without compiling it (None when it cannot be read)."""
     try:
-        head = YAML(typ="safe").load(path.read_text(encoding="utf-8")).get("document", {})
+        # The compiler's own bounds first: YAML is read slowly, and a file it refuses unread is not read here.
+        if path.stat().st_size > _MAX_FILE_BYTES:
+            return None
+        text = path.read_text(encoding="utf-8")
+        if _too_many_brackets(text) is not None:
+            return None
+        head = YAML(typ="safe").load(text).get("document", {})
         return str(head["name"]), int(head["version"])
     except Exception:  # the compile that follows reports what is wrong with it
         return None

@@ -873,7 +873,7 @@ def started_child(engine: Engine, deadline_seconds: float = HOUR) -> Run:
 def test_entering_a_child_step_starts_the_child_and_waits_until_the_saga_deadline(engine: Engine) -> None:
     run = Run(engine, PARENT)
     transition = run.answer("a", at=T0 + 1)
-    assert transition.start_child == ChildStart(KID, "order-1", INPUT.SerializeToString(), T0 + 601)
+    assert transition.start_child == ChildStart(KID, "order-1", INPUT.SerializeToString(), T0 + 601, node_name="kid")
     wait = transition.next_command
     assert wait is not None and wait.step_index == index_of(PARENT, "kid")
     assert (wait.wait_until, wait.due_at) == (T0 + HOUR, T0 + HOUR)
