@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-__all__ = ["app", "bench_command", "chaos_command", "comparisons", "render_bench"]
+__all__ = ["app", "bench_command", "chaos_command", "comparisons", "render_bench", "render_targets"]
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
@@ -27,19 +27,29 @@ def _fmt(value: float | None, digits: int = 1) -> str:
     return f"{value:,.{digits}f}"
 
 
+def _database_label(phase: dict[str, Any]) -> str:
+    ours, services = phase.get("database", "sqlite"), phase.get("services_database", "sqlite")
+    return str(ours) if ours == services else f"{ours} (orchestrator only)"
+
+
 def comparisons(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's targets checked against one report: per load and round, orchestrator vs floor and peers."""
+    """Per database, load and round: the orchestrator (PlaceOrderAndWait) against the floor and every peer."""
     rows: list[dict[str, Any]] = []
-    by_key: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
+    by_key: dict[tuple[str, str, int], dict[str, dict[str, Any]]] = {}
     for phase in report["phases"]:
         load = phase["load"]
         label = f"rate={load['rate']:g}/s" if load["rate"] else f"C={load['concurrency']}"
-        by_key.setdefault((label, phase["round"]), {})[phase["target"]] = phase
-    for (label, round_number), phases in by_key.items():
+        by_key.setdefault((_database_label(phase), label, phase["round"]), {})[phase["target"]] = phase
+    for (database, label, round_number), phases in by_key.items():
         ours = phases.get("orchestrator")
         if ours is None:
             continue
-        row: dict[str, Any] = {"load": label, "round": round_number, "orchestrator_per_s": ours["completed_per_s"]}
+        row: dict[str, Any] = {
+            "db": database,
+            "load": label,
+            "round": round_number,
+            "orchestrator_per_s": ours["completed_per_s"],
+        }
         floor = next((p for name, p in phases.items() if name.startswith("floor")), None)
         if floor is not None and floor["completed_per_s"]:
             row["floor_per_s"] = floor["completed_per_s"]
@@ -48,7 +58,7 @@ def comparisons(report: dict[str, Any]) -> list[dict[str, Any]]:
             if ours_p50 is not None and floor_p50 is not None:
                 row["p50_above_floor_ms"] = round(ours_p50 - floor_p50, 3)
         for name, phase in phases.items():
-            if name.startswith(("temporal", "dbos")) and phase["completed_per_s"]:
+            if name.startswith(("temporal", "dbos", "restate")) and phase["completed_per_s"]:
                 row[f"x_{name}"] = round(ours["completed_per_s"] / phase["completed_per_s"], 1)
         rows.append(row)
     return rows
@@ -57,8 +67,8 @@ def comparisons(report: dict[str, Any]) -> list[dict[str, Any]]:
 def render_bench(report: dict[str, Any], console: Console) -> None:
     """The report as tables: throughput and latency per phase, then CPU and memory per process, then ratios."""
     main = Table(title="Order saga: throughput and latency", title_justify="left")
-    for column in ("target", "load", "round", "sagas/s", "start p50/p95/p99 ms", "completion p50/p95/p99 ms"):
-        main.add_column(column, justify="left" if column in ("target", "load") else "right")
+    for column in ("target", "db", "load", "round", "sagas/s", "start p50/p95/p99 ms", "completion p50/p95/p99 ms"):
+        main.add_column(column, justify="left" if column in ("target", "db", "load") else "right")
     main.add_column("CPU ms/saga", justify="right")
     main.add_column("other outcomes")
     main.add_column("load avg", justify="right")
@@ -70,6 +80,7 @@ def render_bench(report: dict[str, Any], console: Console) -> None:
         other = {k: v for k, v in phase["outcomes"].items() if k != "COMPLETED"}
         main.add_row(
             phase["target"],
+            _database_label(phase),
             label,
             str(phase["round"]),
             _fmt(phase["completed_per_s"]),
@@ -81,8 +92,8 @@ def render_bench(report: dict[str, Any], console: Console) -> None:
         )
     console.print(main)
     procs = Table(title="Per process: CPU ms per completed saga, peak RSS (MiB), RSS start→end", title_justify="left")
-    for column in ("target", "load", "round", "process", "CPU ms/saga", "CPU % of a core", "peak RSS", "RSS"):
-        procs.add_column(column, justify="left" if column in ("target", "load", "process") else "right")
+    for column in ("target", "db", "load", "round", "process", "CPU ms/saga", "CPU % of a core", "peak RSS", "RSS"):
+        procs.add_column(column, justify="left" if column in ("target", "db", "load", "process") else "right")
     for phase in report["phases"]:
         load = phase["load"]
         label = f"rate={load['rate']:g}/s" if load["rate"] else f"C={load['concurrency']}"
@@ -90,6 +101,7 @@ def render_bench(report: dict[str, Any], console: Console) -> None:
             share = figures["cpu_share_of_one_core"]
             procs.add_row(
                 phase["target"],
+                _database_label(phase),
                 label,
                 str(phase["round"]),
                 name,
@@ -108,8 +120,21 @@ def render_bench(report: dict[str, Any], console: Console) -> None:
         for row in rows:
             ratios.add_row(*(str(row.get(key, "-")) for key in keys))
         console.print(ratios)
+    render_targets(report, console)
     for note in report.get("notes", []):
         console.print(f"note: {note}")
+
+
+def render_targets(report: dict[str, Any], console: Console) -> None:
+    """Issue 15's targets as one table: each with what this run measured, and met, missed or not measured."""
+    table = Table(title="Targets (issue 15), this run", title_justify="left")
+    for column in ("target", "measured", "met"):
+        table.add_column(column)
+    for goal in report.get("targets", []):
+        met = {True: "yes", False: "[bold]NO[/bold]", None: "not measured"}[goal["met"]]
+        measured = goal["measured"].removeprefix("not measured: ")
+        table.add_row(goal["goal"], measured, met)
+    console.print(table)
 
 
 def _wide_console() -> Console:
@@ -128,7 +153,19 @@ def bench_command(
     db: Annotated[str, typer.Option(help="orchestrator database: empty for SQLite, or postgresql+psycopg://...")] = "",
     floor: Annotated[bool, typer.Option(help="also measure the four calls alone")] = True,
     yaml: Annotated[bool, typer.Option(help="also measure the order saga from its YAML definition (SQLite)")] = True,
-    peers: Annotated[str, typer.Option(help="peer engines to run beside ours: temporal,dbos (needs .[bench])")] = "",
+    watch: Annotated[
+        bool, typer.Option(help="also measure the old client way: PlaceOrder, then WatchSaga (orchestrator-watch)")
+    ] = False,
+    peers: Annotated[
+        str, typer.Option(help="peer engines, each run only for its own phases: temporal,dbos,restate (needs .[bench])")
+    ] = "",
+    compare_postgres: Annotated[
+        str,
+        typer.Option(
+            help="then run again with the orchestrator and the services each on a fresh database of this "
+            "PostgreSQL server (postgresql+psycopg://user@host:port/db to connect to), for the PostgreSQL targets"
+        ),
+    ] = "",
     data_dir: Annotated[Path | None, typer.Option(help="where the stack keeps files and logs (default: temp)")] = None,
     log_level: Annotated[str, typer.Option(help="LOG_LEVEL of every process")] = "WARNING",
     json_output: Annotated[bool, typer.Option("--json", help="print the report as JSON instead of tables")] = False,
@@ -137,12 +174,14 @@ def bench_command(
     """Benchmark the order saga through the orchestrator against the four calls alone (and peers).
 
     Starts the local stack (four services and the orchestrator, SQLite files unless --db), then
-    for every load runs each target for a warm-up and a measured window, round after round.
-    Example: saga bench -c 1,32 --duration 10 --peers temporal
+    for every load, round after round, runs each target for a warm-up and a measured window; a
+    peer's processes run only for its own phases. Ends with the table of issue 15's targets.
+    Example: saga bench -c 1,32 --duration 10 --peers restate,temporal,dbos
 
     Long-running sagas (parked in signal waits, signalled, timers): python -m bench.long_running
     """
-    from bench.loadgen import BenchConfig, Load, run_benchmark
+    from bench.loadgen import KNOWN_PEERS, BenchConfig, Load, run_benchmark
+    from bench.targets import PeerUnavailable
 
     try:
         levels = [int(part) for part in concurrency.split(",") if part.strip()]
@@ -150,6 +189,12 @@ def bench_command(
         raise typer.BadParameter("must be integers separated by commas", param_hint="--concurrency") from None
     if not levels or min(levels) < 1:
         raise typer.BadParameter("must be at least 1", param_hint="--concurrency")
+    peer_names = [p.strip() for p in peers.split(",") if p.strip()]
+    unknown = sorted(set(peer_names) - set(KNOWN_PEERS))
+    if unknown:
+        raise typer.BadParameter(f"unknown {', '.join(unknown)}; known: {', '.join(KNOWN_PEERS)}", param_hint="--peers")
+    if compare_postgres and not compare_postgres.startswith("postgresql"):
+        raise typer.BadParameter("must be a postgresql+psycopg://... URL", param_hint="--compare-postgres")
     config = BenchConfig(
         concurrencies=levels,
         rate=rate or None,
@@ -160,7 +205,9 @@ def bench_command(
         data_dir=data_dir,
         floor=floor,
         yaml=yaml,
-        peers=[p.strip() for p in peers.split(",") if p.strip()],
+        watch=watch,
+        peers=peer_names,
+        compare_postgres=compare_postgres,
         log_level=log_level,
     )
     err = Console(stderr=True)
@@ -182,7 +229,12 @@ def bench_command(
             return update
 
         err.print(f"load average before the run: {os.getloadavg()[0]:.2f} (1 min) on {os.cpu_count()} CPUs")
-        report = run_benchmark(config, on_phase).as_dict()
+        try:
+            report = run_benchmark(config, on_phase).as_dict()
+        except PeerUnavailable as error:
+            progress.stop()
+            err.print(f"saga bench: {error}", highlight=False)
+            raise typer.Exit(2) from None
     document = json.dumps(report, indent=2, allow_nan=False, default=str)
     if output is not None:
         output.write_text(document + "\n")

@@ -17,15 +17,26 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import grpc
 
 from bench.stats import LatencySummary, ProcessSample, clear_peak_rss, cpu_ms_per_item, read_process, summarize
-from bench.targets import CHANNEL_OPTIONS, COMPLETED, SagaTiming, Target, bench_order
+from bench.targets import (
+    CHANNEL_OPTIONS,
+    COMPLETED,
+    PeerGroup,
+    ResidentGroup,
+    SagaTiming,
+    Target,
+    TargetGroup,
+    bench_order,
+)
 from devstack.stack import LocalStack, StackConfig
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
@@ -37,6 +48,7 @@ __all__ = [
     "PhaseResult",
     "SagaTiming",
     "Target",
+    "WaitMode",
     "bench_order",
     "run_benchmark",
     "run_phase",
@@ -46,6 +58,9 @@ __all__ = [
 DRAIN_SECONDS = 60.0
 # Longest wait, past the warm-up, for every closed-loop worker to finish its first saga.
 MAX_EXTRA_WARMUP = 60.0
+# The deadline of a call that waits for a saga's end (PlaceOrderAndWait, WatchSaga): generous, so a
+# slow saga on a loaded machine is measured rather than cut off.
+WAIT_DEADLINE = 120.0
 _ENDED = {
     pb.SAGA_STATUS_COMPLETED: "COMPLETED",
     pb.SAGA_STATUS_COMPENSATED: "COMPENSATED",
@@ -108,6 +123,9 @@ class PhaseResult:
     load_average: tuple[float, float]
     errors: list[str] = field(default_factory=list)
     rss_series_mib: dict[str, list[float]] = field(default_factory=dict)
+    # Where the orchestrator and the services kept their state during the phase: "sqlite" or "postgresql".
+    database: str = "sqlite"
+    services_database: str = "sqlite"
 
     @property
     def completed(self) -> int:
@@ -129,6 +147,8 @@ class PhaseResult:
                 "window_s": _round(self.window_seconds),
             },
             "round": self.round,
+            "database": self.database,
+            "services_database": self.services_database,
             "outcomes": dict(self.outcomes),
             "completed_per_s": _round(self.completed_per_second),
             "start_latency": self.start_latency.as_dict() if self.start_latency else None,
@@ -148,18 +168,30 @@ def _round(value: float) -> float | None:
 # -- the orchestrator as a target -------------------------------------------------------------
 
 
-class OrchestratorTarget:
-    """PlaceOrder, then WatchSaga until the saga ends: start latency is PlaceOrder's, completion the stream's end.
+class WaitMode(StrEnum):
+    """How the client learns that a saga ended."""
 
-    WatchSaga is asked only for events after `after_seq`, the history length of a saga that has
-    just started, so the stream sends the last events alone (the final one carries the status)
-    rather than the whole history: the orchestrator reads one saga row and a few events per wake.
+    # PlaceOrderAndWait: one call that answers with the outcome, the way the docs tell a client to wait.
+    CALL = "call"
+    # PlaceOrder, then WatchSaga until the stream carries the end: the way before PlaceOrderAndWait.
+    WATCH = "watch"
+
+
+class OrchestratorTarget:
+    """The order saga through the orchestrator's public API, waiting for its end the way `wait` names.
+
+    CALL: one PlaceOrderAndWait per saga (completion is its answer; no separate start). WATCH:
+    PlaceOrder (start latency), then WatchSaga asked only for events after `after_seq`, the history
+    length of a saga that has just started, so the stream sends the last events alone (the final
+    one carries the status) rather than the whole history.
     """
 
-    has_start = True
-
-    def __init__(self, address: str, pids: dict[str, int], *, name: str = "orchestrator") -> None:
+    def __init__(
+        self, address: str, pids: dict[str, int], *, name: str = "orchestrator", wait: WaitMode = WaitMode.CALL
+    ) -> None:
         self.name = name
+        self.wait = wait
+        self.has_start = wait is WaitMode.WATCH
         self._address = address
         self._pids = pids
         self._channel: grpc.aio.Channel | None = None
@@ -179,6 +211,12 @@ class OrchestratorTarget:
 
     async def run_one(self, order_id: str, due: float) -> SagaTiming:
         assert self._stub is not None
+        if self.wait is WaitMode.CALL:
+            answer = await self._stub.PlaceOrderAndWait(
+                pb.PlaceOrderAndWaitRequest(order=bench_order(order_id)), timeout=WAIT_DEADLINE
+            )
+            ended = time.perf_counter()
+            return SagaTiming(due, ended, ended, _status_name(answer.saga.status))
         response = await self._stub.PlaceOrder(bench_order(order_id), timeout=30)
         accepted = time.perf_counter()
         status = await self.wait_ended(response.saga_id)
@@ -187,23 +225,32 @@ class OrchestratorTarget:
     async def wait_ended(self, saga_id: str) -> str:
         assert self._stub is not None
         status = pb.SAGA_STATUS_UNSPECIFIED
-        stream = self._stub.WatchSaga(pb.WatchSagaRequest(saga_id=saga_id, after_seq=self.after_seq), timeout=120)
+        stream = self._stub.WatchSaga(
+            pb.WatchSagaRequest(saga_id=saga_id, after_seq=self.after_seq), timeout=WAIT_DEADLINE
+        )
         async for message in stream:
             status = message.status
         if status not in _ENDED:
             # Nothing came after after_seq (it ended sooner than a normal saga could): ask once.
             saga = (await self._stub.GetSaga(pb.GetSagaRequest(saga_id=saga_id), timeout=30)).saga
             status = saga.status
-        return _ENDED.get(status, pb.SagaStatus.Name(status))
+        return _status_name(status)
 
     async def calibrate(self, order_id: str) -> None:
-        """Run one saga, and watch later ones only for the events a completed saga adds at its end."""
+        """Run one saga (warm channels); in WATCH mode, watch later ones only for the events a saga adds at its end."""
         assert self._stub is not None
+        if self.wait is WaitMode.CALL:
+            await self.run_one(order_id, time.perf_counter())
+            return
         response = await self._stub.PlaceOrder(bench_order(order_id), timeout=30)
         await self.wait_ended(response.saga_id)
         saga = (await self._stub.GetSaga(pb.GetSagaRequest(saga_id=response.saga_id), timeout=30)).saga
         if saga.status == pb.SAGA_STATUS_COMPLETED and saga.history:
             self.after_seq = max(0, saga.history[-1].seq - 1)
+
+
+def _status_name(status: int) -> str:
+    return _ENDED.get(status) or pb.SagaStatus.Name(status)  # type: ignore[call-overload]
 
 
 # -- driving a phase --------------------------------------------------------------------------
@@ -258,6 +305,8 @@ async def run_phase(
     round_number: int = 1,
     progress: ProgressCallback | None = None,
     rss_every: float = 1.0,
+    database: str = "sqlite",
+    services_database: str = "sqlite",
 ) -> PhaseResult:
     """Drive target for load.warmup + load.duration seconds; figures cover sagas ended in the last load.duration."""
     prefix = f"{target.name[:3]}-{uuid.uuid4().hex[:8]}"
@@ -385,6 +434,8 @@ async def run_phase(
         load_average=(load_start, load_end),
         errors=recorder.error_samples,
         rss_series_mib=rss_series if load.duration >= 60 else {},
+        database=database,
+        services_database=services_database,
     )
 
 
@@ -406,7 +457,12 @@ class BenchConfig:
     orchestrator: bool = True
     # Also the same order saga from its YAML definition, on a replica of its own (SQLite only).
     yaml: bool = True
+    # Also the orchestrator waited on the old way: PlaceOrder, then WatchSaga.
+    watch: bool = False
     peers: Sequence[str] = ()
+    # A PostgreSQL server (URL of a database to connect to): after the first pass, the stack runs
+    # again with the orchestrator and the four services each on a fresh database of that server.
+    compare_postgres: str = ""
     log_level: str = "WARNING"
     stack_env: dict[str, str] = field(default_factory=dict)
 
@@ -418,113 +474,267 @@ class BenchConfig:
 
 @dataclass
 class BenchReport:
-    """Every phase of a run, plus what the run was."""
+    """Every phase of a run, the targets of issue 15 checked against them, plus what the run was."""
 
     config: dict[str, Any]
     phases: list[PhaseResult]
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"config": self.config, "phases": [p.as_dict() for p in self.phases], "notes": self.notes}
+        from bench.goals import evaluate_goals
+
+        phases = [p.as_dict() for p in self.phases]
+        return {
+            "config": self.config,
+            "phases": phases,
+            "targets": [goal.as_dict() for goal in evaluate_goals(phases)],
+            "notes": list(dict.fromkeys(self.notes)),
+        }
 
 
 PhaseStarted = Callable[[str, Load, int], ProgressCallback | None]
 
 
-async def _run_targets(
-    targets: Sequence[Target], config: BenchConfig, on_phase: PhaseStarted | None
+@dataclass(frozen=True)
+class _Setup:
+    """Where one pass keeps its state, for labels and the report."""
+
+    database: str
+    services_database: str
+
+    @property
+    def label(self) -> str:
+        if self.database == self.services_database == "sqlite":
+            return ""
+        if self.database == self.services_database:
+            return f" [{self.database}]"
+        return f" [orchestrator on {self.database}]"
+
+
+async def _run_groups(
+    groups: Sequence[TargetGroup], config: BenchConfig, setup: _Setup, on_phase: PhaseStarted | None
 ) -> list[PhaseResult]:
+    """Load by load, round by round, group by group: each group's processes run only for its own phases.
+
+    A peer is started before its targets' phases of a round and stopped after them, so no idle
+    server or worker (or, for DBOS, background thread in this process) shares the machine with
+    another target's measured window.
+    """
     results: list[PhaseResult] = []
-    for target in targets:
-        await target.open()
+    loop = asyncio.get_running_loop()
+    # A pool of its own for the blocking starts and stops: DBOS shuts the loop's default one down.
+    with ThreadPoolExecutor(1, thread_name_prefix="bench-group") as blocking:
+        for load in config.loads():
+            for round_number in range(1, config.rounds + 1):
+                for group in groups:
+                    targets = list(await loop.run_in_executor(blocking, group.start))
+                    try:
+                        results.extend(await _run_group(targets, load, round_number, setup, on_phase))
+                    finally:
+                        await loop.run_in_executor(blocking, group.stop)
+    return results
+
+
+async def _run_group(
+    targets: Sequence[Target], load: Load, round_number: int, setup: _Setup, on_phase: PhaseStarted | None
+) -> list[PhaseResult]:
+    """Open a started group's targets, warm each with one saga, run each for one phase, close them."""
+    results: list[PhaseResult] = []
+    opened: list[Target] = []
     try:
+        for target in targets:
+            await target.open()
+            opened.append(target)
         for target in targets:
             calibrate = getattr(target, "calibrate", None)
             if calibrate is not None:
                 await calibrate(f"calibrate-{uuid.uuid4().hex[:8]}")
-        for load in config.loads():
-            for round_number in range(1, config.rounds + 1):
-                for target in targets:
-                    progress = on_phase(target.name, load, round_number) if on_phase else None
-                    results.append(await run_phase(target, load, round_number=round_number, progress=progress))
-    finally:
         for target in targets:
+            progress = on_phase(target.name + setup.label, load, round_number) if on_phase else None
+            phase = await run_phase(
+                target,
+                load,
+                round_number=round_number,
+                progress=progress,
+                database=setup.database,
+                services_database=setup.services_database,
+            )
+            results.append(phase)
+    finally:
+        for target in opened:
             await target.close()
     return results
 
 
 # The suite's YAML definitions, shipped with the orchestrator package.
 YAML_DEFINITIONS = Path(__file__).resolve().parent.parent / "orchestrator" / "sagas" / "yaml"
+KNOWN_PEERS = ("temporal", "dbos", "restate")
 
 
-def run_benchmark(config: BenchConfig, on_phase: PhaseStarted | None = None) -> BenchReport:
-    """Start the local stack (and any peer), run every target under every load, stop everything."""
+def _peer_groups(config: BenchConfig, data_dir: Path) -> list[PeerGroup]:
+    groups: list[PeerGroup] = []
+    group: PeerGroup
+    for peer in config.peers:
+        if peer == "temporal":
+            from bench.peers.temporal import TemporalPeer
+
+            group = TemporalPeer(data_dir / "temporal", log_level=config.log_level)
+        elif peer == "dbos":
+            from bench.peers.dbos_peer import DbosPeer
+
+            group = DbosPeer(data_dir / "dbos", config.database_url)
+        elif peer == "restate":
+            from bench.peers.restate_peer import RestatePeer
+
+            group = RestatePeer(data_dir / "restate", log_level=config.log_level)
+        else:
+            raise ValueError(f"unknown peer {peer!r}; known: {', '.join(KNOWN_PEERS)}")
+        groups.append(group)
+    return groups
+
+
+def _run_pass(
+    config: BenchConfig,
+    stack_dir: Path,
+    setup: _Setup,
+    database_urls: dict[str, str],
+    peer_groups: Sequence[PeerGroup],
+    on_phase: PhaseStarted | None,
+    notes: list[str],
+) -> list[PhaseResult]:
+    """Start one local stack, run its own targets and the peers' (each group only for its phases), stop it."""
     from bench.floor import FloorTarget
 
-    notes = [f"services and orchestrator run with LOG_LEVEL={config.log_level}"]
-    with ExitStack() as stack_scope:
-        data_dir = config.data_dir or Path(stack_scope.enter_context(tempfile.TemporaryDirectory(prefix="saga-bench-")))
-        common = {"LOG_LEVEL": config.log_level, **config.stack_env}
-        # The floor and the peers make the four calls in a row: that is OrderSaga v1, not the
-        # latest (v2 runs two of them in parallel and ships in a child saga).
-        orchestrator_env = {"ORDER_SAGA_VERSION": "1", **config.stack_env}
-        stack = LocalStack(
-            StackConfig(
-                data_dir / "stack",
-                orchestrator_database_url=config.database_url,
-                common_env=common,
-                orchestrator_env=orchestrator_env,
-            )
+    common = {"LOG_LEVEL": config.log_level, **config.stack_env}
+    # The floor and the peers make the four calls in a row: that is OrderSaga v1, not the
+    # latest (v2 runs two of them in parallel and ships in a child saga).
+    orchestrator_env = {"ORDER_SAGA_VERSION": "1", **config.stack_env}
+    stack = LocalStack(
+        StackConfig(
+            stack_dir,
+            orchestrator_database_url=database_urls.get("orchestrator", ""),
+            service_env={name: {"DATABASE_URL": url} for name, url in database_urls.items() if name != "orchestrator"},
+            common_env=common,
+            orchestrator_env=orchestrator_env,
         )
-        notes.append(f"PlaceOrder starts OrderSaga v{orchestrator_env['ORDER_SAGA_VERSION']} (ORDER_SAGA_VERSION)")
-        stack_scope.callback(stack.stop)
+    )
+    with ExitStack() as scope:
+        scope.callback(stack.stop)
         stack.start()
         service_pids = {name: process.pid for name, process in stack.services.items() if process.pid}
         addresses = {name: process.address for name, process in stack.services.items()}
-        targets: list[Target] = []
+        ours: list[Target] = []
         if config.floor:
-            targets.append(FloorTarget(addresses, service_pids))
+            ours.append(FloorTarget(addresses, service_pids))
         if config.orchestrator:
             assert stack.orchestrator is not None and stack.orchestrator.pid
-            targets.append(OrchestratorTarget(stack.address, {**service_pids, "orchestrator": stack.orchestrator.pid}))
-        if config.orchestrator and config.yaml and not config.database_url:
+            pids = {**service_pids, "orchestrator": stack.orchestrator.pid}
+            ours.append(OrchestratorTarget(stack.address, pids))
+            if config.watch:
+                ours.append(OrchestratorTarget(stack.address, pids, name="orchestrator-watch", wait=WaitMode.WATCH))
+        if config.orchestrator and config.yaml and setup.database == "sqlite":
             # Its own SQLite file, so neither replica takes the other's sagas; it idles while the
             # Python one is measured, and the other way round.
             yaml_env = {
                 "SAGA_DEFINITIONS_DIR": str(YAML_DEFINITIONS),
-                "DATABASE_URL": f"sqlite:///{data_dir / 'stack' / 'orchestrator-yaml.db'}",
+                "DATABASE_URL": f"sqlite:///{stack_dir / 'orchestrator-yaml.db'}",
                 "REPLICA_ID": "bench-yaml",
             }
             yaml_replica = stack.add_orchestrator("orchestrator-yaml", yaml_env)
-            stack_scope.callback(yaml_replica.stop)
+            scope.callback(yaml_replica.stop)
             assert yaml_replica.pid
             notes.append(f"orchestrator-yaml runs OrderSaga v1 from {YAML_DEFINITIONS.name}/order-v1.yaml")
             pids = {**service_pids, "orchestrator": yaml_replica.pid}
-            targets.append(OrchestratorTarget(yaml_replica.address, pids, name="orchestrator-yaml"))
-        for peer in config.peers:
-            if peer == "temporal":
-                from bench.peers.temporal import TemporalPeer
-
-                temporal = stack_scope.enter_context(TemporalPeer(data_dir / "temporal", addresses, config.log_level))
-                targets.extend(temporal.targets(service_pids))
-                notes.extend(temporal.notes)
-            elif peer == "dbos":
-                from bench.peers.dbos_peer import DbosTarget
-
-                dbos = DbosTarget(data_dir / "dbos", config.database_url, addresses, service_pids)
-                targets.append(dbos)
-            else:
-                raise ValueError(f"unknown peer {peer!r}; known: temporal, dbos")
-        phases = asyncio.run(_run_targets(targets, config, on_phase))
-        for target in targets:
+            ours.append(OrchestratorTarget(yaml_replica.address, pids, name="orchestrator-yaml"))
+        groups: list[TargetGroup] = [ResidentGroup("suite", ours)]
+        for group in peer_groups:
+            # The peers learn the services' addresses only now that they run.
+            group.bind(addresses, service_pids)
+            groups.append(group)
+        phases = asyncio.run(_run_groups(groups, config, setup, on_phase))
+        for ran in groups:
+            notes.extend(ran.notes)
+        for target in ours:
             notes.extend(getattr(target, "notes", []))
+    return phases
+
+
+class _PostgresDatabases:
+    """Fresh databases on one PostgreSQL server, one per process, dropped at the end."""
+
+    def __init__(self, url: str, names: Sequence[str]) -> None:
+        import sqlalchemy
+
+        self._admin = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
+        run = uuid.uuid4().hex[:8]
+        base = url.rsplit("/", 1)[0]
+        self.databases = {name: f"sagabench_{run}_{name}" for name in names}
+        self.urls = {name: f"{base}/{database}" for name, database in self.databases.items()}
+
+    def __enter__(self) -> dict[str, str]:
+        try:
+            with self._admin.connect() as connection:
+                for database in self.databases.values():
+                    connection.exec_driver_sql(f'CREATE DATABASE "{database}"')
+        except Exception as error:
+            self.__exit__()
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise RuntimeError(f"--compare-postgres: cannot create the bench databases: {first}") from None
+        return self.urls
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            with self._admin.connect() as connection:
+                for database in self.databases.values():
+                    connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        except Exception:
+            pass  # the server went away: nothing more to clean
+        self._admin.dispose()
+
+
+def run_benchmark(config: BenchConfig, on_phase: PhaseStarted | None = None) -> BenchReport:
+    """Start the local stack, run every target under every load (peers only for their own phases), stop everything.
+
+    With compare_postgres, a second pass then runs the floor and the orchestrator on a stack whose
+    orchestrator and services each have a fresh PostgreSQL database, as compose runs them.
+    """
+    from svckit.discovery import SUITE_SERVICES
+
+    notes = [f"services and orchestrator run with LOG_LEVEL={config.log_level}"]
+    notes.append(
+        "PlaceOrder starts OrderSaga v1 (ORDER_SAGA_VERSION); orchestrator targets wait with PlaceOrderAndWait "
+        f"(deadline {WAIT_DEADLINE:.0f} s), orchestrator-watch with PlaceOrder + WatchSaga"
+    )
+    with ExitStack() as scope:
+        data_dir = config.data_dir or Path(scope.enter_context(tempfile.TemporaryDirectory(prefix="saga-bench-")))
+        peer_groups = _peer_groups(config, data_dir)
+        for group in peer_groups:
+            # Before any stack starts: a missing package or a failed install ends the run at once.
+            group.prepare()
+        first_db = "postgresql" if config.database_url.startswith("postgresql") else "sqlite"
+        first_urls = {"orchestrator": config.database_url} if config.database_url else {}
+        phases = _run_pass(
+            config, data_dir / "stack", _Setup(first_db, "sqlite"), first_urls, peer_groups, on_phase, notes
+        )
+        if config.compare_postgres:
+            databases = scope.enter_context(
+                _PostgresDatabases(config.compare_postgres, ["orchestrator", *SUITE_SERVICES])
+            )
+            second = replace(config, yaml=False, peers=(), database_url=databases["orchestrator"])
+            all_postgresql = _Setup("postgresql", "postgresql")
+            more = _run_pass(second, data_dir / "stack-postgresql", all_postgresql, databases, [], on_phase, notes)
+            phases.extend(more)
+            notes.append("the [postgresql] pass ran after the first, on a stack of its own: the orchestrator and "
+                         "each service on a fresh database of the --compare-postgres server")  # fmt: skip
     described = {
-        "database": "postgresql" if config.database_url.startswith("postgresql") else "sqlite",
+        "database": first_db,
+        "compare_postgres": bool(config.compare_postgres),
         "loads": [load.label for load in config.loads()],
         "warmup_s": config.warmup,
         "duration_s": config.duration,
         "rounds": config.rounds,
-        "targets": [t.name for t in targets],
+        "targets": list(dict.fromkeys(p.target for p in phases)),
+        "peers": list(config.peers),
         "cpus": os.cpu_count(),
     }
     return BenchReport(described, phases, notes)

@@ -93,7 +93,7 @@ async def _check_services(registry: DefinitionRegistry, resolver: Resolver, obse
 
 async def serve(settings: OrchestratorSettings) -> None:
     """Serve until SIGTERM or SIGINT, then leave discovery, stop dispatching, drain and close."""
-    database = Database(settings.resolved_database_url())
+    database = Database(settings.resolved_database_url(), sqlite_synchronous=settings.sqlite_synchronous)
     store.ensure_schema(database)
     try:
         # DISCOVERY=consul: this replica registers itself as "orchestrator" once it dispatches.
@@ -142,6 +142,8 @@ async def serve(settings: OrchestratorSettings) -> None:
             replica_id=settings.resolved_replica_id(server.port),
             lease_seconds=settings.lease_seconds,
             poll_interval=settings.poll_interval_seconds,
+            heartbeat_interval=settings.heartbeat_interval_seconds,
+            silent_after=settings.replica_silent_after_seconds,
             claim_batch=settings.claim_batch,
             max_in_flight=settings.max_in_flight,
             commit_batch=settings.commit_batch,

@@ -19,6 +19,10 @@ class OrchestratorSettings(ServiceSettings):
     replica_id: str = Field("", description="stable name of this replica; leases are held under it")
     lease_seconds: float = Field(30.0, gt=1, description="how long a claimed command is held before others may take it")
     poll_interval_seconds: float = Field(0.2, gt=0, description="how often due commands are looked for")
+    heartbeat_interval_seconds: float = Field(0.5, gt=0, description="how often this replica records it is alive")
+    replica_silent_after_seconds: float = Field(
+        2.5, gt=0, description="a replica silent this long is taken as dead: others take over its leased commands"
+    )
     claim_batch: int = Field(256, ge=1, le=10_000)
     max_in_flight: int = Field(512, ge=1, description="calls on the wire at once")
     commit_batch: int = Field(512, ge=1, description="most transitions recorded in one transaction")

@@ -236,6 +236,8 @@ class Dispatcher:
         replica_id: str,
         lease_seconds: float = 30.0,
         poll_interval: float = 0.2,
+        heartbeat_interval: float = 0.5,
+        silent_after: float = 2.5,
         claim_batch: int = 256,
         max_in_flight: int = 512,
         commit_batch: int = 512,
@@ -248,6 +250,13 @@ class Dispatcher:
         self.replica_id = replica_id
         self._lease_seconds = lease_seconds
         self._poll_interval = poll_interval
+        if silent_after < 2 * heartbeat_interval:
+            raise ValueError(
+                f"REPLICA_SILENT_AFTER_SECONDS ({silent_after}) must be at least twice "
+                f"HEARTBEAT_INTERVAL_SECONDS ({heartbeat_interval}): one late heartbeat must not look like a death"
+            )
+        self._heartbeat_interval = heartbeat_interval
+        self._silent_after = silent_after
         self._claim_batch = claim_batch
         self._commit_batch = commit_batch
         self._engine = Engine(random.Random())
@@ -295,12 +304,33 @@ class Dispatcher:
         released = await self._database.transaction(lambda c: store.release_leases(c, self.replica_id))
         if released:
             log.info("recovered %d commands leased by a previous run of replica %s", released, self.replica_id)
+        # Alive before the first claim: other replicas only take over from silent ones.
+        await self._database.transaction(lambda c: store.heartbeat(c, self.replica_id, time.time()))
         missing = await self._database.transaction(self._park_missing_definitions)
         self._report_missing(missing)
         self._loops = [
             self._spawn(self._commit_loop(), "saga committer", track=False),
             self._spawn(self._poll_loop(), "outbox poller", track=False),
+            self._spawn(self._heartbeat_loop(), "replica heartbeat", track=False),
         ]
+
+    async def _heartbeat_loop(self) -> None:
+        """Say this replica is alive every heartbeat interval; once a minute, forget long-dead replicas."""
+        beats_per_minute = max(1, round(60 / self._heartbeat_interval))
+        beat = 0
+        while not self._stopping:
+            await asyncio.sleep(self._heartbeat_interval)
+            beat += 1
+            now = time.time()
+            forget = now - 24 * 3600 if beat % beats_per_minute == 0 else None
+            try:
+                await self._database.transaction(
+                    lambda c, now=now, forget=forget: store.heartbeat(  # type: ignore[misc]
+                        c, self.replica_id, now, forget_before=forget
+                    )
+                )
+            except Exception:
+                log.exception("recording this replica's heartbeat failed; will try again")
 
     def _park_missing_definitions(self, connection: Connection) -> list[SagaState]:
         """Stop for an operator every in-flight saga whose definition is not loaded here; returns all of them.
@@ -376,7 +406,12 @@ class Dispatcher:
         for task in self._loops:
             task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
-        await self._database.transaction(lambda c: store.release_leases(c, self.replica_id))
+
+        def leave(connection: Connection) -> None:
+            store.release_leases(connection, self.replica_id)
+            store.leave(connection, self.replica_id)
+
+        await self._database.transaction(leave)
 
     # -- requests from the API -------------------------------------------------------------
 
@@ -1037,6 +1072,7 @@ class Dispatcher:
                         self._lease_seconds,
                         limit,
                         skip_locked=self._database.is_postgres,
+                        silent_since=time.time() - self._silent_after,
                     )
                 )
             except Exception:

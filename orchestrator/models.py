@@ -5,10 +5,10 @@ from __future__ import annotations
 from sqlalchemy import Column, Index, LargeBinary, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-__all__ = ["SCHEMA_VERSION", "OutboxRow", "SagaEventRow", "SagaRow", "SchemaVersionRow", "SignalRow"]
+__all__ = ["SCHEMA_VERSION", "OutboxRow", "ReplicaRow", "SagaEventRow", "SagaRow", "SchemaVersionRow", "SignalRow"]
 
 # 2: several outbox rows per saga (tracks), waits (wait_until), child links, progress, signals.
-# 3: the contract and definition hashes a saga started with.
+# 3: the contract and definition hashes a saga started with; replica heartbeats.
 SCHEMA_VERSION = 3
 
 
@@ -106,6 +106,16 @@ class OutboxRow(SQLModel, table=True):
     lease_expires_at: float = 0.0
     created_at: float
     wait_until: float | None = None
+
+
+class ReplicaRow(SQLModel, table=True):
+    """One orchestrator replica and when it last said it was alive: a silent one's leases are taken over."""
+
+    __tablename__ = "replica"
+
+    replica_id: str = Field(primary_key=True, max_length=200)
+    heartbeat_at: float
+    started_at: float
 
 
 class SignalRow(SQLModel, table=True):

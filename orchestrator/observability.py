@@ -99,6 +99,11 @@ SAGAS_DEFINITION_MISSING = Gauge(
 SAGAS_WAITING = Gauge(
     "sagasuite_sagas_waiting", "Waits (timers, signals, approvals, children) pending, by kind", ["kind"]
 )
+SAGAS_NEEDING_ATTENTION = Gauge(
+    "sagasuite_sagas_needing_attention",
+    "Sagas stopped in NEEDS_ATTENTION now, waiting for an operator, by type (read from the database)",
+    ["saga_type"],
+)
 APPROVALS_PENDING = Gauge("sagasuite_approvals_pending", "Approvals waiting for a decision")
 OLDEST_APPROVAL_AGE = Gauge("sagasuite_oldest_approval_age_seconds", "How long the oldest pending approval has waited")
 APPROVAL_REMINDERS = Counter(
@@ -195,6 +200,8 @@ class Observability(DispatchObserver):
         self._missing_definitions: set[tuple[str, int]] = set()
         # The definitions, to tell a wait's kind from its step for the waiting-sagas gauges.
         self._registry: DefinitionRegistry | None = None
+        # Every saga type the needs-attention gauge has had a series for: a type with none left reads 0.
+        self._attention_types: set[str] = set()
         # The last check of the services the definitions call: those that could not be resolved, and all.
         self._unresolvable: dict[str, str] = {}
         self._checked_services: set[str] = set()
@@ -224,13 +231,17 @@ class Observability(DispatchObserver):
             IN_FLIGHT_CALLS.set_function(lambda: dispatcher.in_flight)
 
     async def watch_outbox(self, database: Database, interval: float) -> None:
-        """Keep the outbox gauges current (a background task of the server)."""
+        """Keep the outbox and needs-attention gauges current, the waits' every twelfth round (a background task)."""
         rounds = 0
         while True:
             try:
-                due, oldest_age = await database.transaction(lambda c: store.outbox_depth(c, time.time()))
+                # One transaction a round: the outbox's due index and the saga table's status index, each a range.
+                (due, oldest_age), attention = await database.transaction(
+                    lambda c: (store.outbox_depth(c, time.time()), store.needs_attention_by_type(c))
+                )
                 OUTBOX_DUE.set(due)
                 OUTBOX_OLDEST_DUE_AGE.set(oldest_age)
+                self._set_needing_attention(attention)
                 # Waits are counted by one scan of their rows: every twelfth round, so that a
                 # million parked sagas cost a scan a minute, not one every few seconds.
                 rounds += 1
@@ -243,6 +254,17 @@ class Observability(DispatchObserver):
             except Exception:
                 log.exception("reading the outbox depth failed; will try again")
             await asyncio.sleep(interval)
+
+    def _set_needing_attention(self, counts: Mapping[str, int]) -> None:
+        """One series per saga type: those counted, those loaded (0 rather than no data), those counted before."""
+        if not self._metrics:
+            return
+        types = set(counts) | self._attention_types
+        if self._registry is not None:
+            types.update(self._registry.names())
+        for saga_type in sorted(types):
+            SAGAS_NEEDING_ATTENTION.labels(saga_type).set(counts.get(saga_type, 0))
+        self._attention_types = types
 
     async def _report_waits(self, database: Database) -> None:
         assert self._registry is not None

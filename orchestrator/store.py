@@ -13,7 +13,15 @@ from typing import Any
 from sqlalchemy import Connection, and_, bindparam, delete, func, insert, not_, or_, select, text, tuple_, update
 
 from orchestrator.engine import Command, Event, Progress, SagaState
-from orchestrator.models import SCHEMA_VERSION, OutboxRow, SagaEventRow, SagaRow, SchemaVersionRow, SignalRow
+from orchestrator.models import (
+    SCHEMA_VERSION,
+    OutboxRow,
+    ReplicaRow,
+    SagaEventRow,
+    SagaRow,
+    SchemaVersionRow,
+    SignalRow,
+)
 from orchestrator.status import IN_FLIGHT_STATUSES, Direction, SagaStatus, effective_status
 from svckit.db import Database, Prepared
 
@@ -29,14 +37,17 @@ __all__ = [
     "fence",
     "find_by_business_key",
     "find_signal",
+    "heartbeat",
     "in_flight_without_definition",
     "insert_saga",
     "insert_signal",
+    "leave",
     "list_sagas",
     "load_events",
     "load_pending",
     "load_pendings",
     "load_sagas",
+    "needs_attention_by_type",
     "put_command",
     "release_leases",
     "running_hashes",
@@ -50,6 +61,7 @@ EVENT = SagaEventRow.__table__  # type: ignore[attr-defined]
 OUTBOX = OutboxRow.__table__  # type: ignore[attr-defined]
 SCHEMA = SchemaVersionRow.__table__  # type: ignore[attr-defined]
 SIGNAL = SignalRow.__table__  # type: ignore[attr-defined]
+REPLICA = ReplicaRow.__table__  # type: ignore[attr-defined]
 
 _SAGA_COLUMNS = tuple(SagaRow.model_fields)
 _OUTBOX_COLUMNS = tuple(OutboxRow.model_fields)
@@ -604,13 +616,26 @@ def children_of(connection: Connection, parent_id: str) -> list[SagaState]:
 
 
 def claim_due(
-    connection: Connection, owner: str, now: float, lease_seconds: float, limit: int, *, skip_locked: bool
+    connection: Connection,
+    owner: str,
+    now: float,
+    lease_seconds: float,
+    limit: int,
+    *,
+    skip_locked: bool,
+    silent_since: float | None = None,
 ) -> list[tuple[Command, SagaState]]:
-    """Lease up to limit due commands nobody holds (or whose lease expired), with their sagas."""
-    claimable = and_(
-        OUTBOX.c.due_at <= now,
-        or_(OUTBOX.c.lease_owner.is_(None), OUTBOX.c.lease_expires_at < now),
-    )
+    """Lease up to limit due commands nobody holds, whose lease expired, or (with silent_since) whose
+    holder's last heartbeat is older than silent_since: a dead replica's work is taken over at once.
+
+    Taking a live lease is safe because the holder's writes are fenced (`fence` checks the owner) and
+    a call it may still have on the wire carries the same idempotency key as the new one.
+    """
+    holder_free = [OUTBOX.c.lease_owner.is_(None), OUTBOX.c.lease_expires_at < now]
+    if silent_since is not None:
+        silent = select(REPLICA.c.replica_id).where(REPLICA.c.heartbeat_at < silent_since)
+        holder_free.append(OUTBOX.c.lease_owner.in_(silent))
+    claimable = and_(OUTBOX.c.due_at <= now, or_(*holder_free))
     # Rows, not sagas: a saga's other tracks (a branch not due, a wait held by a pause) stay as they are.
     candidates = select(OUTBOX.c.saga_id, OUTBOX.c.track).where(claimable).order_by(OUTBOX.c.due_at).limit(limit)
     if skip_locked:
@@ -625,6 +650,26 @@ def claim_due(
         return []
     sagas = load_sagas(connection, [row.saga_id for row in claimed])
     return [(_command_from_row(row), sagas[row.saga_id]) for row in claimed if row.saga_id in sagas]
+
+
+def heartbeat(connection: Connection, replica_id: str, now: float, *, forget_before: float | None = None) -> None:
+    """Record that a replica is alive; with forget_before, forget replicas silent since then that hold no lease."""
+    updated = connection.execute(
+        update(REPLICA).where(REPLICA.c.replica_id == replica_id).values(heartbeat_at=now)
+    ).rowcount
+    if not updated:
+        connection.execute(insert(REPLICA).values(replica_id=replica_id, heartbeat_at=now, started_at=now))
+    if forget_before is None:
+        return
+    held = select(OUTBOX.c.lease_owner).where(OUTBOX.c.lease_owner.is_not(None))
+    connection.execute(
+        delete(REPLICA).where(REPLICA.c.heartbeat_at < forget_before, REPLICA.c.replica_id.not_in(held))
+    )
+
+
+def leave(connection: Connection, replica_id: str) -> None:
+    """A replica that stops: it holds no lease any more, and no heartbeat is expected from it."""
+    connection.execute(delete(REPLICA).where(REPLICA.c.replica_id == replica_id))
 
 
 def release_leases(connection: Connection, owner: str) -> int:
@@ -643,6 +688,19 @@ def waits_by_step(connection: Connection) -> list[tuple[str, int, int, int, floa
         .group_by(SAGA.c.saga_type, SAGA.c.version, OUTBOX.c.step_index)
     )
     return [(str(t), int(v), int(i), int(n), float(m)) for t, v, i, n, m in connection.execute(query)]
+
+
+def needs_attention_by_type(connection: Connection) -> dict[str, int]:
+    """How many sagas wait in NEEDS_ATTENTION, by type: a range of ix_saga_status_created, never a scan of the table.
+
+    A saga in NEEDS_ATTENTION is never paused (the engine clears the flag), so its stored status is what it reports.
+    """
+    query = (
+        select(SAGA.c.saga_type, func.count())
+        .where(SAGA.c.status == SagaStatus.NEEDS_ATTENTION)
+        .group_by(SAGA.c.saga_type)
+    )
+    return {str(saga_type): int(count) for saga_type, count in connection.execute(query)}
 
 
 def outbox_depth(connection: Connection, now: float) -> tuple[int, float]:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from typer.core import TyperCommand, TyperGroup
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
-from sagactl import conformance, definition_graph, definitions, operate, order, reads, stack, waiting
-from sagactl.common import fail
+from sagactl import conformance, definition_graph, web_command, definitions, operate, order, reads, stack, waiting
+from sagactl.common import fail, run_reporting_errors
 from sagactl.roothelp import SUMMARY, root_help, summary
 from sagactl.settings import EXIT_USAGE, version_line
 
@@ -82,11 +84,46 @@ class _SagaGroup(TyperGroup):
         # A stand-in for listings (shell completion) only: resolve_command builds the real one.
         return TyperCommand(cmd_name, help=summary(cmd_name))
 
+    def main(  # type: ignore[override]  # the same parameters, typed more loosely by typer
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        """As typer's, but a usage error is one line on stderr (JSON with --json): common.run_reporting_errors."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        given = sys.argv[1:] if args is None else list(args)
+        typer_main = super().main
+        sys.exit(run_reporting_errors(lambda: typer_main(given, prog_name, complete_var, False, **extra), given))
+
     def resolve_command(self, ctx: Context, args: list[str]) -> tuple[str | None, Command | None, list[str]]:
         optional = _OPTIONAL_COMMANDS.get(args[0]) if args else None
         if optional is None or args[0] in self.commands:
             return super().resolve_command(ctx, args)
         return args[0], _load_optional(args[0], optional), args[1:]
+
+
+def _flags_shown_bare() -> None:
+    """A flag (--json, --yes, --help) is listed bare in every command's help, as Click does.
+
+    Typer's rich help gives each option its type, a flag's `<bool>` too, which reads as if it took a value;
+    TyperOption is the class of every option (each command's, and the --help typer adds), so this is the one place.
+    """
+    shown_type = TyperOption.display_type_rich
+    if getattr(shown_type, "sagactl_bare_flags", False):
+        return
+
+    def display_type_rich(self: TyperOption, ctx: Context) -> str | None:
+        return None if self.is_flag else shown_type(self, ctx)
+
+    display_type_rich.sagactl_bare_flags = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_flags_shown_bare()
 
 
 def _print_version(wanted: bool) -> None:
@@ -116,6 +153,7 @@ for _commands in (stack.commands, order.commands, reads.commands, operate.comman
 definition_graph.register(definitions.definitions_app)
 app.add_typer(definitions.definitions_app, name="definitions")
 app.add_typer(conformance.commands)
+app.add_typer(web_command.commands)
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from sagactl.settings import ClientConfig
 
 __all__ = [
+    "AUTH_REFUSALS",
     "OPERATIONS",
     "STATUS_WORDS",
     "BadOption",
@@ -28,6 +29,7 @@ __all__ = [
     "check_address",
     "filter_request",
     "health_of",
+    "is_full_id",
     "parse_duration",
     "parse_statuses",
     "stamp_ago",
@@ -42,6 +44,9 @@ _REFUSED = {
     grpc.StatusCode.UNAUTHENTICATED,
     grpc.StatusCode.ALREADY_EXISTS,
 }
+
+# Refusals of the caller rather than of the saga: a batch stops at the first one.
+AUTH_REFUSALS = {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED}
 
 RequestT = TypeVar("RequestT")
 ResponseT = TypeVar("ResponseT")
@@ -58,6 +63,17 @@ OPERATIONS: dict[str, tuple[str, Any, bool]] = {
 
 # How many sagas of one business key resolve() looks at: the order's saga, its children, and sagas of other types.
 _KEY_SAGAS_LOOKED_AT = 20
+# A saga id is a uuid4 in 32 lowercase hex characters; any shorter run of hex characters may be the start of one.
+_FULL_ID = re.compile(r"[0-9a-f]{32}")
+_ID_PREFIX = re.compile(r"[0-9a-fA-F]{1,31}")
+# How many sagas an ambiguous prefix is looked up for, and how many of them its error names.
+_AMBIGUOUS_LOOKED_AT = 5
+_AMBIGUOUS_NAMED = 3
+# The orchestrator's hints name the gRPC header; a CLI user sets a variable or an option instead.
+_CLI_HINTS = {
+    "TOKEN_REQUIRED": "this call needs a token: set SAGA_TOKEN (or --token)",
+    "INVALID_TOKEN": "the token is not valid: check SAGA_TOKEN (or --token)",
+}
 
 # The words --status takes, each naming the statuses it selects.
 STATUS_WORDS: dict[str, list[int]] = {
@@ -121,6 +137,11 @@ def filter_request(statuses: list[int], saga_type: str, order: str, since: str, 
     return request
 
 
+def is_full_id(reference: str) -> bool:
+    """Whether reference is a whole saga id (32 lowercase hex characters), which needs no lookup."""
+    return _FULL_ID.fullmatch(reference) is not None
+
+
 class ClientError(Exception):
     """A call that did not succeed, with the exit code the CLI ends with and a one-line message."""
 
@@ -130,6 +151,16 @@ class ClientError(Exception):
         self.exit_code = exit_code
         self.code = code
         self.reason = reason
+
+    @property
+    def code_name(self) -> str:
+        """The gRPC status code's name ("NOT_FOUND"); "" for an error of the CLI's own (an unreadable file)."""
+        return self.code.name if self.code is not None else ""
+
+
+def _refused(code: grpc.StatusCode, reason: str, text: str) -> ClientError:
+    """A refusal the CLI words itself, in the form of the orchestrator's (exit 4)."""
+    return ClientError(f"refused ({code.name} {reason}): {text}", EXIT_REFUSED, code, reason)
 
 
 def _one_line(text: str) -> str:
@@ -159,6 +190,7 @@ def classify(error: grpc.RpcError, address: str, timeout: float | None) -> Clien
     """Turn a failed call into a ClientError: unreachable (3), refused (4) or failed (1)."""
     code = error.code()
     reason, message = _details(error)
+    message = _CLI_HINTS.get(reason, message)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         within = f" within {timeout:g}s" if timeout else ""
         return ClientError(f"orchestrator at {address} did not answer{within}", EXIT_UNREACHABLE, code)
@@ -289,30 +321,72 @@ class SagaClient:
         return list(self.call(self.stub.ListDefinitions, pb.ListDefinitionsRequest(name=name)).definitions)
 
     def resolve(self, reference: str) -> pb.Saga:
-        """The saga with this id or, failing that, the one saga with this business key (order id) that no
-        saga started as its child: an order id of OrderSaga v2 names the order's saga and its
-        FulfilmentSaga child, and means the order's."""
+        """The saga (as GetSaga returns it) a reference names: see resolve_id."""
+        return self.get_saga(self.resolve_id(reference))
+
+    def resolve_id(self, reference: str) -> str:
+        """The id of the saga a reference names: a whole id as it is (no lookup), else the one saga whose id
+        starts with it, or the one saga with it as business key (order id) that no saga started as its child.
+
+        An order id of OrderSaga v2 names the order's saga and its FulfilmentSaga child, and means the
+        order's. A run of hex characters may be both the start of an id and an order id (an order 1001):
+        both are looked up, and when they name different sagas it is refused rather than guessed.
+        """
+        if is_full_id(reference):
+            return reference
+        by_key = self._by_key(reference)
+        if not _ID_PREFIX.fullmatch(reference):
+            if by_key is None:
+                text = f"no saga has the order id {reference!r}, and it is not the start of a saga id (hex characters)"
+                raise _refused(grpc.StatusCode.NOT_FOUND, "SAGA_NOT_FOUND", text)
+            return by_key.saga_id
+        prefix = reference.lower()
+        starting = list(self.list_sagas(pb.ListSagasRequest(saga_id_prefix=prefix, page_size=2)).sagas)
+        if by_key is not None and any(saga.saga_id != by_key.saga_id for saga in starting):
+            raise _refused(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "SAGA_REFERENCE_AMBIGUOUS",
+                f"ambiguous: {reference!r} is the order id of saga {by_key.saga_id} ({by_key.saga_type}) and the "
+                "start of other saga ids; give the saga id",
+            )
+        if by_key is not None:
+            return by_key.saga_id
+        if not starting:
+            text = f"no saga id starts with {prefix!r}, and no saga has the order id {reference!r}"
+            raise _refused(grpc.StatusCode.NOT_FOUND, "SAGA_NOT_FOUND", text)
+        if len(starting) == 1:
+            return starting[0].saga_id
+        # Only now: a few more of them, to name some so that the next try can tell them apart.
+        page = self.list_sagas(pb.ListSagasRequest(saga_id_prefix=prefix, page_size=_AMBIGUOUS_LOOKED_AT))
+        count = f"{len(page.sagas)} or more" if page.next_page_token else str(len(page.sagas))
+        named = [f"{saga.saga_id} ({saga.saga_type}, order {saga.business_key})" for saga in page.sagas]
+        if len(named) > _AMBIGUOUS_NAMED or page.next_page_token:
+            named = [*named[:_AMBIGUOUS_NAMED], "..."]
+        raise _refused(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "SAGA_ID_AMBIGUOUS",
+            f"ambiguous: {count} sagas start with {prefix!r}; give more characters: {', '.join(named)}",
+        )
+
+    def _by_key(self, business_key: str) -> pb.Saga | None:
+        """The one saga of this business key that no saga started; None when there is none."""
         try:
-            return self.get_saga(reference)
+            request = pb.ListSagasRequest(business_key=business_key, page_size=_KEY_SAGAS_LOOKED_AT)
+            found = list(self.list_sagas(request).sagas)
         except ClientError as error:
-            if error.code not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
-                raise
-            try:
-                request = pb.ListSagasRequest(business_key=reference, page_size=_KEY_SAGAS_LOOKED_AT)
-                found = list(self.list_sagas(request).sagas)
-            except ClientError:
-                raise error from None
-            # A child whose parent has another key is the only saga of its own key: it is meant then.
-            candidates = [saga for saga in found if not saga.parent_saga_id] or found
-            if not candidates:
-                raise error from None
-            if len(candidates) > 1:
-                named = ", ".join(f"{saga.saga_type} {saga.saga_id}" for saga in candidates)
-                raise ClientError(
-                    f"{reference!r} is the business key of {len(candidates)} sagas ({named}): give a saga id",
-                    EXIT_USAGE,
-                ) from None
-            return self.get_saga(candidates[0].saga_id)
+            # A reference no business key can be (too long, a control character) names no saga by key.
+            if error.code == grpc.StatusCode.INVALID_ARGUMENT:
+                return None
+            raise
+        # A child whose parent has another key is the only saga of its own key: it is meant then.
+        candidates = [saga for saga in found if not saga.parent_saga_id] or found
+        if len(candidates) > 1:
+            named = ", ".join(f"{saga.saga_type} {saga.saga_id}" for saga in candidates)
+            raise ClientError(
+                f"{business_key!r} is the business key of {len(candidates)} sagas ({named}): give a saga id",
+                EXIT_USAGE,
+            )
+        return candidates[0] if candidates else None
 
     def watch(self, saga_id: str, after_seq: int = 0, reconnect_seconds: float = 15.0) -> Iterator[Any]:
         """The saga's history events as they happen, until it ends or needs attention.

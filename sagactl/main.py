@@ -106,7 +106,7 @@ def fast_read(args: list[str]) -> int | None:
         parse_statuses,
         stamp_ago,
     )
-    from sagactl.render import json_text, list_dict, saga_dict, stats_dict
+    from sagactl.render import error_json, json_text, list_dict, saga_dict, stats_dict
     from sagactl.settings import DEFAULT_ADDRESS, ENV_ADDRESS, ENV_CA_FILE, ENV_TOKEN, ClientConfig
     from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 
@@ -145,10 +145,11 @@ def fast_read(args: list[str]) -> int | None:
         with SagaClient(config) as client:
             found = fetch(client)
     except ClientError as error:
-        print(f"saga: error: {error.message}", file=sys.stderr, flush=True)
+        # Every command given --json words its errors so (sagactl.common.report_error): one line of JSON.
+        print(error_json(error.message, error.exit_code, error.code_name, error.reason), file=sys.stderr, flush=True)
         return error.exit_code
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(error_json("interrupted", 130), file=sys.stderr, flush=True)
         return 130
     print(json_text(found), flush=True)
     return 0
@@ -161,7 +162,8 @@ def main() -> None:
 
         print(version_line())
         return
-    if args in ([], ["--help"]):
+    # A shell asking for completions runs `saga` with no arguments and _SAGA_COMPLETE set: typer answers it.
+    if args in ([], ["--help"]) and not os.environ.get("_SAGA_COMPLETE"):
         from sagactl.roothelp import root_help
         from sagactl.settings import EXIT_OK, EXIT_USAGE
 

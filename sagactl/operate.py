@@ -6,7 +6,7 @@ import inspect
 import sys
 import time
 from dataclasses import dataclass
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -26,7 +26,11 @@ from sagactl.common import (
     usage,
 )
 from sagactl.roothelp import COMMANDS
-from sagactl.settings import EXIT_FAILED, EXIT_UNREACHABLE, ClientConfig
+from sagactl.settings import EXIT_FAILED, EXIT_REFUSED, EXIT_UNREACHABLE, ClientConfig
+
+if TYPE_CHECKING:
+    from sagactl.client import ClientError
+    from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 
 __all__ = ["commands"]
 
@@ -35,7 +39,9 @@ commands = typer.Typer()
 SagaRef_ = Annotated[
     str | None,
     typer.Argument(
-        metavar="ID", help="saga id or order id; leave out and give filters for a batch", show_default=False
+        metavar="ID",
+        help="saga id (or any unique start of one) or order id; leave out and give filters for a batch",
+        show_default=False,
     ),
 ]
 All_ = Annotated[
@@ -72,6 +78,34 @@ _OPERATIONS = {
 }
 
 
+def _outcome(operation: str, saga: pb.Saga) -> tuple[str, str]:
+    """What became of the saga, from the orchestrator's answer: a phrase for a line and a word for a batch's.
+
+    A cancel answers before anything is undone: while the call on the wire decides, the saga is still RUNNING.
+    """
+    from sagactl.render import status_name
+    from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
+
+    status = status_name(saga.status)
+    if operation == "cancel" and saga.status == pb.SAGA_STATUS_RUNNING:
+        waiting_for = f" ({saga.current_step})" if saga.current_step else ""
+        return f"cancel requested: it compensates once its call in flight{waiting_for} returns", "cancel requested"
+    if operation == "cancel" and saga.status == pb.SAGA_STATUS_COMPENSATING:
+        return "is compensating: what it did is being undone", "compensating"
+    return f"is now {status}", status
+
+
+def _stopped(operation: str, error: ClientError, done: int, matched: int) -> ClientError:
+    """A batch's first refusal of the caller (no token, or one without the role): every other call would be
+    refused the same way, so the batch stops there, once, with exit 4."""
+    from sagactl.client import ClientError
+
+    where = "at the first saga, nothing done" if not done else f"after {done} of them"
+    return ClientError(
+        f"{error.message}; {operation} of {matched} saga(s) stopped {where}", EXIT_REFUSED, error.code, error.reason
+    )
+
+
 def _operate(
     operation: str,
     saga_ref: str | None,
@@ -88,7 +122,7 @@ def _operate(
 ) -> None:
     from rich.text import Text
 
-    from sagactl.client import ClientError, SagaClient
+    from sagactl.client import AUTH_REFUSALS, ClientError, SagaClient
     from sagactl.render import STATUS_STYLE, saga_dict, saga_list, status_name
 
     filtered = bool(statuses or saga_type or order or since or older_than or every)
@@ -99,14 +133,13 @@ def _operate(
     console = new_console()
     with SagaClient(config) as client:
         if saga_ref:
-            target = client.resolve(saga_ref)
-            saga = client.operate(operation, target.saga_id, reason)
+            saga = client.operate(operation, client.resolve_id(saga_ref), reason)
             if as_json:
                 print_json(saga_dict(saga, history=False))
             else:
-                status = status_name(saga.status)
-                line = Text(f"{operation}: saga {saga.saga_id} (order {saga.business_key}) is now ")
-                line.append(status, style=STATUS_STYLE.get(status, ""))
+                outcome, _ = _outcome(operation, saga)
+                line = Text(f"{operation}: saga {saga.saga_id} (order {saga.business_key}) ")
+                line.append(outcome, style=STATUS_STYLE.get(status_name(saga.status), ""))
                 console.print(line)
                 if saga.steps_maybe_applied:
                     # Terminate compensates nothing: name what may still stand in the services.
@@ -142,13 +175,15 @@ def _operate(
             except ClientError as error:
                 if error.exit_code == EXIT_UNREACHABLE:
                     raise
+                if error.code in AUTH_REFUSALS:
+                    raise _stopped(operation, error, sum(1 for r in results if r["ok"]), len(matched)) from None
                 results.append({"saga_id": saga.saga_id, "ok": False, "error": error.message})
                 if not as_json:
                     console.print(Text(f"✗ {saga.saga_id} {error.message}", style="red"), soft_wrap=True)
                 continue
             results.append({"saga_id": saga.saga_id, "ok": True, "status": status_name(after.status)})
             if not as_json:
-                console.print(f"✓ {saga.saga_id} → {status_name(after.status)}")
+                console.print(f"✓ {saga.saga_id} → {_outcome(operation, after)[1]}")
     failed = sum(1 for r in results if not r["ok"])
     if as_json:
         print_json(
@@ -171,10 +206,11 @@ def _epilog(operation: str, reason_example: str) -> str:
     return (
         f"A batch (filters instead of an ID) lists the matching sagas, asks for confirmation (--yes skips it) "
         f"and runs the call on each; without --status it picks the sagas the call applies to ({applies}). "
-        f"Exits 0 when every call went through, 1 when a batch had refusals (or was declined), 4 when the "
-        f"call on one ID was refused.\n\n"
+        f"A refusal of the caller (no token, an invalid one, or one without the operator role) stops a batch at "
+        f"once. Exits 0 when every call went through, 1 when a batch had refusals of some sagas (or was "
+        f"declined), 4 when the call on one ID was refused, or a batch was refused its caller.\n\n"
         f"[bold]Examples[/]\n\n"
-        f"  saga {operation} 3f2a9c0e...{reason_example}\n\n"
+        f"  saga {operation} 3f2a9c0e{reason_example}\n\n"
         f"  saga {operation} --type OrderSaga --since 1h{reason_example}\n\n"
         f"  saga {operation} --all --yes --json{reason_example}"
     )

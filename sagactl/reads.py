@@ -56,9 +56,12 @@ def list_sagas(
 ) -> None:
     """List sagas, newest first, filtered by status, type, age and order id; one page at a time.
 
-    A child saga (one another saga started, e.g. the FulfilmentSaga of an OrderSaga v2) has its type
-    marked ↳; `saga show` names its parent. Where the table is wider than the terminal, each saga takes
-    two lines instead, so its id is never cut.
+    Ids are short: their first 8 characters, more where two on the page start alike; every command that
+    takes an id takes any unique start of one (--json gives them whole). Ages and durations are compact
+    (850ms, 2.1s, 3m, 5h); a saga in flight took "-" so far. A child saga (one another saga started, e.g. the
+    FulfilmentSaga of an OrderSaga v2) has its type marked ↳; `saga show` names its parent. The table fits
+    the terminal without cutting anything: on 80 columns the types lose their "Saga" ending and long order
+    ids wrap in their column (or go, on narrower ones).
     """
     from sagactl.client import SagaClient
     from sagactl.render import list_dict, saga_list
@@ -82,7 +85,7 @@ def list_sagas(
 
 @commands.command(
     epilog="[bold]Examples[/]\n\n"
-    "  saga show 3f2a9c0e...\n\n"
+    "  saga show 3f2a9c0e                (any unique start of an id, as saga ls shows them)\n\n"
     "  saga show ord-42                 (an order id works too)\n\n"
     "  saga show ord-42 --history\n\n"
     "  saga show ord-42 --json | jq '.waits, .children'\n\n"
@@ -90,7 +93,9 @@ def list_sagas(
 )
 @calls_orchestrator
 def show(
-    saga_ref: Annotated[str, typer.Argument(metavar="ID", help="saga id, or the order id of one saga")],
+    saga_ref: Annotated[
+        str, typer.Argument(metavar="ID", help="saga id (or any unique start of one), or the order id of one saga")
+    ],
     history: Annotated[bool, typer.Option("--history", help="also print every history event")] = False,
     width: Annotated[int, typer.Option(min=10, max=400, help="width of the time bars")] = 50,
     as_json: Json_ = False,
@@ -164,13 +169,15 @@ def show(
 
 @commands.command(
     epilog="[bold]Examples[/]\n\n"
-    "  saga watch 3f2a9c0e...\n\n"
+    "  saga watch 3f2a9c0e\n\n"
     "  saga watch ord-42 --json | jq .type\n\n"
     "  saga watch ord-42 --after 12"
 )
 @calls_orchestrator
 def watch(
-    saga_ref: Annotated[str, typer.Argument(metavar="ID", help="saga id, or the order id of one saga")],
+    saga_ref: Annotated[
+        str, typer.Argument(metavar="ID", help="saga id (or any unique start of one), or the order id of one saga")
+    ],
     after: Annotated[int, typer.Option(min=0, help="only events after this sequence number")] = 0,
     as_json: Json_ = False,
     *,
@@ -178,8 +185,11 @@ def watch(
 ) -> None:
     """Print a saga's events as they happen (its history so far first) until it ends or needs attention.
 
-    With --json, one JSON object per event and line. Exits 0 when the saga completed, 1 when it ended
-    otherwise.
+    Each line gives the event's UTC time of day and its offset from the saga's start. The history records a
+    call when it ends; the watch adds a StepStarted line when a step begins, derived from the events before
+    it (the step after one that succeeded, the first of each branch, the held step of a resumed saga). With
+    --json, one JSON object per history event and line (no derived ones). Exits 0 when the saga completed,
+    1 when it ended otherwise.
     """
     from sagactl.client import SagaClient
     from sagactl.render import saga_header
@@ -188,7 +198,9 @@ def watch(
     with SagaClient(config) as client:
         saga = client.resolve(saga_ref)
         if not as_json:
-            console.print(f"watching saga {saga.saga_id} (order {saga.business_key}); Ctrl-C stops watching")
+            console.print(
+                f"watching saga {saga.saga_id} (order {saga.business_key}); times are UTC; Ctrl-C stops watching"
+            )
         print_events(client, saga, after, console, as_json=as_json)
         saga = client.get_saga(saga.saga_id)
     if not as_json:
@@ -198,7 +210,11 @@ def watch(
 
 
 @commands.command(
-    epilog="[bold]Examples[/]\n\n  saga stats\n\n  saga stats --since 1h\n\n  saga stats --json | jq .in_flight"
+    epilog="[bold]Examples[/]\n\n"
+    "  saga stats\n\n"
+    "  saga stats --since 1h\n\n"
+    "  saga stats --json | jq '.in_flight, .needs_attention'\n\n"
+    "  saga stats --json | jq -r '.oldest_needs_attention.saga_id // empty'"
 )
 @calls_orchestrator
 def stats(
@@ -207,7 +223,13 @@ def stats(
     *,
     config: ClientConfig,
 ) -> None:
-    """Saga counts by status, completion-latency percentiles (p50, p95, p99) and the oldest saga in flight."""
+    """Saga counts by status, the sagas in flight and those needing attention with the oldest of each, and
+    completion-latency percentiles (p50, p95, p99).
+
+    In flight means running, compensating or paused; the oldest in flight is the oldest running or compensating
+    saga (a paused one is counted, not named). Every figure is over the same sagas: all of them, or with --since
+    those created within that long.
+    """
     from sagactl.client import SagaClient, stamp_ago
     from sagactl.render import stats_dict, stats_view
     from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from sagactl.settings import EXIT_FAILED, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_USAGE
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 
 if TYPE_CHECKING:
@@ -20,13 +23,18 @@ if TYPE_CHECKING:
 __all__ = [
     "CHILD_MARK",
     "IN_FLIGHT",
+    "SHORT_ID_LENGTH",
     "STATUS_STYLE",
+    "STEP_STARTED",
     "age",
     "attempt_dict",
+    "clock",
+    "compact_duration",
     "definition_dict",
     "definition_list",
     "definition_nodes",
     "definition_summary",
+    "error_json",
     "event_dict",
     "event_line",
     "json_text",
@@ -42,6 +50,7 @@ __all__ = [
     "saga_steps",
     "saga_timeline",
     "saga_waits",
+    "short_ids",
     "stats_dict",
     "stats_view",
     "status_name",
@@ -70,18 +79,57 @@ def _seconds(stamp: Timestamp) -> float:
 
 
 class _Fitting:
-    """A table where the console is wide enough for it, else the narrow form of the same content."""
+    """The first of several forms of the same content that fits the console's width, else the last.
 
-    def __init__(self, wide: Table, narrow: RenderableType) -> None:
-        self.wide = wide
-        self.narrow = narrow
+    A form is a renderable, or a pair (what is measured, what is shown) when what is shown has parts that
+    wrap to any width (notes under a table), which would never seem to fit.
+    """
+
+    def __init__(self, *forms: RenderableType | tuple[RenderableType, RenderableType]) -> None:
+        self.forms = [form if isinstance(form, tuple) else (form, form) for form in forms]
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterator[RenderableType]:
         from rich.measure import Measurement
 
-        # Measurement.get clamps to the width it is given: measure against more room than there is.
-        wanted = Measurement.get(console, options.update_width(10 * options.max_width), self.wide).maximum
-        yield self.wide if wanted <= options.max_width else self.narrow
+        for measured, shown in self.forms:
+            # Measurement.get clamps to the width it is given: measure against more room than there is.
+            wanted = Measurement.get(console, options.update_width(10 * options.max_width), measured).maximum
+            if wanted <= options.max_width:
+                yield shown
+                return
+        yield self.forms[-1][1]
+
+
+class _Hanging:
+    """A label and a text wrapped to the console's width, its later lines indented under the text's start,
+    so that a long message reads as one block instead of running back to the first column."""
+
+    def __init__(self, label: str, text: str, style: str = "", *, label_style: str = "", indent: int = 0) -> None:
+        self.label = label
+        self.text = text
+        self.style = style
+        self.label_style = label_style or style
+        self.indent = indent
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterator[RenderableType]:
+        import textwrap
+
+        from rich.text import Text
+
+        # Under a label wider than a third of the line the text would be a narrow column: it hangs less.
+        hang = len(self.label) if len(self.label) <= options.max_width // 3 else self.indent + 4
+        lines = textwrap.wrap(
+            self.label + self.text,
+            max(10, options.max_width),
+            subsequent_indent=" " * max(hang, self.indent),
+            break_on_hyphens=False,
+            drop_whitespace=True,
+        ) or [self.label]
+        for number, line in enumerate(lines):
+            shown = Text(line, style=self.style, no_wrap=True)
+            if number == 0:
+                shown.stylize(self.label_style, 0, len(self.label))
+            yield shown
 
 
 def _attempts(saga: pb.Saga) -> list[tuple[pb.SagaStep, pb.StepAttempt]]:
@@ -89,7 +137,21 @@ def _attempts(saga: pb.Saga) -> list[tuple[pb.SagaStep, pb.StepAttempt]]:
     return sorted(rows, key=lambda row: _seconds(row[1].started_at))
 
 
-def saga_header(saga: pb.Saga) -> Text:
+def _held_step(saga: pb.Saga) -> str:
+    """What a paused saga is held before: "charge_payment", "try 3 of charge_payment", "compensating ..."."""
+    step = next((s for s in saga.steps if s.state in ("running", "compensating")), None)
+    if step is None:
+        return saga.current_step or "its next step"
+    if step.state == "compensating":
+        return f"compensating {step.name}"
+    tries = sum(1 for attempt in step.attempts if attempt.direction == "action")
+    return f"try {tries + 1} of {step.name}" if tries else step.name
+
+
+def saga_header(saga: pb.Saga) -> RenderableType:
+    """The saga's type, order, status and duration, then its id, parent, hold, last error and trace, each on a
+    line of its own so the first fits 80 columns and no id is broken."""
+    from rich.console import Group
     from rich.text import Text
 
     status = status_name(saga.status)
@@ -101,96 +163,159 @@ def saga_header(saga: pb.Saga) -> Text:
     header.append(status, style=STATUS_STYLE.get(status, "bold"))
     if took is not None:
         header.append(f"  in {took:.1f} ms")
-    # On a line of its own, so the first fits 80 columns and the id is never broken.
     header.append(f"\n  saga {saga.saga_id}")
     if saga.parent_saga_id:
         header.append(f"\n  child of saga {saga.parent_saga_id}")
+    lines: list[RenderableType] = [header]
+    if saga.status == pb.SAGA_STATUS_PAUSED:
+        lines.append(
+            _Hanging("  paused: ", f"held before {_held_step(saga)}; saga resume {saga.saga_id} lets it go on", "blue")
+        )
     if saga.last_error:
-        header.append(f"\n  last error: {saga.last_error}", style="dim")
+        lines.append(_Hanging("  last error: ", saga.last_error, "dim"))
     if saga.steps_maybe_applied:
         # Terminate compensates nothing: say what may still stand in the services.
-        header.append(
-            f"\n  effects that may still stand (not compensated): {', '.join(saga.steps_maybe_applied)}",
-            style="bold magenta",
+        lines.append(
+            _Hanging(
+                "  effects that may still stand (not compensated): ",
+                ", ".join(saga.steps_maybe_applied),
+                "bold magenta",
+            )
         )
     if saga.trace_id:
-        header.append(f"\n  trace {saga.trace_id}", style="dim")
-    return header
+        lines.append(Text(f"  trace {saga.trace_id}", style="dim"))
+    return Group(*lines)
 
 
-def _timeline_table(saga: pb.Saga, *, messages: bool) -> Table:
+def _direction_mark(attempt: pb.StepAttempt) -> str:
+    return "↺" if attempt.direction == "compensation" else "→"
+
+
+def _timeline_table(saga: pb.Saga, *, messages: bool, compact: bool = False) -> Table:
+    """The calls as a table; compact: no box, the direction as an arrow, and names and codes folded rather
+    than cut where even that is too wide."""
+    from rich import box
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(show_edge=False, pad_edge=False, header_style="bold")
-    for column in ("step", "direction", "try", "at ms", "took ms", "code", *(("message",) if messages else ())):
+    table = Table(show_edge=False, pad_edge=False, header_style="bold", box=None if compact else box.HEAVY_HEAD)
+    # No column of nothing: without a message to show, the table has none.
+    messages = messages and any(attempt.message for step in saga.steps for attempt in step.attempts)
+    columns = (
+        ("step", "try", "at ms", "took ms", "code")
+        if compact
+        else ("step", "direction", "try", "at ms", "took ms", "code")
+    )
+    for column in (*columns, *(("message",) if messages else ())):
         right = column in ("try", "at ms", "took ms")
-        table.add_column(column, justify="right" if right else "left", no_wrap=column != "message")
+        folds = compact and column in ("step", "code")
+        table.add_column(
+            column, justify="right" if right else "left", no_wrap=column != "message" and not folds, overflow="fold"
+        )
     origin = _seconds(saga.created_at)
     for step, attempt in _attempts(saga):
         started = _seconds(attempt.started_at)
         took = (_seconds(attempt.ended_at) - started) * 1000
         code_style = "green" if attempt.code == "OK" else "red"
+        named: list[RenderableType] = (
+            [f"{_direction_mark(attempt)} {step.name}"] if compact else [step.name, attempt.direction]
+        )
         row: list[RenderableType] = [
-            step.name,
-            attempt.direction,
+            *named,
             str(attempt.attempt),
             f"{(started - origin) * 1000:.1f}",
             f"{took:.1f}",
             Text(attempt.code, style=code_style),
         ]
-        table.add_row(*row, *((attempt.message[:80],) if messages else ()))
+        table.add_row(*row, *((Text(attempt.message),) if messages else ()))
     for step in saga.steps:
         if step.state in ("running", "compensating"):
-            table.add_row(step.name, step.state, "", "", "", Text("in flight", style="cyan"))
+            state = "paused" if saga.status == pb.SAGA_STATUS_PAUSED else step.state
+            named = [f"{'↺' if step.state == 'compensating' else '→'} {step.name}"] if compact else [step.name, state]
+            table.add_row(*named, "", "", "", Text("held" if state == "paused" else "in flight", style="cyan"))
     return table
 
 
-def _timeline_messages(saga: pb.Saga) -> Text:
-    from rich.text import Text
+def _timeline_messages(saga: pb.Saga) -> RenderableType:
+    """The calls' messages, one a block under the table; the same message of consecutive tries once."""
+    from rich.console import Group
 
-    with_message = [(step, attempt) for step, attempt in _attempts(saga) if attempt.message]
-    lines = [f"{step.name} {attempt.direction} {attempt.attempt}: {attempt.message}" for step, attempt in with_message]
-    return Text("\n".join(lines), style="dim")
+    notes: list[tuple[str, str, list[int]]] = []
+    for step, attempt in _attempts(saga):
+        if not attempt.message:
+            continue
+        last = notes[-1] if notes else None
+        if last and (last[0], last[1]) == (f"{step.name} {attempt.direction}", attempt.message):
+            last[2].append(attempt.attempt)
+        else:
+            notes.append((f"{step.name} {attempt.direction}", attempt.message, [attempt.attempt]))
+    return Group(
+        *(
+            _Hanging(f"{where} {', '.join(map(str, tries))}: ", message, "dim", indent=2)
+            for where, message, tries in notes
+        )
+    )
 
 
 def saga_timeline(saga: pb.Saga) -> RenderableType:
     """One row per call: step, direction, attempt, start offset, duration, code and message (the
-    messages under the table where it does not fit)."""
+    messages under the table, wrapped, where it does not fit)."""
     from rich.console import Group
 
-    narrow = Group(_timeline_table(saga, messages=False), _timeline_messages(saga))
-    return _Fitting(_timeline_table(saga, messages=True), narrow)
+    messages = _timeline_messages(saga)
+    narrow = _timeline_table(saga, messages=False)
+    compact = _timeline_table(saga, messages=False, compact=True)
+    return _Fitting(
+        _timeline_table(saga, messages=True), (narrow, Group(narrow, messages)), (compact, Group(compact, messages))
+    )
+
+
+class _Bars:
+    """Each call as a bar on the saga's time axis, at most `width` columns of bars and never wider than the
+    console: the step names stay whole, the bars give way."""
+
+    def __init__(self, saga: pb.Saga, width: int) -> None:
+        self.saga = saga
+        self.width = width
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterator[RenderableType]:
+        from rich.text import Text
+
+        saga = self.saga
+        attempts = _attempts(saga)
+        if not attempts:
+            yield Text("(no calls yet)", style="dim")
+            return
+        origin = _seconds(saga.created_at)
+        end = max(_seconds(a.ended_at) for _, a in attempts)
+        if saga.HasField("ended_at"):
+            end = max(end, _seconds(saga.ended_at))
+        span = max(end - origin, 1e-6)
+        names = max(18, *(len(step.name) for step, _ in attempts))
+        tries = max(2, *(len(str(attempt.attempt)) for _, attempt in attempts))
+        took = [f" {(_seconds(a.ended_at) - _seconds(a.started_at)) * 1000:.1f} ms" for _, a in attempts]
+        axis_end = f"{span * 1000:.0f} ms"
+        # The label, a space, the bars (one column more for the last), the longest duration after them.
+        room = options.max_width - (names + 2 + tries) - 1 - max(map(len, took)) - 1
+        width = max(10, min(self.width, room))
+        for (step, attempt), duration in zip(attempts, took, strict=True):
+            start = int((_seconds(attempt.started_at) - origin) / span * width)
+            length = max(1, round((_seconds(attempt.ended_at) - _seconds(attempt.started_at)) / span * width))
+            bar = Text(f"{step.name:<{names}} {_direction_mark(attempt)}{attempt.attempt:<{tries}} ", no_wrap=True)
+            bar.append(" " * start)
+            style = "green" if attempt.code == "OK" else "red"
+            if attempt.direction == "compensation":
+                style = "yellow" if attempt.code == "OK" else "red"
+            bar.append("█" * min(length, width - start + 1), style=style)
+            bar.append(duration, style="dim")
+            yield bar
+        yield Text(f"{'':<{names + 2 + tries}} 0{'':<{width - 2}}{axis_end}", style="dim")
 
 
 def saga_bars(saga: pb.Saga, width: int = 50) -> RenderableType:
-    """Each call as a bar placed on the saga's time axis, so a slow step or a retry storm stands out."""
-    from rich.console import Group
-    from rich.text import Text
-
-    attempts = _attempts(saga)
-    if not attempts:
-        return Text("(no calls yet)", style="dim")
-    origin = _seconds(saga.created_at)
-    end = max(_seconds(a.ended_at) for _, a in attempts)
-    if saga.HasField("ended_at"):
-        end = max(end, _seconds(saga.ended_at))
-    span = max(end - origin, 1e-6)
-    lines = []
-    for step, attempt in attempts:
-        start = int((_seconds(attempt.started_at) - origin) / span * width)
-        length = max(1, round((_seconds(attempt.ended_at) - _seconds(attempt.started_at)) / span * width))
-        label = f"{step.name[:18]:<18} {'↺' if attempt.direction == 'compensation' else '→'}{attempt.attempt:<2}"
-        bar = Text(label + " ")
-        bar.append(" " * start)
-        style = "green" if attempt.code == "OK" else "red"
-        if attempt.direction == "compensation":
-            style = "yellow" if attempt.code == "OK" else "red"
-        bar.append("█" * min(length, width - start + 1), style=style)
-        bar.append(f" {(_seconds(attempt.ended_at) - _seconds(attempt.started_at)) * 1000:.1f} ms", style="dim")
-        lines.append(bar)
-    lines.append(Text(f"{'':<22} 0{'':<{width - 2}}{span * 1000:.0f} ms", style="dim"))
-    return Group(*lines)
+    """Each call as a bar placed on the saga's time axis, so a slow step or a retry storm stands out; at most
+    width columns of bars, fewer where the console is narrower."""
+    return _Bars(saga, width)
 
 
 # -- steps, lists, events and stats -------------------------------------------------------------
@@ -201,6 +326,7 @@ STATE_MARK = {
     "compensated": ("↺", "yellow"),
     "compensating": ("↺", "cyan"),
     "running": ("…", "cyan"),
+    "paused": ("‖", "blue"),
     "waiting": ("⧗", "cyan"),
     "pending": ("·", "dim"),
     "skipped": ("-", "dim"),
@@ -227,16 +353,55 @@ def took_seconds(saga: pb.Saga, now: float) -> float:
     return max(0.0, end - _seconds(saga.created_at))
 
 
-def _steps_table(saga: pb.Saga, *, errors: bool) -> Table:
+def compact_duration(seconds: float) -> str:
+    """A duration in at most five characters, for columns: 850ms, 2.1s, 42s, 3m, 5h, 12d."""
+    if seconds < 0.9995:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 9.95:
+        return f"{seconds:.1f}s"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:.0f}s"
+
+
+# The fewest characters of a saga id a listing shows; more where two ids on the page share them.
+SHORT_ID_LENGTH = 8
+
+
+def short_ids(saga_ids: list[str], minimum: int = SHORT_ID_LENGTH) -> list[str]:
+    """Each id cut to the fewest characters (at least minimum) that no other id of the list starts with."""
+    needed: dict[str, int] = {}
+    ordered = sorted(set(saga_ids))
+    # In sorted order an id shares its longest common start with one of its neighbours.
+    for left, right in itertools.pairwise(ordered):
+        shared = next((i for i, pair in enumerate(zip(left, right, strict=False)) if len(set(pair)) > 1), len(left))
+        for saga_id in (left, right):
+            needed[saga_id] = max(needed.get(saga_id, 0), shared + 1)
+    return [saga_id[: max(minimum, needed.get(saga_id, 0))] for saga_id in saga_ids]
+
+
+def _step_state(saga: pb.Saga, step: pb.SagaStep) -> str:
+    """The step's state as shown: a paused saga's next step is held ("paused"), not running."""
+    if saga.status == pb.SAGA_STATUS_PAUSED and step.state in ("running", "compensating"):
+        return "paused"
+    return step.state
+
+
+def _steps_table(saga: pb.Saga, *, errors: bool, compact: bool = False) -> Table:
+    """The steps as a table; compact: no box, and names folded rather than cut where even that is too wide."""
+    from rich import box
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(show_edge=False, pad_edge=False, header_style="bold")
+    table = Table(show_edge=False, pad_edge=False, header_style="bold", box=None if compact else box.HEAVY_HEAD)
     for column in ("", "step", "kind", "state", "tries", "undo", "total ms", *(("last error",) if errors else ())):
         right = column in ("tries", "undo", "total ms")
-        table.add_column(column, justify="right" if right else "left", no_wrap=column != "last error")
+        wraps = column == "last error" or (compact and column in ("step", "kind"))
+        table.add_column(column, justify="right" if right else "left", no_wrap=not wraps, overflow="fold")
     for step in saga.steps:
-        mark, style = STATE_MARK.get(step.state, ("?", ""))
+        state = _step_state(saga, step)
+        mark, style = STATE_MARK.get(state, ("?", ""))
         tries = sum(1 for a in step.attempts if a.direction == "action")
         undo = sum(1 for a in step.attempts if a.direction == "compensation")
         spent = sum(_seconds(a.ended_at) - _seconds(a.started_at) for a in step.attempts) * 1000
@@ -246,27 +411,33 @@ def _steps_table(saga: pb.Saga, *, errors: bool) -> Table:
             # A branch's steps sit under their parallel group.
             f"  {step.name}" if step.group else step.name,
             Text(step_kind(step), style="dim"),
-            Text(step.state, style=style),
+            Text(state, style=style),
             Text(str(tries) if tries else "", style=retry_style),
             Text(str(undo) if undo else "", style=retry_style),
             f"{spent:.1f}" if step.attempts else "",
         ]
-        table.add_row(*row, *((Text(step.last_error[:80], style="dim"),) if errors else ()))
+        table.add_row(*row, *((Text(step.last_error, style="dim"),) if errors else ()))
     return table
 
 
-def _step_errors(saga: pb.Saga) -> Text:
-    from rich.text import Text
+def _step_errors(saga: pb.Saga) -> RenderableType:
+    """Each step's last error as a block under the table, wrapped under its own start."""
+    from rich.console import Group
 
-    return Text("\n".join(f"{step.name}: {step.last_error}" for step in saga.steps if step.last_error), style="dim")
+    return Group(
+        *(_Hanging(f"{step.name}: ", step.last_error, "dim", indent=2) for step in saga.steps if step.last_error)
+    )
 
 
 def saga_steps(saga: pb.Saga) -> RenderableType:
     """One row per step: what it is where not a plain call, its state, forward tries, compensation
-    tries, time spent and last error (the errors under the table where it does not fit)."""
+    tries, time spent and last error (the errors under the table, wrapped, where it does not fit)."""
     from rich.console import Group
 
-    return _Fitting(_steps_table(saga, errors=True), Group(_steps_table(saga, errors=False), _step_errors(saga)))
+    errors = _step_errors(saga)
+    narrow = _steps_table(saga, errors=False)
+    compact = _steps_table(saga, errors=False, compact=True)
+    return _Fitting(_steps_table(saga, errors=True), (narrow, Group(narrow, errors)), (compact, Group(compact, errors)))
 
 
 def step_kind(step: pb.SagaStep) -> str:
@@ -284,36 +455,41 @@ _WAIT_HINTS = {
 }
 
 
-def saga_waits(saga: pb.Saga) -> Text:
-    """What the saga waits for, a wait a line, each with the command that ends it (or shows it)."""
+def saga_waits(saga: pb.Saga) -> RenderableType:
+    """What the saga waits for, a wait a block, each with the command that ends it (or shows it)."""
+    from rich.console import Group
     from rich.text import Text
 
-    lines = Text()
+    lines: list[RenderableType] = []
     for wait in saga.waits:
-        if lines:
-            lines.append("\n")
-        lines.append(f"⧗ {wait.description}", style="cyan")
+        lines.append(_Hanging("⧗ ", wait.description, "cyan"))
         hint = _WAIT_HINTS.get(wait.kind)
         if hint:
             command = hint.format(
                 saga_id=saga.saga_id, step=wait.step, signal=wait.signal, child_saga_id=wait.child_saga_id
             )
-            lines.append(f"\n   {command}", style="dim")
-    return lines
+            lines.append(Text(f"   {command}", style="dim"))
+    return Group(*lines)
 
 
-def saga_children(saga: pb.Saga) -> Table:
-    """The sagas this one started, oldest first: the step that started each, its id, type and status."""
+def _children_table(saga: pb.Saga, ids: list[str]) -> Table:
     from rich.table import Table
     from rich.text import Text
 
     table = Table(show_edge=False, pad_edge=False, header_style="bold")
     for column in ("step", "saga id", "type", "status"):
-        table.add_column(column, no_wrap=column == "saga id")
-    for child in saga.children:
+        table.add_column(column, no_wrap=True, overflow="fold")
+    for child, shown in zip(saga.children, ids, strict=True):
         status = status_name(child.status) if child.status else ""
-        table.add_row(child.step, child.saga_id, child.saga_type, Text(status, style=STATUS_STYLE.get(status, "")))
+        table.add_row(child.step, shown, child.saga_type, Text(status, style=STATUS_STYLE.get(status, "")))
     return table
+
+
+def saga_children(saga: pb.Saga) -> RenderableType:
+    """The sagas this one started, oldest first: the step that started each, its id (short where the whole
+    one does not fit: any unique start of an id names the saga), type and status."""
+    whole = [child.saga_id for child in saga.children]
+    return _Fitting(_children_table(saga, whole), _children_table(saga, short_ids(whole)))
 
 
 def _json_value(text: str) -> object:
@@ -358,68 +534,152 @@ def saga_results(saga: pb.Saga) -> Table:
 CHILD_MARK = "↳ "
 
 
+def _short_type(name: str) -> str:
+    """A saga type as a listing shows it where the whole name does not fit: OrderSaga as Order."""
+    return name.removesuffix("Saga") or name
+
+
+@dataclass(frozen=True)
+class _ListedSaga:
+    """The cells of one saga in a listing."""
+
+    short_id: str
+    kind: str
+    short_kind: str
+    order: str
+    status: str
+    step: str
+    age: str
+    took: str
+
+
 class _SagaListing:
-    """The rows of a listing: a table, or two lines a saga for a terminal the table does not fit
-    (80 columns), so that no saga id, which the other commands take, is ever cut."""
+    """A listing laid out for the console's width: short ids (any unique start of an id names the saga),
+    compact ages and durations, and where the columns do not fit, the type abbreviated, then the order ids
+    wrapped in their column, then left out; two lines a saga on a very narrow console. Nothing is cut."""
+
+    # Columns are two spaces apart: no box, so that 80 columns hold the six that matter.
+    _GAP = 2
+    _HEADERS = {"short_id": "saga id", "kind": "type", "short_kind": "type"}
+    # An order column narrower than this is left out rather than wrapped into slivers.
+    _NARROWEST_ORDER = 10
 
     def __init__(self, sagas: list[pb.Saga], now: float) -> None:
-        self.sagas = sagas
-        self.now = now
+        self.rows: list[_ListedSaga] = []
+        for saga, short in zip(sagas, short_ids([saga.saga_id for saga in sagas]), strict=True):
+            mark = CHILD_MARK if saga.parent_saga_id else ""
+            ended = saga.HasField("ended_at")
+            self.rows.append(
+                _ListedSaga(
+                    short_id=short,
+                    kind=f"{mark}{saga.saga_type} v{saga.definition_version}",
+                    short_kind=f"{mark}{_short_type(saga.saga_type)} v{saga.definition_version}",
+                    order=saga.business_key,
+                    status=status_name(saga.status),
+                    step=saga.current_step,
+                    age=compact_duration(max(0.0, now - _seconds(saga.created_at))),
+                    # In flight it has taken as long as its age says: "-" rather than a figure that grows.
+                    took=compact_duration(took_seconds(saga, now)) if ended else "-",
+                )
+            )
 
-    def _cells(self, saga: pb.Saga) -> tuple[str, str, str, str, str, str]:
-        kind = f"{CHILD_MARK if saga.parent_saga_id else ''}{saga.saga_type} v{saga.definition_version}"
-        took = age(took_seconds(saga, self.now)) + ("" if saga.HasField("ended_at") else "…")
-        return kind, saga.business_key, status_name(saga.status), saga.current_step, self._age(saga), took
+    def _width(self, column: str) -> int:
+        from rich.cells import cell_len
 
-    def _age(self, saga: pb.Saga) -> str:
-        return age(max(0.0, self.now - _seconds(saga.created_at)))
+        header = self._HEADERS.get(column, column)
+        return max([cell_len(header), *(cell_len(getattr(row, column)) for row in self.rows)])
 
-    def table(self) -> Table:
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterator[RenderableType]:
+        room = options.max_width
+        fixed = ["short_id", "status", "step", "age", "took"]
+        for kind in ("kind", "short_kind"):
+            columns = [*fixed[:1], kind, "order", *fixed[1:]]
+            widths = {column: self._width(column) for column in columns}
+            if sum(widths.values()) + self._GAP * (len(columns) - 1) <= room:
+                yield self._table(widths)
+                return
+        widths = {column: self._width(column) for column in ["short_id", "short_kind", *fixed[1:]]}
+        left = room - sum(widths.values()) - self._GAP * len(widths)
+        if left >= self._NARROWEST_ORDER:
+            yield self._table({**widths, "order": left})
+        elif left + self._GAP >= 0:
+            yield self._table(widths)
+        else:
+            yield self.stacked()
+
+    def _table(self, widths: dict[str, int]) -> Table:
         from rich.table import Table
         from rich.text import Text
 
-        table = Table(show_edge=False, pad_edge=False, header_style="bold")
-        for column in ("saga id", "type", "order", "status", "step", "age", "took"):
+        table = Table(box=None, pad_edge=False, padding=(0, 1), header_style="bold", show_edge=False)
+        order = ["short_id", "kind", "short_kind", "order", "status", "step", "age", "took"]
+        shown = [column for column in order if column in widths]
+        for column in shown:
+            header = self._HEADERS.get(column, column)
             right = column in ("age", "took")
-            table.add_column(column, justify="right" if right else "left", no_wrap=column != "step")
-        for saga in self.sagas:
-            kind, order, status, step, created, took = self._cells(saga)
-            table.add_row(
-                saga.saga_id, kind, order, Text(status, style=STATUS_STYLE.get(status, "")), step, created, took
+            table.add_column(
+                header,
+                justify="right" if right else "left",
+                width=widths[column],
+                no_wrap=column != "order",
+                overflow="fold",
             )
+        for row in self.rows:
+            cells: list[RenderableType] = []
+            for column in shown:
+                value = getattr(row, column)
+                cells.append(Text(value, style=STATUS_STYLE.get(value, "")) if column == "status" else Text(value))
+            table.add_row(*cells)
         return table
 
-    def stacked(self) -> Text:
+    def stacked(self) -> RenderableType:
+        """Two lines a saga: id, status, age and took, then type, order and step (wrapped under their start)."""
+        from rich.console import Group
         from rich.text import Text
 
-        lines = Text()
-        lines.append(f"{'saga id':<32}  {'status':<15}  {'age':>6}  {'took':>6}", style="bold")
-        for saga in self.sagas:
-            kind, order, status, step, created, took = self._cells(saga)
-            lines.append(f"\n{saga.saga_id}  ")
-            lines.append(f"{status:<15}", style=STATUS_STYLE.get(status, ""))
-            lines.append(f"  {created:>6}  {took:>6}\n")
-            detail = f"  {kind} · order {order}" + (f" · at {step}" if step else "")
-            lines.append(detail, style="dim")
-        return lines
+        ids = max([len("saga id"), *(len(row.short_id) for row in self.rows)])
+        lines: list[RenderableType] = [
+            Text(f"{'saga id':<{ids}}  {'status':<15}  {'age':>5}  {'took':>5}", style="bold")
+        ]
+        for row in self.rows:
+            first = Text(f"{row.short_id:<{ids}}  ")
+            first.append(f"{row.status:<15}", style=STATUS_STYLE.get(row.status, ""))
+            first.append(f"  {row.age:>5}  {row.took:>5}")
+            detail = f"{row.short_kind} · order {row.order}" + (f" · at {row.step}" if row.step else "")
+            lines += [first, _Hanging("  ", detail, "dim")]
+        return Group(*lines)
 
 
 def saga_list(sagas: list[pb.Saga], now: float) -> RenderableType:
-    """A listing: one saga a row, as ListSagas returns them (newest first); a child saga's type is marked ↳."""
-    listing = _SagaListing(sagas, now)
-    return _Fitting(listing.table(), listing.stacked())
+    """A listing: one saga a row, as ListSagas returns them (newest first), with short ids; a child saga's
+    type is marked ↳. It fits the console (80 columns) without cutting anything: see _SagaListing."""
+    return _SagaListing(sagas, now)
+
+
+def clock(stamp: Timestamp) -> str:
+    """A timestamp as a UTC time of day to the millisecond: 07:49:29.123."""
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(_seconds(stamp), tz=UTC).strftime("%H:%M:%S.%f")[:-3]
+
+
+# Event types that mark a saga going wrong, drawn in red.
+_BAD_EVENTS = ("SagaNeedsAttention", "SagaTerminated", "EffectAfterTerminate")
+# The event type a watch derives when a step begins: the history records no such event (see common.StepStarts).
+STEP_STARTED = "StepStarted"
 
 
 def event_line(event: pb.HistoryEvent, status: int | None, origin: float) -> Text:
-    """One history event on one line: offset from the saga's start, type, step, attempt, code, message,
-    and the status it led to when given."""
+    """One history event on one line: its UTC clock time and offset from the saga's start, type, step,
+    attempt, code, message, and the status it led to when given. A derived StepStarted (seq 0) is dim."""
     from rich.text import Text
 
     line = Text()
-    line.append(f"{(_seconds(event.at) - origin) * 1000:>9.1f} ms  ", style="dim")
-    bad = event.code not in ("", "OK") or event.type in ("SagaNeedsAttention", "SagaTerminated", "EffectAfterTerminate")
-    line.append(f"{event.type:<27}", style="red" if bad else "bold")
-    line.append(f" {event.step:<18}")
+    line.append(f"{clock(event.at)} {(_seconds(event.at) - origin) * 1000:>9.1f} ms ", style="dim")
+    bad = event.code not in ("", "OK") or event.type in _BAD_EVENTS
+    style = "cyan" if event.type == STEP_STARTED else "red" if bad else "bold"
+    line.append(f"{event.type:<21}", style=style)
+    line.append(f" {event.step:<17}")
     line.append(f" #{event.attempt}" if event.attempt else "   ")
     if event.code:
         line.append(f" {event.code}", style="green" if event.code == "OK" else "red")
@@ -459,7 +719,21 @@ def saga_history(saga: pb.Saga) -> Table:
 IN_FLIGHT = ("RUNNING", "COMPENSATING", "PAUSED")
 
 
+def _oldest(saga: pb.Saga, now: float) -> Text:
+    """One saga for a line of `saga stats`: id, type, order, status, step, age, and the last error if any."""
+    from rich.text import Text
+
+    status = status_name(saga.status)
+    line = Text(f"{saga.saga_id}  {saga.saga_type} · order {saga.business_key}  ")
+    line.append(status, style=STATUS_STYLE.get(status, ""))
+    line.append(f"  at {saga.current_step or '-'} · age {age(max(0.0, now - _seconds(saga.created_at)))}")
+    if saga.last_error:
+        line.append(f" · {saga.last_error}", style="red")
+    return line
+
+
 def stats_view(stats: pb.GetSagaStatsResponse, now: float) -> RenderableType:
+    """`saga stats`: counts by status, then the in-flight and needs-attention figures with the oldest of each."""
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
@@ -472,24 +746,36 @@ def stats_view(stats: pb.GetSagaStatsResponse, now: float) -> RenderableType:
         if counts.get(name):
             table.add_row(Text(name, style=STATUS_STYLE.get(name, "")), str(counts[name]))
     table.add_row(Text("total", style="bold"), str(sum(counts.values())))
-    latency = Text("completion latency  ", style="bold")
+
+    # Every figure is the server's, over the same sagas (one created_after): none contradicts another.
+    figures = Table.grid(padding=(0, 2))
+    figures.add_column(style="bold", no_wrap=True)
+    figures.add_column()
+    in_flight = Text(str(stats.in_flight), style="bold cyan" if stats.in_flight else "")
+    in_flight.append(" (" + ", ".join(f"{name.lower()} {counts.get(name, 0)}" for name in IN_FLIGHT) + ")")
+    figures.add_row("in flight", in_flight)
+    figures.add_row(
+        "needs attention", Text(str(stats.needs_attention), style="bold red" if stats.needs_attention else "")
+    )
     if any(counts.get(name) for name in ("COMPLETED", "COMPENSATED", "TERMINATED")):
-        latency.append(
+        latency = Text(
             f"p50 {stats.completion_p50_ms:.1f} ms  p95 {stats.completion_p95_ms:.1f} ms  "
             f"p99 {stats.completion_p99_ms:.1f} ms"
         )
     else:
-        latency.append("(no ended sagas)", style="dim")
-    oldest = Text("oldest in flight    ", style="bold")
+        latency = Text("(no ended sagas)", style="dim")
+    figures.add_row("completion latency", latency)
     if stats.HasField("oldest_in_flight"):
-        saga = stats.oldest_in_flight
-        status = status_name(saga.status)
-        oldest.append(f"{saga.saga_id}  order {saga.business_key}  ")
-        oldest.append(status, style=STATUS_STYLE.get(status, ""))
-        oldest.append(f"  at {saga.current_step or '-'}  age {age(max(0.0, now - _seconds(saga.created_at)))}")
+        figures.add_row("oldest in flight", _oldest(stats.oldest_in_flight, now))
     else:
-        oldest.append("(none)", style="dim")
-    return Group(table, Text(""), latency, oldest)
+        # The oldest in flight is the oldest running or compensating saga: a paused one is counted, not named.
+        none = "(none running or compensating)" if stats.in_flight else "(none)"
+        figures.add_row("oldest in flight", Text(none, style="dim"))
+    if stats.HasField("oldest_needs_attention"):
+        figures.add_row("oldest needs attention", _oldest(stats.oldest_needs_attention, now))
+    else:
+        figures.add_row("oldest needs attention", Text("(none)", style="dim"))
+    return Group(table, Text(""), figures)
 
 
 # -- JSON forms ----------------------------------------------------------------------------------
@@ -612,20 +898,48 @@ def json_text(value: object) -> str:
     return json.dumps(value, indent=2, ensure_ascii=False)
 
 
+# The code an error names when no gRPC status stands behind it, by exit code.
+_ERROR_CODE_BY_EXIT = {
+    EXIT_FAILED: "FAILED",
+    EXIT_USAGE: "USAGE",
+    EXIT_UNREACHABLE: "UNAVAILABLE",
+    EXIT_REFUSED: "REFUSED",
+    130: "INTERRUPTED",
+}
+
+
+def error_json(message: str, exit_code: int, code: str = "", reason: str = "") -> str:
+    """How a --json command reports an error on stderr: one line of
+    {"error": {"code", "reason", "message", "exit_code"}}, the message the same as without --json; code is the
+    gRPC status code's name, or without one what the exit code means (USAGE for 2)."""
+    found = {
+        "code": code or _ERROR_CODE_BY_EXIT.get(exit_code, "FAILED"),
+        "reason": reason,
+        "message": message,
+        "exit_code": exit_code,
+    }
+    return json.dumps({"error": found}, ensure_ascii=False)
+
+
 def stats_dict(stats: pb.GetSagaStatsResponse) -> dict[str, object]:
+    """`saga stats --json`: the counts and every figure as the server gave them, over the same sagas."""
     counts = {status_name(c.status): c.count for c in stats.counts}
+
+    def oldest(field: str) -> dict[str, object] | None:
+        return saga_dict(getattr(stats, field), history=False) if stats.HasField(field) else None
+
     return {
         "counts": counts,
         "total": sum(counts.values()),
-        "in_flight": sum(counts.get(name, 0) for name in IN_FLIGHT),
+        "in_flight": stats.in_flight,
+        "needs_attention": stats.needs_attention,
         "completion_ms": {
             "p50": stats.completion_p50_ms,
             "p95": stats.completion_p95_ms,
             "p99": stats.completion_p99_ms,
         },
-        "oldest_in_flight": (
-            saga_dict(stats.oldest_in_flight, history=False) if stats.HasField("oldest_in_flight") else None
-        ),
+        "oldest_in_flight": oldest("oldest_in_flight"),
+        "oldest_needs_attention": oldest("oldest_needs_attention"),
     }
 
 

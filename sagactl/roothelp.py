@@ -76,7 +76,8 @@ COMMANDS = {
     "durations, codes, messages, compensations), and the calls as bars on the saga's time axis, so a slow step or "
     "a retry storm stands out.",
     "watch": "Print a saga's events as they happen (its history so far first) until it ends or needs attention.",
-    "stats": "Saga counts by status, completion-latency percentiles (p50, p95, p99) and the oldest saga in flight.",
+    "stats": "Saga counts by status, the sagas in flight and those needing attention with the oldest of each, and "
+    "completion-latency percentiles (p50, p95, p99).",
     "retry": "Run a saga that needs attention again from the step that failed.",
     "pause": "Hold a running (or compensating) saga after its current call, until it is resumed.",
     "resume": "Let a paused saga go on.",
@@ -92,6 +93,8 @@ COMMANDS = {
     "conformance": "Check that the services a saga definition calls honour the participant contract, for each "
     "call step's action and compensation: replays byte for byte, key reuse refused, 20 concurrent duplicates run "
     "once, compensation before action, refusals with a reason, health, reflection, expired deadlines.",
+    "web": "Serve the web console: list and filter sagas, follow one live (its graph, timeline, history and why it "
+    "waits), and operate them after a login with an operator token.",
     "bench": "Benchmark the order saga through the orchestrator against the four calls alone (and peers).",
     "chaos": "Run sagas while killing processes, then check every invariant from the services' own records.",
 }

@@ -22,7 +22,12 @@ __all__ = ["commands", "default_signal_id"]
 
 commands = typer.Typer()
 
-SagaRef_ = Annotated[str, typer.Argument(metavar="ID", help="saga id, or the order id of one saga", show_default=False)]
+SagaRef_ = Annotated[
+    str,
+    typer.Argument(
+        metavar="ID", help="saga id (or any unique start of one), or the order id of one saga", show_default=False
+    ),
+]
 Step_ = Annotated[
     str,
     typer.Option(
@@ -104,7 +109,7 @@ def _decide(saga_ref: str, step: str, reason: str, *, approve: bool, as_json: bo
 
 @commands.command(
     epilog=_DECISION_EPILOG + "  saga approve ord-42\n\n"
-    "  saga approve 3f2a9c0e... --step fraud_review --reason 'verified by phone, OPS-123'\n\n"
+    "  saga approve 3f2a9c0e --step fraud_review --reason 'verified by phone, OPS-123'\n\n"
     "  saga approve ord-42 --json | jq .saga.status"
 )
 @calls_orchestrator
@@ -123,7 +128,7 @@ def approve(
 
 @commands.command(
     epilog=_DECISION_EPILOG + "  saga reject ord-42 --reason 'stolen card'\n\n"
-    "  saga reject 3f2a9c0e... --step fraud_review --reason 'address does not match' --json"
+    "  saga reject 3f2a9c0e --step fraud_review --reason 'address does not match' --json"
 )
 @calls_orchestrator
 def reject(
@@ -189,7 +194,7 @@ def _payload(text: str, file: str) -> Struct:
     "Exits 0 when the signal is recorded (or was before), 2 on a usage error, 3 when the orchestrator is "
     "unreachable, 4 when it refused the signal (the saga ended, or never waits for NAME).\n\n"
     "[bold]Examples[/]\n\n"
-    '  saga signal 3f2a9c0e... payment_ok --payload \'{"reference": "pay-981"}\'\n\n'
+    '  saga signal 3f2a9c0e payment_ok --payload \'{"reference": "pay-981"}\'\n\n'
     "  saga signal --type FulfilmentSaga --key ord-42 picked_up --signal-id courier-7781\n\n"
     "  echo '{\"ship_at\": 1767225600}' | saga signal ord-42 schedule --payload-file - --json",
 )
@@ -197,7 +202,11 @@ def _payload(text: str, file: str) -> Struct:
 def signal_saga(
     saga_ref: Annotated[
         str | None,
-        typer.Argument(metavar="ID", help="saga id or order id; left out with --type and --key", show_default=False),
+        typer.Argument(
+            metavar="ID",
+            help="saga id (or a unique start of one) or order id; left out with --type and --key",
+            show_default=False,
+        ),
     ] = None,
     name: Annotated[
         str | None, typer.Argument(metavar="NAME", help="the signal's name, as the saga's wait names it")
@@ -240,7 +249,7 @@ def signal_saga(
     request.payload.CopyFrom(body)
     with SagaClient(config) as client:
         if saga_ref is not None:
-            request.saga_id = client.resolve(saga_ref).saga_id
+            request.saga_id = client.resolve_id(saga_ref)
         answer = client.signal(request)
     received = answer.received_at.ToJsonString()
     if as_json:

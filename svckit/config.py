@@ -9,6 +9,7 @@ from typing import TypeVar
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from svckit.db import SqliteSynchronous
 from svckit.faults import parse_faults
 
 __all__ = ["ServiceSettings", "load_settings"]
@@ -28,6 +29,11 @@ class ServiceSettings(BaseSettings):
     advertise_host: str = Field("", description="address other processes reach this one at")
     data_dir: Path = Field(Path("var"), description="folder for SQLite files and logs")
     database_url: str = Field("", description="SQLAlchemy URL; a SQLite file in DATA_DIR when empty")
+    sqlite_synchronous: SqliteSynchronous = Field(
+        SqliteSynchronous.NORMAL,
+        description="SQLite only: normal (survives kill -9; a power loss may take back the last commits) "
+        "or full (an fsync per commit: answered commits survive a power loss)",
+    )
     log_level: str = "INFO"
     faults: str = Field("", description="fault injection rules (see docs/configuration.md#fault-injection)")
     idempotency_retention_seconds: int = Field(7 * 24 * 3600, ge=60)
@@ -57,6 +63,12 @@ class ServiceSettings(BaseSettings):
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_client_ca_file: str = ""
+
+    @field_validator("sqlite_synchronous", mode="before")
+    @classmethod
+    def _synchronous_any_case(cls, value: object) -> object:
+        # SQLite's own documentation spells the levels in capitals (synchronous=FULL).
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("faults")
     @classmethod

@@ -56,6 +56,7 @@ __all__ = [
     "Database",
     "KeyBusy",
     "Prepared",
+    "SqliteSynchronous",
     "UnitLeftTransactionAborted",
     "declare_row_locks",
     "is_postgres",
@@ -140,16 +141,26 @@ class UnitLeftTransactionAborted(Exception):
 _BATCH_CONNECTIONS: weakref.WeakSet[Connection] = weakref.WeakSet()
 
 
-def _configure_sqlite(engine: Engine) -> None:
+class SqliteSynchronous(enum.StrEnum):
+    """How long a SQLite commit waits for the disk (`PRAGMA synchronous` in WAL mode); docs/operations.md#durability."""
+
+    # No fsync per commit: survives kill -9 of any process; a power loss or OS crash may take back
+    # the last commits (never corrupting the file), including ones already answered.
+    NORMAL = "normal"
+    # The WAL is fsynced before each COMMIT returns: a commit that was answered survives a power loss too.
+    FULL = "full"
+
+
+def _configure_sqlite(engine: Engine, synchronous: SqliteSynchronous) -> None:
+    pragma = f"PRAGMA synchronous={SqliteSynchronous(synchronous).name}"
+
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy, not the driver, own transaction boundaries so BEGIN IMMEDIATE works.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode survives a process crash (kill -9); only an OS crash may lose
-        # the last transactions, and never corrupts the file.
-        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute(pragma)
         cursor.execute("PRAGMA busy_timeout=10000")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
@@ -375,14 +386,22 @@ class _Round(enum.Enum):
 class Database:
     """An engine plus one database thread that runs every transaction of the process, in batches."""
 
-    def __init__(self, url: str, *, pool_size: int = 4, inline: bool | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 4,
+        inline: bool | None = None,
+        sqlite_synchronous: SqliteSynchronous = SqliteSynchronous.NORMAL,
+    ) -> None:
+        """sqlite_synchronous (SQLITE_SYNCHRONOUS) applies to SQLite only; PostgreSQL's durability is the server's."""
         self.url = url
         if url.startswith("sqlite"):
             path = url.split("///", 1)[1] if "///" in url else ""
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             self.engine = create_engine(url, poolclass=NullPool if path == ":memory:" else None)
-            _configure_sqlite(self.engine)
+            _configure_sqlite(self.engine, sqlite_synchronous)
         else:
             self.engine = create_engine(url, pool_size=pool_size, pool_pre_ping=True)
         self._jobs: list[_Job[Any]] = []

@@ -30,7 +30,7 @@ class ServiceProcess:
         self.settings = settings
         self.contract = contract
         self.log = logging.getLogger(f"sagasuite.{settings.service_name}")
-        self.database = Database(settings.resolved_database_url())
+        self.database = Database(settings.resolved_database_url(), sqlite_synchronous=settings.sqlite_synchronous)
         self.database.create_schema()
         self.idempotency = IdempotencyStore(self.database, settings.idempotency_retention_seconds)
         # The servicers (svckit.idempotency.KeyedServicer) hand it to the rpc wrapper: FAULTS, call observers, tracing.

@@ -10,7 +10,7 @@ import logging
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -28,7 +28,7 @@ from svckit.errors import DomainError, InvalidArgument, MalformedRequest, Retrya
 from svckit.faults import FaultInjector, parse_faults
 from svckit.idempotency_key import IDEMPOTENCY_HEADER
 from svckit.metrics import MetricsServer, RpcMetrics, serve_metrics
-from svckit.telemetry import configure_tracing, server_interceptors, shutdown_tracing
+from svckit.telemetry import configure_tracing, quiet_methods, server_interceptors, shutdown_tracing
 
 __all__ = ["IDEMPOTENCY_HEADER", "CallContext", "CallObserver", "GrpcServer", "RequestGuard", "RpcServer", "rpc"]
 
@@ -85,28 +85,42 @@ CallObserver = Callable[[str, str, float, bool], None]
 
 
 class RpcServer:
-    """Per-server state the RPC wrapper uses: fault injection, call observers, whether calls are traced.
+    """Per-server state the RPC wrapper uses: fault injection, call observers, whether calls are traced,
+    which methods are polled (their successful calls are logged at DEBUG, not INFO).
 
     Every servicer whose methods rpc() wraps holds one as its `rpc_server` attribute, and the
     server's RequestGuard the same one, so two servers in one process share nothing.
     """
 
-    def __init__(self, faults: FaultInjector | None = None, *, tracing: bool = False) -> None:
+    def __init__(
+        self, faults: FaultInjector | None = None, *, tracing: bool = False, quiet_methods: Iterable[str] = ()
+    ) -> None:
         self.faults = faults if faults is not None else FaultInjector([])
         self.observers: list[CallObserver] = []
         self.tracing = tracing
+        # Full names ("package.Service/Method"), and the short names of those the served services have:
+        # rpc() knows its method by the short name only.
+        self.quiet_methods = frozenset(name.lstrip("/") for name in quiet_methods)
+        self.quiet: set[str] = set()
 
     @classmethod
     def from_settings(cls, settings: ServiceSettings) -> RpcServer:
-        """FAULTS parsed, and tracing as the OTEL_* variables ask (set up here, once per process)."""
+        """FAULTS and QUIET_METHODS read, and tracing as the OTEL_* variables ask (set up here, once per process)."""
         return cls(
             FaultInjector(parse_faults(settings.faults)),
             tracing=configure_tracing(settings.service_name) is not None,
+            quiet_methods=quiet_methods(),
         )
+
+    def serving(self, service_name: str) -> None:
+        """Note that a service (its full name) is served: its quiet methods are logged at DEBUG from now on."""
+        prefix = service_name + "/"
+        self.quiet.update(name.removeprefix(prefix) for name in self.quiet_methods if name.startswith(prefix))
 
 
 def rpc(*, mutating: bool) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
-    """Wrap a servicer method: key check, faults, error conversion and one log line per call.
+    """Wrap a servicer method: key check, faults, error conversion and one log line per call (at DEBUG for
+    a successful call of a quiet method, see RpcServer).
 
     The wrapped method is called as method(self, request, call: CallContext) and returns the
     response; it raises DomainError or RetryableError for refusals, never a gRPC status. The
@@ -151,14 +165,18 @@ def rpc(*, mutating: bool) -> Callable[[Callable[..., Awaitable[Any]]], Callable
                 )
             elapsed_ms = (time.perf_counter() - started) * 1000
             code_name = failure.code.name if failure else "OK"
-            log.info(
-                "method=%s key=%s code=%s ms=%.1f%s",
-                method,
-                key or "-",
-                code_name,
-                elapsed_ms,
-                " replayed" if replayed else "",
-            )
+            # A polled method's answers would drown the log; its refusals still say something.
+            level = logging.DEBUG if failure is None and method in server.quiet else logging.INFO
+            if log.isEnabledFor(level):
+                log.log(
+                    level,
+                    "method=%s key=%s code=%s ms=%.1f%s",
+                    method,
+                    key or "-",
+                    code_name,
+                    elapsed_ms,
+                    " replayed" if replayed else "",
+                )
             for observer in server.observers:
                 observer(method, code_name, elapsed_ms, replayed)
             if failure is not None:
@@ -444,6 +462,7 @@ class GrpcServer:
         """Register a servicer (register adds it to the grpc server) under its full service name."""
         register(self._server)
         self._service_names.append(full_name)
+        self._rpc_server.serving(full_name)
 
     async def start(self) -> None:
         """Serve: health SERVING, SIGTERM and SIGINT handled, metrics on METRICS_PORT, then READY printed."""
@@ -459,7 +478,7 @@ class GrpcServer:
             loop.add_signal_handler(signum, self._stop_requested.set)
         log.info("serving %s on port %d", ",".join(self._service_names), self.port)
         if self._settings.metrics_port >= 0:
-            self._rpc_server.observers.append(RpcMetrics())
+            self._rpc_server.observers.append(RpcMetrics(self._settings.service_name))
             self._metrics_server = serve_metrics(self._settings.host, self._settings.metrics_port)
             # Printed before READY, so whoever waits for READY finds the metrics port too.
             print(f"METRICS port={self._metrics_server.port}", flush=True)

@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 
-from bench.targets import CHANNEL_OPTIONS, SagaTiming, bench_order
+from bench.targets import CHANNEL_OPTIONS, PeerUnavailable, SagaTiming, bench_order
 from orchestrator.sagas.order import REASON
 from sagasuite.inventory.v1 import inventory_service_pb2 as inventory
 from sagasuite.inventory.v1 import inventory_service_pb2_grpc as inventory_grpc
@@ -26,7 +26,7 @@ from sagasuite.shipping.v1 import shipping_service_pb2 as shipping
 from sagasuite.shipping.v1 import shipping_service_pb2_grpc as shipping_grpc
 from svckit.idempotency_key import IDEMPOTENCY_HEADER
 
-__all__ = ["DbosTarget"]
+__all__ = ["DbosPeer", "DbosTarget"]
 
 _REFUSED = {
     grpc.StatusCode.INVALID_ARGUMENT,
@@ -190,3 +190,37 @@ class DbosTarget:
         accepted = time.perf_counter()
         outcome = await handle.get_result()
         return SagaTiming(due, accepted, time.perf_counter(), str(outcome))
+
+
+class DbosPeer:
+    """DBOS's target group: its engine runs in the bench process, launched by the target's open() and destroyed by
+    its close(), so its background threads run only during its own phases."""
+
+    name = "dbos"
+
+    def __init__(self, data_dir: Path, database_url: str) -> None:
+        self._data_dir = Path(data_dir)
+        self._database_url = database_url
+        self._addresses: dict[str, str] = {}
+        self._pids: dict[str, int] = {}
+        self._target: DbosTarget | None = None
+        self.notes: list[str] = []
+
+    def prepare(self) -> None:
+        try:
+            import dbos  # noqa: F401
+        except ImportError:
+            raise PeerUnavailable("dbos: dbos is not installed: pip install '.[bench]'") from None
+
+    def bind(self, service_addresses: Mapping[str, str], service_pids: Mapping[str, int]) -> None:
+        self._addresses = dict(service_addresses)
+        self._pids = dict(service_pids)
+
+    def start(self) -> list[DbosTarget]:
+        self._target = DbosTarget(self._data_dir, self._database_url, self._addresses, self._pids)
+        return [self._target]
+
+    def stop(self) -> None:
+        if self._target is not None:
+            self.notes.extend(self._target.notes)
+        self._target = None

@@ -22,7 +22,7 @@ from typing import Any
 
 import grpc
 
-from bench.targets import CHANNEL_OPTIONS, SagaTiming, bench_order
+from bench.targets import CHANNEL_OPTIONS, PeerUnavailable, SagaTiming, bench_order
 from devstack.launcher import ManagedProcess
 
 __all__ = ["TASK_QUEUE", "TemporalPeer", "TemporalTarget", "temporal_cli"]
@@ -68,16 +68,48 @@ def _order_payload(order_id: str) -> dict[str, Any]:
 
 
 class TemporalPeer:
-    """Starts the Temporal dev server and the worker; stops both on exit."""
+    """Starts the Temporal dev server and the worker; stops both on exit. A target group of the bench."""
 
-    def __init__(self, data_dir: Path, service_addresses: Mapping[str, str], log_level: str = "WARNING") -> None:
+    name = "temporal"
+
+    def __init__(
+        self,
+        data_dir: Path,
+        service_addresses: Mapping[str, str] | None = None,
+        log_level: str = "WARNING",
+        *,
+        service_pids: Mapping[str, int] | None = None,
+    ) -> None:
         self.data_dir = Path(data_dir)
-        self.service_addresses = dict(service_addresses)
+        self.service_addresses = dict(service_addresses or {})
+        self.service_pids = dict(service_pids or {})
         self.log_level = log_level
         self.address = ""
         self.server: subprocess.Popen[bytes] | None = None
         self.worker: ManagedProcess | None = None
         self.notes: list[str] = []
+
+    def prepare(self) -> None:
+        try:
+            import temporalio  # noqa: F401
+        except ImportError:
+            raise PeerUnavailable("temporal: temporalio is not installed: pip install '.[bench]'") from None
+        try:
+            temporal_cli()
+        except RuntimeError as error:
+            raise PeerUnavailable(f"temporal: {error}") from None
+
+    def bind(self, service_addresses: Mapping[str, str], service_pids: Mapping[str, int]) -> None:
+        self.service_addresses = dict(service_addresses)
+        self.service_pids = dict(service_pids)
+
+    def start(self) -> list[TemporalTarget]:
+        """The server and the worker, started for this round's Temporal phases (stop() after them)."""
+        self.__enter__()
+        return self.targets(self.service_pids)
+
+    def stop(self) -> None:
+        self.__exit__()
 
     def __enter__(self) -> TemporalPeer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -133,6 +165,7 @@ class TemporalPeer:
     def __exit__(self, *exc: object) -> None:
         if self.worker is not None:
             self.worker.stop(10)
+        self.worker = None
         if self.server is not None and self.server.poll() is None:
             self.server.terminate()
             try:
@@ -140,6 +173,7 @@ class TemporalPeer:
             except subprocess.TimeoutExpired:
                 self.server.kill()
                 self.server.wait()
+        self.server = None
 
     def targets(self, service_pids: Mapping[str, int]) -> list[TemporalTarget]:
         assert self.server is not None and self.worker is not None and self.worker.pid

@@ -479,6 +479,69 @@ def test_every_dependency_waits_for_a_health_check_that_exists(compose: dict[str
     assert waits >= {"postgres", "consul", *SUITE_SERVICES}
 
 
+def test_every_image_compose_pulls_is_pinned_to_a_version(compose: dict[str, Any]) -> None:
+    for file_name in COMPOSE_FILES:
+        for name, spec in load_yaml(file_name)["services"].items():
+            if "image" not in spec or "build" in spec or name in SUITE:
+                continue
+            repository, _, tag = spec["image"].rpartition(":")
+            assert repository and "/" not in tag, f"{file_name}: {name} pulls {spec['image']} without a tag"
+            assert tag != "latest" and re.search(r"\d", tag), (
+                f"{file_name}: {name} pulls {spec['image']}, not a version"
+            )
+
+
+# -- metrics: Prometheus scrapes every suite process, Grafana is provisioned from deploy/ ------------------
+
+
+def _mounts(spec: dict[str, Any]) -> dict[str, str]:
+    """Bind mounts of a service: its container path for each host path under the project."""
+    return {volume.split(":")[0]: volume.split(":")[1] for volume in spec.get("volumes", []) if volume.startswith("./")}
+
+
+def test_prometheus_scrapes_every_suite_process_at_its_metrics_port(compose: dict[str, Any]) -> None:
+    prometheus = compose["services"]["prometheus"]
+    mounts = _mounts(prometheus)
+    assert mounts.get("./deploy/prometheus/prometheus.yml") == "/etc/prometheus/prometheus.yml"
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+    config = load_yaml("deploy/prometheus/prometheus.yml")
+    scraped: dict[str, int] = {}
+    for job in config["scrape_configs"]:
+        assert job.get("scheme", "http") == "http" and job.get("metrics_path", "/metrics") == "/metrics", job
+        for discovery in job.get("dns_sd_configs", []):
+            # Type A: every container of a scaled service, every orchestrator replica, is a target of its own.
+            assert discovery["type"] == "A", job["job_name"]
+            scraped.update(dict.fromkeys(discovery["names"], int(discovery["port"])))
+        for static in job.get("static_configs", []):
+            for target in static["targets"]:
+                host, _, port = target.rpartition(":")
+                scraped[host] = int(port)
+    ports = {name: int(environment(spec)["METRICS_PORT"]) for name, spec in suite_services(compose).items()}
+    assert all(port > 0 for port in ports.values()), ports
+    assert {name: scraped.get(name) for name in ports} == ports, "every suite process is scraped at its METRICS_PORT"
+    for name, spec in suite_services(compose).items():
+        assert str(ports[name]) in [str(port) for port in spec["expose"]], f"{name} does not expose its metrics port"
+    # The processes put `service` on their RPC series: a target label of that name would rename theirs.
+    relabelled = {
+        rule.get("target_label") for job in config["scrape_configs"] for rule in job.get("relabel_configs", [])
+    }
+    assert "service" not in relabelled
+
+
+def test_grafana_is_provisioned_from_deploy_and_waits_for_prometheus(compose: dict[str, Any]) -> None:
+    grafana = compose["services"]["grafana"]
+    assert _mounts(grafana) == {
+        "./deploy/grafana/provisioning": "/etc/grafana/provisioning",
+        "./deploy/grafana/dashboards": "/etc/grafana/dashboards",
+    }
+    assert all((ROOT / path).is_dir() for path in _mounts(grafana)), "a mounted folder is missing"
+    assert grafana["depends_on"]["prometheus"]["condition"] == "service_healthy"
+    assert "3000:3000" in grafana["ports"] and "9090:9090" in compose["services"]["prometheus"]["ports"]
+    # A dashboard a visitor can open without an account, changed only by editing deploy/.
+    env = environment(grafana)
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "true" and env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+
+
 # -- environment variables: read by the code, set by compose, documented in README.md or docs/ -------------
 
 
@@ -664,6 +727,8 @@ def test_every_variable_compose_sets_is_documented() -> None:
             for variable in environment(spec):
                 if variable not in documented:
                     missing.setdefault(variable, f"{file_name}: {service}")
-    # The images' own settings (POSTGRES_*, COLLECTOR_*) are documented by their images.
-    missing = {name: where for name, where in missing.items() if not name.startswith(("POSTGRES_", "COLLECTOR_"))}
+    # The images' own settings (POSTGRES_*, COLLECTOR_*, Grafana's GF_*) are documented by their images.
+    missing = {
+        name: where for name, where in missing.items() if not name.startswith(("POSTGRES_", "COLLECTOR_", "GF_"))
+    }
     assert not missing, _not_documented(missing)

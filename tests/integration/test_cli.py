@@ -264,40 +264,65 @@ def test_ls_lists_newest_first_filters_and_pages(saga: Any, stub: Any) -> None:
     assert [s["saga_id"] for s in everything["sagas"]][:3] == newest_first and everything["next_page_token"] == ""
 
     text = ok(saga("ls", "--limit", "2")).stdout
-    rows = [line for line in text.splitlines() if re.match(r"[0-9a-f]{32} ", line)]
-    assert [row.split()[0] for row in rows] == newest_first[:2]
+    # Short ids: the first 8 characters, more where two on the page start alike.
+    rows = [line for line in text.splitlines() if re.match(r"[0-9a-f]{8,31} ", line)]
+    shown = [row.split()[0] for row in rows]
+    assert [full[: len(short)] for short, full in zip(shown, newest_first, strict=False)] == shown and len(shown) == 2
     assert f"--page-token {page['next_page_token']}" in text
 
     order_id, saga_id = ids[0]
     by_order = as_json(ok(saga("ls", "--order", order_id, "--status", "completed,compensated", "--json")))
     assert [s["saga_id"] for s in by_order["sagas"]] == [saga_id]
     assert as_json(ok(saga("ls", "--order", order_id, "-s", "needs_attention", "--json")))["sagas"] == []
-    assert saga_id in ok(saga("ls", "--order", order_id, "--since", "10m", "--type", "OrderSaga")).stdout
+    assert saga_id[:8] in ok(saga("ls", "--order", order_id, "--since", "10m", "--type", "OrderSaga")).stdout
     assert ok(saga("ls", "--order", order_id, "--older-than", "1h")).stdout.strip() == "no sagas match"
     assert ok(saga("ls", "--type", "NoSuchSaga", "--json")).stdout.strip().startswith('{\n  "sagas": []')
     assert "unknown status" in ok(saga("ls", "--status", "bogus"), code=2).stderr
     assert "not a duration" in ok(saga("ls", "--since", "5 parsecs"), code=2).stderr
 
 
-def test_stats_counts_by_status_with_latencies_and_the_oldest_in_flight(
+def test_stats_counts_in_flight_and_needs_attention_apart_each_with_its_oldest(
     saga: Any, stub: Any, stack: LocalStack
 ) -> None:
+    assert ok(saga("order", "--order-id", new_order_id("cli-stats"))).stdout  # one ended saga, for the latencies
+    # A saga that needs attention is not in flight: the figures must not mix them up (nor its oldest).
+    attention_order = new_order_id("cli-attn-stats")
+    assert "NEEDS_ATTENTION" in ok(saga("order", "--order-id", attention_order), code=1).stdout
     # Inventory is frozen: the saga stays in flight, and nothing moves between stats and ls.
     with frozen(stack.services["inventory"]):
         _, saga_id = placed(saga, "cli-slow-stats")
         stats = as_json(ok(saga("stats", "--json")))
         listed = as_json(ok(saga("ls", "--all", "--json")))["sagas"]
-        by_status: dict[str, int] = {}
-        for found in listed:
-            by_status[found["status"]] = by_status.get(found["status"], 0) + 1
-        assert stats["counts"] == by_status and stats["total"] == len(listed)
-        assert stats["in_flight"] == 1 and stats["oldest_in_flight"]["saga_id"] == saga_id
-        assert 0 < stats["completion_ms"]["p50"] <= stats["completion_ms"]["p95"] <= stats["completion_ms"]["p99"]
         text = ok(saga("stats")).stdout
-        assert re.search(r"completion latency\s+p50 [\d.]+ ms\s+p95 [\d.]+ ms\s+p99 [\d.]+ ms", text), text
-        assert f"oldest in flight    {saga_id}" in text and re.search(r"COMPLETED\s*│\s*\d+", text)
+    by_status: dict[str, int] = {}
+    for found in listed:
+        by_status[found["status"]] = by_status.get(found["status"], 0) + 1
+    assert stats["counts"] == by_status and stats["total"] == len(listed)
+    assert stats["in_flight"] == sum(by_status.get(name, 0) for name in ("RUNNING", "COMPENSATING", "PAUSED")) == 1
+    assert stats["oldest_in_flight"]["saga_id"] == saga_id and stats["oldest_in_flight"]["status"] == "RUNNING"
+    attention = [found for found in listed if found["status"] == "NEEDS_ATTENTION"]
+    assert stats["needs_attention"] == len(attention) >= 1
+    oldest_attention = min(attention, key=lambda found: found["created_at"])
+    assert stats["oldest_needs_attention"]["saga_id"] == oldest_attention["saga_id"]
+    assert stats["oldest_needs_attention"]["status"] == "NEEDS_ATTENTION"
+    assert 0 < stats["completion_ms"]["p50"] <= stats["completion_ms"]["p95"] <= stats["completion_ms"]["p99"]
+
+    assert re.search(r"^in flight\s+1 \(running 1, compensating 0, paused 0\)\s*$", text, re.MULTILINE), text
+    assert re.search(rf"^needs attention\s+{len(attention)}\s*$", text, re.MULTILINE), text
+    assert re.search(r"completion latency\s+p50 [\d.]+ ms\s+p95 [\d.]+ ms\s+p99 [\d.]+ ms", text), text
+    assert re.search(rf"^oldest in flight\s+{saga_id}\s+OrderSaga · order cli-slow-stats\S*\s+RUNNING", text, re.M)
+    assert re.search(rf"^oldest needs attention\s+{oldest_attention['saga_id']}\s.*NEEDS_ATTENTION", text, re.M)
+    assert re.search(r"COMPLETED\s*│\s*\d+", text), text
+
     wait_status(stub, saga_id, ENDED)
-    assert as_json(ok(saga("stats", "--since", "1s", "--json")))["total"] <= stats["total"]
+    since = as_json(ok(saga("stats", "--since", "1s", "--json")))
+    assert since["total"] <= stats["total"] and since["in_flight"] <= since["total"]
+    # The sagas that need attention are retried (notify refuses each order once): later tests find none.
+    for found in attention:
+        ok(saga("retry", found["saga_id"]))
+        assert status(wait_status(stub, found["saga_id"], ENDED)) == "COMPLETED"
+    after = as_json(ok(saga("stats", "--json")))
+    assert (after["needs_attention"], after["oldest_needs_attention"]) == (0, None)
 
 
 # -- operating -------------------------------------------------------------------------------------
@@ -347,7 +372,7 @@ def test_batch_cancel_and_terminate_ask_first_and_report_each_saga(saga: Any, st
         first = [placed(saga, "cli-slow-batch")[1] for _ in range(2)]
         declined = ok(saga("cancel", "--status", "running", "--reason", "dup", input="n\n"), code=1)
         assert "cancel 2 saga(s)?" in declined.stderr and "nothing done" in declined.stderr
-        assert all(sid in declined.stderr for sid in first)
+        assert all(sid[:8] in declined.stderr for sid in first)  # listed by their short ids
         assert {status(get(stub, sid)) for sid in first} <= {"RUNNING"}
 
         report = as_json(ok(saga("cancel", "--status", "running", "--reason", "dup", "--yes", "--json")))
@@ -374,12 +399,20 @@ def test_batch_cancel_and_terminate_ask_first_and_report_each_saga(saga: Any, st
 # -- errors, TLS and help --------------------------------------------------------------------------
 
 
+def error_message(result: Result) -> str:
+    """The message of the one-line error on stderr: `saga: error: ...`, or with --json the JSON object's."""
+    if result.stderr.startswith("{"):
+        return str(json.loads(result.stderr)["error"]["message"])
+    assert result.stderr.startswith("saga: error: "), result.stderr
+    return result.stderr.removeprefix("saga: error: ")
+
+
 def test_an_unreachable_orchestrator_is_one_line_and_exit_3(saga: Any) -> None:
     address = f"127.0.0.1:{free_port()}"
     for args in (["ls"], ["show", "x"], ["stats", "--json"], ["order"], ["watch", "x"], ["pause", "x"]):
         result = ok(saga(*args, address=address), code=3)
         assert result.stdout == ""
-        assert result.stderr.startswith(f"saga: error: orchestrator at {address} is unreachable")
+        assert error_message(result).startswith(f"orchestrator at {address} is unreachable")
         assert result.stderr.count("\n") == 1, result.stderr
 
 
@@ -388,7 +421,7 @@ def test_an_empty_or_blank_address_is_one_usage_line_and_exit_2(saga: Any) -> No
         for args in (["ls"], ["stats", "--json"], ["order", "--no-wait"], ["pause", "x"]):
             result = ok(saga(*args, "--address", address), code=2)
             assert result.stdout == "" and result.stderr.count("\n") == 1, result.stderr
-            assert result.stderr.startswith("saga: error: the orchestrator address (--address or SAGA_ADDRESS)")
+            assert error_message(result).startswith("the orchestrator address (--address or SAGA_ADDRESS)")
 
 
 def test_ca_file_connects_with_tls(saga: Any, start_process: Any, tmp_path: Path) -> None:
@@ -403,7 +436,7 @@ def test_ca_file_connects_with_tls(saga: Any, start_process: Any, tmp_path: Path
         "orchestrator", TLS_CERT_FILE=str(cert_file), TLS_KEY_FILE=str(key_file), DATA_DIR=str(tmp_path), **unused
     )
     stats = as_json(ok(saga("stats", "--json", "--ca-file", str(ca_file), address=process.address)))
-    assert stats["total"] == 0 and stats["oldest_in_flight"] is None
+    assert stats["total"] == 0 and stats["oldest_in_flight"] is None and stats["oldest_needs_attention"] is None
     no_tls = ok(saga("ls", address=process.address), code=3)
     assert "is unreachable" in no_tls.stderr
     missing = ok(saga("ls", "--ca-file", str(tmp_path / "missing.pem"), address=process.address), code=2)

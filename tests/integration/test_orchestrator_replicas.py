@@ -188,3 +188,48 @@ async def test_graceful_stop_releases_leases_to_the_other_replica(
         await clients.close()
         replica_b.stop()
         stack.stop()
+
+
+async def test_a_killed_replica_is_taken_over_within_seconds_not_at_lease_expiry(
+    tmp_path: Path, postgres_url: str, database: sqlalchemy.Engine
+) -> None:
+    # Leases of a minute: only the heartbeat can explain a takeover within seconds. The survivor takes
+    # over once replica-a has been silent for REPLICA_SILENT_AFTER_SECONDS (2.5 s by default).
+    stack, replica_b = start_replicas(tmp_path, postgres_url, lease_seconds=60, latency_ms=200)
+    assert stack.orchestrator is not None
+    clients = Clients.of(stack, orchestrators=[replica_b.address])
+    channel_a = open_channel(stack.address)
+    try:
+        stub_a = pb_grpc.OrchestratorServiceStub(channel_a)
+        orders = new_orders("takeover", 60, declined_every=10)
+        stock_before = await stock_levels(clients.inventory)
+        placed = await asyncio.gather(
+            *(place_order(stub_a, order_request(order_id, TOKENS[orders[order_id]])) for order_id in orders)
+        )
+        saga_ids = dict(zip(orders, placed, strict=True))
+        orphaned: set[str] = set()
+        deadline = time.monotonic() + 30
+        while not orphaned and time.monotonic() < deadline:
+            orphaned = await leased_by(database, "replica-a")
+        assert orphaned, "replica-a held no command; the takeover was not exercised"
+        stack.orchestrator.kill()
+        killed_at = time.time()
+        ended = await wait_ended(clients.orchestrator, list(saga_ids.values()), 40.0)
+        await audit(clients, {order: ended[saga_id] for order, saga_id in saga_ids.items()}, stock_before, orders)
+        # How long each orphaned saga stood still: from the kill to its first recorded outcome after it.
+        gaps = []
+        for saga_id in orphaned:
+            after = [
+                e.at.ToNanoseconds() / 1e9 for e in ended[saga_id].history if e.at.ToNanoseconds() / 1e9 > killed_at
+            ]
+            if after:
+                gaps.append(min(after) - killed_at)
+        gaps.sort()
+        print(f"takeover after kill -9: {len(gaps)} orphaned sagas, first move p50 {gaps[len(gaps) // 2]:.2f} s, "
+              f"max {gaps[-1]:.2f} s (lease 60 s)")  # fmt: skip
+        assert gaps and gaps[-1] < 30, f"an orphaned saga waited {gaps[-1]:.1f} s: the lease, not the heartbeat"
+    finally:
+        await channel_a.close(None)
+        await clients.close()
+        replica_b.stop()
+        stack.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -31,10 +32,19 @@ BAD = ["", " ", "\t ", "127.0.0.1:50050\n", "\x00"]
 CLEAN_ENV = {"SAGA_ADDRESS": None, "SAGA_TOKEN": None, "SAGA_CA_FILE": None, "COLUMNS": "120"}
 
 
-def _one_usage_line(exit_code: int, stdout: str, stderr: str) -> None:
+def _one_usage_line(exit_code: int, stdout: str, stderr: str, *, as_json: bool = False) -> None:
     assert (exit_code, stdout) == (EXIT_USAGE, ""), stderr
-    assert stderr.startswith("saga: error: the orchestrator address (--address or SAGA_ADDRESS) ")
-    assert stderr.count("\n") == 1 and "expected host:port" in stderr, stderr
+    assert stderr.count("\n") == 1, stderr
+    if as_json:
+        # With --json the error is one line of JSON carrying the same message.
+        error = json.loads(stderr)["error"]
+        assert (error["code"], error["exit_code"]) == ("USAGE", EXIT_USAGE), error
+        message = error["message"]
+    else:
+        assert stderr.startswith("saga: error: "), stderr
+        message = stderr.removeprefix("saga: error: ")
+    assert message.startswith("the orchestrator address (--address or SAGA_ADDRESS) ")
+    assert "expected host:port" in message, message
 
 
 @pytest.mark.parametrize("address", BAD)
@@ -48,7 +58,7 @@ def test_the_client_refuses_the_address_before_opening_a_channel(address: str) -
 @pytest.mark.parametrize("address", BAD, ids=repr)
 def test_every_command_gives_one_usage_line(args: list[str], address: str) -> None:
     result = CliRunner().invoke(app, [*args, "--address", address], env=CLEAN_ENV)
-    _one_usage_line(result.exit_code, result.stdout, result.stderr)
+    _one_usage_line(result.exit_code, result.stdout, result.stderr, as_json="--json" in args)
 
 
 def test_a_blank_address_from_the_environment_is_refused_too() -> None:
@@ -61,6 +71,6 @@ def test_the_entry_points_fast_path_words_it_as_the_typer_command_does(args: lis
     argv = args if args[-1] == "--address=" else [*args, "--address", ""]
     env = {key: value for key, value in os.environ.items() if not key.startswith("SAGA_")}
     fast = subprocess.run([*ENTRY, *argv], env=env, capture_output=True, text=True, timeout=60, check=False)
-    _one_usage_line(fast.returncode, fast.stdout, fast.stderr)
+    _one_usage_line(fast.returncode, fast.stdout, fast.stderr, as_json=True)
     typer = CliRunner().invoke(app, argv, env=CLEAN_ENV)
     assert (typer.exit_code, typer.stdout, typer.stderr) == (fast.returncode, fast.stdout, fast.stderr)

@@ -8,20 +8,19 @@ from tests.contract.test_layout import _circle, _imports, _module_name, _python_
 LAYERS = (
     {"sagactl.main"},
     {"sagactl.app"},
-    {
-        "sagactl.stack",
-        "sagactl.order",
-        "sagactl.reads",
-        "sagactl.operate",
-        "sagactl.waiting",
-        "sagactl.definitions",
-        "sagactl.definition_graph",
-        "sagactl.conformance",
-    },
+    {"sagactl.stack", "sagactl.order", "sagactl.reads", "sagactl.operate", "sagactl.waiting",
+     "sagactl.definitions", "sagactl.conformance", "sagactl.web_command"},
+    {"sagactl.web.server"},
+    {"sagactl.web.app"},
+    {"sagactl.web.pages"},
+    {"sagactl.web.timeline", "sagactl.web.grpc_calls", "sagactl.web.security"},
+    {"sagactl.web", "sagactl.web.views", "sagactl.web.settings"},
+    {"sagactl.definition_graph"},
     {"sagactl.common", "sagactl.demo"},
+    {"sagactl.completion"},
     {"sagactl.roothelp", "sagactl.client", "sagactl.render"},
     {"sagactl.settings"},
-)
+)  # fmt: skip
 
 
 def _graph() -> dict[str, set[str]]:

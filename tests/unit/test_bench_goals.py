@@ -1,0 +1,135 @@
+"""Issue 15's targets computed from report phases: values, met or missed, and why a target was not measured."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pytest
+
+from bench.goals import FLOOR, ORCHESTRATOR, RESTATE, evaluate_goals, setup_of
+from bench.loadgen import Load, PhaseResult, ProcessFigures
+from bench.stats import summarize
+
+
+def phase(
+    target: str,
+    concurrency: int,
+    per_s: float,
+    p50_ms: float,
+    *,
+    round_number: int = 1,
+    database: str = "sqlite",
+    services_database: str = "sqlite",
+    cpu: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    processes = [ProcessFigures(name, 1, value, 0.5, 80.0, 70.0, 71.0) for name, value in (cpu or {}).items()]
+    result = PhaseResult(
+        target=target,
+        load=Load(concurrency=concurrency),
+        round=round_number,
+        window_seconds=10.0,
+        outcomes={"COMPLETED": int(per_s * 10)},
+        completed_per_second=per_s,
+        start_latency=None,
+        completion_latency=summarize([p50_ms / 1000]),
+        processes=processes,
+        load_average=(1.0, math.nan),
+        database=database,
+        services_database=services_database,
+    )
+    return result.as_dict()
+
+
+def goals(phases: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    rows = [goal.as_dict() for goal in evaluate_goals(phases)]
+    json.dumps(rows, allow_nan=False)
+    return {row["key"]: row for row in rows}
+
+
+def full_run() -> list[dict[str, Any]]:
+    return [
+        phase(FLOOR, 32, 400.0, 80.0, cpu={"bench client": 1.0, "inventory": 0.9}),
+        phase(ORCHESTRATOR, 32, 280.0, 110.0, cpu={"orchestrator": 1.8, "bench client": 0.6}),
+        phase(RESTATE, 32, 100.0, 300.0),
+        phase(FLOOR, 1, 150.0, 6.0),
+        phase(ORCHESTRATOR, 1, 90.0, 9.5),
+        phase(RESTATE, 1, 50.0, 20.0),
+        phase(ORCHESTRATOR, 32, 260.0, 120.0, database="postgresql", services_database="postgresql"),
+        phase(ORCHESTRATOR, 1, 80.0, 11.0, database="postgresql", services_database="postgresql"),
+    ]
+
+
+def test_every_target_of_a_full_run_is_measured_and_judged() -> None:
+    rows = goals(full_run())
+    share = rows["sqlite_c32_share_of_floor"]
+    assert share["value"] == pytest.approx(0.70) and share["threshold"] == 0.65 and share["met"] is True
+    assert share["measured"] == "280.0 / 400.0 sagas/s = 70.0%"
+    p50 = rows["c1_p50_above_floor"]
+    assert p50["value"] == pytest.approx(3.5) and p50["met"] is False
+    cpu = rows["c32_cpu_vs_floor_client"]
+    # The orchestrator process's CPU against the floor's client, not the orchestrator run's client.
+    assert cpu["value"] == pytest.approx(1.8) and cpu["met"] is True
+    pg = rows["postgresql_c32_share_of_sqlite"]
+    assert pg["value"] == pytest.approx(260 / 280) and pg["met"] is True
+    pg_p50 = rows["postgresql_c1_p50_above_sqlite"]
+    assert pg_p50["value"] == pytest.approx(1.5) and pg_p50["met"] is True
+    assert rows["restate_c32"]["value"] == pytest.approx(2.8) and rows["restate_c32"]["met"] is False
+    assert rows["restate_c1"]["value"] == pytest.approx(1.8) and rows["restate_c1"]["met"] is False
+    # Targets saga bench does not measure are listed anyway, as not measured.
+    for key in ("two_replicas_postgresql", "takeover_3s", "long_running"):
+        assert rows[key]["met"] is None and rows[key]["measured"].startswith("not measured")
+
+
+def test_a_run_without_peers_or_postgresql_lists_those_targets_as_not_measured() -> None:
+    rows = goals([p for p in full_run() if p["target"] != RESTATE and p["database"] == "sqlite"])
+    assert rows["sqlite_c32_share_of_floor"]["met"] is True
+    for key, reason in (
+        ("restate_c32", "needs --peers restate"),
+        ("restate_c1", "needs --peers restate"),
+        ("postgresql_c32_share_of_sqlite", "--compare-postgres"),
+        ("postgresql_c1_p50_above_sqlite", "--compare-postgres"),
+    ):
+        assert rows[key]["met"] is None and rows[key]["value"] is None
+        assert rows[key]["measured"].startswith("not measured") and reason in rows[key]["measured"]
+
+
+def test_a_missing_load_or_floor_is_named_as_the_reason() -> None:
+    only_c1 = [p for p in full_run() if p["load"]["concurrency"] == 1]
+    rows = goals(only_c1)
+    assert "no C=32 load" in rows["sqlite_c32_share_of_floor"]["measured"]
+    assert rows["c1_p50_above_floor"]["met"] is False
+    no_floor = goals([p for p in full_run() if p["target"] != FLOOR])
+    assert "no floor phase" in no_floor["sqlite_c32_share_of_floor"]["measured"]
+    assert no_floor["sqlite_c32_share_of_floor"]["met"] is None
+
+
+def test_an_orchestrator_on_postgresql_alone_is_not_the_all_sqlite_setup() -> None:
+    # `--db postgresql...` moves the orchestrator only: neither the SQLite nor the PostgreSQL targets apply.
+    mixed = [{**p, "database": "postgresql"} for p in full_run() if p["database"] == "sqlite"]
+    assert setup_of(mixed[0]) == "mixed"
+    rows = goals(mixed)
+    assert "run without --db" in rows["sqlite_c32_share_of_floor"]["measured"]
+    assert rows["postgresql_c32_share_of_sqlite"]["met"] is None
+
+
+def test_rounds_are_paired_and_their_median_is_judged() -> None:
+    phases = [
+        phase(FLOOR, 32, 400.0, 80.0, round_number=1),
+        phase(ORCHESTRATOR, 32, 200.0, 100.0, round_number=1),
+        phase(FLOOR, 32, 300.0, 80.0, round_number=2),
+        phase(ORCHESTRATOR, 32, 240.0, 100.0, round_number=2),
+        phase(FLOOR, 32, 400.0, 80.0, round_number=3),
+        phase(ORCHESTRATOR, 32, 280.0, 100.0, round_number=3),
+    ]
+    share = goals(phases)["sqlite_c32_share_of_floor"]
+    # Rounds give 50%, 80% and 70%: the median is 70%, met.
+    assert share["value"] == pytest.approx(0.70) and share["met"] is True
+    assert share["measured"] == "70.0% (median of 3 rounds; 50.0% to 80.0%)"
+
+
+def test_a_target_that_completed_nothing_is_not_measured_rather_than_divided_by_zero() -> None:
+    rows = goals([phase(FLOOR, 32, 0.0, math.nan), phase(ORCHESTRATOR, 32, 100.0, 50.0)])
+    assert rows["sqlite_c32_share_of_floor"]["met"] is None
+    assert "completed no saga" in rows["sqlite_c32_share_of_floor"]["measured"]
