@@ -10,7 +10,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -38,6 +38,7 @@ __all__ = [
     "ledger_kinds",
     "new_order_id",
     "order_request",
+    "poll",
     "refused",
     "render",
     "start_stack",
@@ -45,6 +46,8 @@ __all__ = [
     "wait_for",
     "wait_until",
 ]
+
+_T = TypeVar("_T")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFINITIONS_MODULE = "tests.integration.saga_definitions_for_tests"
@@ -195,6 +198,16 @@ async def wait_for(
             log = orchestrator.log_tail(15) if orchestrator else ""
             pytest.fail(f"saga did not reach the expected state in {within:.0f}s:\n{render(saga)}\n{log}")
         await asyncio.sleep(0.05)
+
+
+def poll(what: str, condition: Callable[[], _T], *, within: float = WAIT_SECONDS) -> _T:
+    """Call condition until it returns something true, and return that; fail naming what was awaited."""
+    deadline = time.monotonic() + within
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {within:.0f}s waiting for {what}")
+        time.sleep(0.05)
+    return value
 
 
 async def wait_until(probe: Callable[[], Awaitable[bool]], what: str, *, within: float = WAIT_SECONDS) -> None:

@@ -140,7 +140,7 @@ def _plan(
                 literals[name] = inner
             elif not any(copy.target[: len(prefix) + 1] == (*prefix, name) for copy in copies):
                 literals[name] = {}
-        elif isinstance(value, str | int | float | bool) and not isinstance(value, list):
+        elif isinstance(value, str | int | float | bool):
             literals[name] = value if isinstance(value, bool | int | float) else str(value)
         else:
             return False
@@ -149,10 +149,9 @@ def _plan(
 
 def _apply(request: Message, copy: _Copy, source: Message) -> None:
     value: Any = source
-    for position, name in enumerate(copy.source):
-        if position < len(copy.source) - 1 or _is_message_field(value, name):
-            if not _is_repeated(value, name) and _is_message_field(value, name) and not value.HasField(name):
-                return  # absent: jq would read null and leave the field unset
+    for name in copy.source:
+        if _is_message_field(value, name) and not value.HasField(name):
+            return  # absent: jq would read null and leave the field unset
         value = getattr(value, name)
     holder: Any = request
     for name in copy.target[:-1]:
@@ -172,10 +171,6 @@ def _apply(request: Message, copy: _Copy, source: Message) -> None:
 def _is_message_field(message: Any, name: str) -> bool:
     field = message.DESCRIPTOR.fields_by_name[name]
     return field.message_type is not None and not field.is_repeated
-
-
-def _is_repeated(message: Any, name: str) -> bool:
-    return bool(message.DESCRIPTOR.fields_by_name[name].is_repeated)
 
 
 def _has(source: Message, path: tuple[str, ...]) -> bool:

@@ -7,7 +7,6 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -22,7 +21,7 @@ from sagasuite.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
 from tests.integration.test_consul_stack import PROCESS_ENV, ConsulAgent
 from tests.loyalty.build import LoyaltyBuild, build_loyalty, import_loyalty
 from tests.loyalty.process import LoyaltyProcess
-from tests.orchestrator_helpers import start_stack
+from tests.orchestrator_helpers import poll, start_stack
 
 ENDED = {
     pb.SAGA_STATUS_COMPLETED,
@@ -206,7 +205,7 @@ def test_the_loyalty_saga_runs_with_consul_discovery(tmp_path: Path, loyalty_bui
         with LoyaltyProcess("loyalty", tmp_path, loyalty_build).start() as loyalty:
             assert loyalty.port is not None
             instance = register_in_consul(agent, "loyalty", loyalty.port)
-            _wait(lambda: instance in agent.passing_ids("loyalty"), "the loyalty service to pass its check")
+            poll("the loyalty service to pass its check", lambda: instance in agent.passing_ids("loyalty"))
             folder = definitions_dir(tmp_path, loyalty_build)
             orchestrator = ManagedProcess(
                 "orchestrator", "orchestrator", env("orchestrator", SAGA_DEFINITIONS_DIR=str(folder)), tmp_path / "logs"
@@ -219,10 +218,3 @@ def test_the_loyalty_saga_runs_with_consul_discovery(tmp_path: Path, loyalty_bui
             list(pool.map(lambda process: process.stop(timeout=10), processes))
         agent.kill()
 
-
-def _wait(condition: Any, what: str, within: float = 30.0) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,9 +14,10 @@ from devstack.orders import order_request
 from devstack.stack import LocalStack
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
-from tests.orchestrator_helpers import OPERATOR_TOKEN, YAML_SAGAS, start_stack
+from tests.orchestrator_helpers import OPERATOR_TOKEN, YAML_SAGAS, poll, start_stack
 
 ENDED = {pb.SAGA_STATUS_COMPLETED, pb.SAGA_STATUS_COMPENSATED, pb.SAGA_STATUS_NEEDS_ATTENTION}
+WITHIN = 60.0  # seconds a wait here may take on a busy machine
 TOKEN = (("authorization", f"Bearer {OPERATOR_TOKEN}"),)
 
 
@@ -48,23 +48,14 @@ def orchestrator(stack: LocalStack) -> Iterator[pb_grpc.OrchestratorServiceStub]
         yield pb_grpc.OrchestratorServiceStub(channel)
 
 
-def wait_for(what: str, condition, within: float = 60.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + within
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def saga(orchestrator: pb_grpc.OrchestratorServiceStub, saga_id: str) -> pb.Saga:
     return orchestrator.GetSaga(pb.GetSagaRequest(saga_id=saga_id), timeout=10).saga
 
 
 def ended(orchestrator: pb_grpc.OrchestratorServiceStub, saga_id: str) -> pb.Saga:
-    return wait_for(saga_id, lambda: (s := saga(orchestrator, saga_id)).status in ENDED and s)  # type: ignore[no-any-return]
+    found = poll(saga_id, lambda: (s := saga(orchestrator, saga_id)).status in ENDED and s, within=WITHIN)
+    assert isinstance(found, pb.Saga)
+    return found
 
 
 def definitions(orchestrator: pb_grpc.OrchestratorServiceStub, name: str) -> dict[int, pb.SagaDefinitionInfo]:
@@ -89,7 +80,11 @@ def test_v2_in_yaml_reviews_a_large_order_and_runs_its_fulfilment_child(
     assert {s.name: s.state for s in small.steps}["fraud_review"] == "skipped"
     assert [child.saga_type for child in small.children] == ["FulfilmentSaga"]
     large_id = orchestrator.PlaceOrder(order_request("yaml-large", minor_units=9000), timeout=10).saga_id
-    wait_for("the review to wait", lambda: any(w.kind == "approval" for w in saga(orchestrator, large_id).waits))
+    poll(
+        "the review to wait",
+        lambda: any(w.kind == "approval" for w in saga(orchestrator, large_id).waits),
+        within=WITHIN,
+    )
     orchestrator.DecideApproval(
         pb.DecideApprovalRequest(saga_id=large_id, step="fraud_review", approve=False, reason="looks odd"),
         timeout=10,
@@ -107,14 +102,14 @@ def test_a_new_version_is_picked_up_without_a_restart_and_running_sagas_keep_the
 ) -> None:
     text = (YAML_SAGAS / "order-v1.yaml").read_text()
     (folder / "greeting-v1.yaml").write_text(text.replace("name: OrderSaga", "name: GreetingOrder"))
-    wait_for("GreetingOrder v1 to load", lambda: definitions(orchestrator, "GreetingOrder"))
+    poll("GreetingOrder v1 to load", lambda: definitions(orchestrator, "GreetingOrder"), within=WITHIN)
     first = ended(orchestrator, start(orchestrator, "GreetingOrder", "greet-1", 2000))
     assert first.status == pb.SAGA_STATUS_COMPLETED and first.definition_version == 1
     # v2 of it: the confirmation goes out without a tracking number.
     v2 = text.replace("name: OrderSaga", "name: GreetingOrder").replace("version: '1'", "version: '2'")
     v2 = v2.replace("tracking_number: ${ $results.create_shipment.shipment.tracking_number }", "tracking_number: none")
     (folder / "greeting-v2.yaml").write_text(v2)
-    wait_for("GreetingOrder v2 to load", lambda: 2 in definitions(orchestrator, "GreetingOrder"))
+    poll("GreetingOrder v2 to load", lambda: 2 in definitions(orchestrator, "GreetingOrder"), within=WITHIN)
     second = ended(orchestrator, start(orchestrator, "GreetingOrder", "greet-2", 2000))
     assert second.status == pb.SAGA_STATUS_COMPLETED and second.definition_version == 2
     assert definitions(orchestrator, "GreetingOrder")[1].fingerprint  # v1 stays registered
@@ -131,7 +126,7 @@ def test_a_broken_file_keeps_the_set_in_force(
     (folder / "broken-v1.yaml").write_text(broken.replace("method: Charge\n", "method: Chrage\n"))
     log = stack.orchestrator.log_path if stack.orchestrator else None
     assert log is not None
-    wait_for("the failed reload to be logged", lambda: "broken-v1.yaml" in log.read_text())
+    poll("the failed reload to be logged", lambda: "broken-v1.yaml" in log.read_text(), within=WITHIN)
     assert "has no method Chrage" in log.read_text()
     after = {
         (d.name, d.version, d.fingerprint)
@@ -146,12 +141,16 @@ def test_a_version_that_changed_while_its_sagas_run_is_refused(
 ) -> None:
     # A large order waits for its review: a saga that runs on OrderSaga v2.
     waiting = orchestrator.PlaceOrder(order_request("yaml-waits", minor_units=9000), timeout=10).saga_id
-    wait_for("the review to wait", lambda: any(w.kind == "approval" for w in saga(orchestrator, waiting).waits))
+    poll(
+        "the review to wait",
+        lambda: any(w.kind == "approval" for w in saga(orchestrator, waiting).waits),
+        within=WITHIN,
+    )
     original = (folder / "order-v2.yaml").read_text()
     (folder / "order-v2.yaml").write_text(original.replace("reason: order saga compensated", "reason: changed"))
     assert stack.orchestrator is not None
     log = stack.orchestrator.log_path
-    wait_for("the refusal to be logged", lambda: "still run on OrderSaga v2" in log.read_text())
+    poll("the refusal to be logged", lambda: "still run on OrderSaga v2" in log.read_text(), within=WITHIN)
     assert "give the change a new version (3)" in log.read_text()
     (folder / "order-v2.yaml").write_text(original)
     orchestrator.DecideApproval(
