@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from typer.core import TyperCommand, TyperGroup, TyperOption
 
-from sagactl import conformance, definition_graph, web_command, definitions, operate, order, reads, stack, waiting
+from sagactl import conformance, definition_graph, definitions, operate, order, reads, stack, waiting, web_command
 from sagactl.common import fail, run_reporting_errors
 from sagactl.roothelp import SUMMARY, root_help, summary
 from sagactl.settings import EXIT_USAGE, version_line

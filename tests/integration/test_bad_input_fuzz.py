@@ -735,8 +735,8 @@ def _got(outcome: Outcome) -> str:
 
 
 def _started_saga_id(rpc: Rpc, outcome: Outcome) -> str:
-    response_type = _START_RESPONSES[rpc.method.name]
-    return str(response_type.FromString(outcome.responses[0]).saga_id)
+    response: Any = _START_RESPONSES[rpc.method.name].FromString(outcome.responses[0])
+    return str(response.saga_id)
 
 
 def _left_behind(target: Target, rpc: Rpc, key: str) -> str:

@@ -104,7 +104,8 @@ def test_a_signal_an_approval_and_a_child_show_their_stored_json() -> None:
 
 def test_definition_info_lists_nodes_in_flat_order_with_the_pivot() -> None:
     info = definition_info_pb(ORDER_SAGA, running=3, latest=True)
-    assert (info.name, info.version, info.source, info.running, info.latest) == ("OrderSaga", 1, "python:orchestrator.sagas.order", 3, True)
+    expected = ("OrderSaga", 1, "python:orchestrator.sagas.order", 3, True)
+    assert (info.name, info.version, info.source, info.running, info.latest) == expected
     assert info.input_type == "sagasuite.orchestrator.v1.PlaceOrderRequest"
     assert list(info.services) == ["inventory", "notify", "payment", "shipping"]
     assert [(n.index, n.name, n.step_kind, n.pivot) for n in info.nodes] == [
