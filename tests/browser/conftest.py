@@ -65,7 +65,7 @@ def missing_browser() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def playwright_session() -> Iterator[Playwright]:
     problem = missing_browser()
     if problem:
@@ -76,7 +76,7 @@ def playwright_session() -> Iterator[Playwright]:
         yield playwright
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(playwright_session: Playwright) -> Iterator[Browser]:
     launched = playwright_session.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
     try:
@@ -85,7 +85,7 @@ def browser(playwright_session: Playwright) -> Iterator[Browser]:
         launched.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, playwright_session: Playwright) -> Iterator[LocalStack]:
     running = start_stack(tmp_path_factory.mktemp("browser-stack"), orchestrator_env=ORCHESTRATOR_ENV, faults=FAULTS)
     try:
@@ -94,7 +94,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, playwright_session: Playwrig
         running.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def stub(stack: LocalStack) -> Iterator[pb_grpc.OrchestratorServiceStub]:
     with grpc.insecure_channel(stack.address) as channel:
         yield pb_grpc.OrchestratorServiceStub(channel)
@@ -111,7 +111,7 @@ class Console:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def console(stack: LocalStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
     """`saga web` on a free loopback port, against the stack, as a process of its own."""
     log = tmp_path_factory.mktemp("console") / "saga-web.log"
