@@ -539,6 +539,13 @@ def _bases(target: Target) -> dict[str, hostile.Base]:
 
         return make
 
+    def wrapped(base: hostile.Base, wrap: Callable[[Any], Message]) -> hostile.Base:
+        def make() -> tuple[Message, str]:
+            message, key = base()
+            return wrap(message), key
+
+        return make
+
     def fixed(message: Message) -> hostile.Base:
         return lambda: (message, "")
 
@@ -556,8 +563,8 @@ def _bases(target: Target) -> dict[str, hostile.Base]:
         "orchestrator.PlaceOrder": place_order,
         "orchestrator.StartSaga": start_saga,
         # The start-and-wait calls take the same requests; an accepted one answers when its saga ends.
-        "orchestrator.PlaceOrderAndWait": place_order,
-        "orchestrator.StartSagaAndWait": start_saga,
+        "orchestrator.PlaceOrderAndWait": wrapped(place_order, lambda m: pb.PlaceOrderAndWaitRequest(order=m)),
+        "orchestrator.StartSagaAndWait": wrapped(start_saga, lambda m: pb.StartSagaAndWaitRequest(start=m)),
         "orchestrator.StartSaga[input_struct]": start_saga_struct,
         "orchestrator.StartSaga[input_json]": start_saga_json,
         "orchestrator.GetSaga": fixed(pb.GetSagaRequest(saga_id=ended_saga)),
