@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -126,6 +127,33 @@ def _flags_shown_bare() -> None:
 _flags_shown_bare()
 
 
+def _reflowed(text: str) -> str:
+    """A docstring with each paragraph on one line, so the help fills the terminal, however wide.
+
+    Typer's rich help keeps a docstring's own line breaks after its first paragraph: at 80 columns each source
+    line of 110 characters came out as one long line and one short one. A paragraph typer is told to keep as it
+    is (`\b`), or whose lines are indented or bulleted, is kept.
+    """
+
+    def joined(paragraph: str) -> str:
+        lines = paragraph.splitlines()
+        kept = paragraph.startswith("\b") or any(line[:1].isspace() or line[:2] in ("- ", "* ") for line in lines)
+        return paragraph if kept else " ".join(line.strip() for line in lines)
+
+    return "\n\n".join(joined(paragraph) for paragraph in inspect.cleandoc(text).split("\n\n"))
+
+
+def _help_reflowed(group: typer.Typer) -> None:
+    """Every command of the group (its subgroups' too) gets its docstring, reflowed, as its help."""
+    for info in group.registered_commands:
+        doc = info.help if info.help is not None else inspect.getdoc(info.callback)
+        if doc:
+            info.help = _reflowed(doc)
+    for sub in group.registered_groups:
+        if sub.typer_instance is not None:
+            _help_reflowed(sub.typer_instance)
+
+
 def _print_version(wanted: bool) -> None:
     if not wanted:
         return
@@ -154,6 +182,7 @@ definition_graph.register(definitions.definitions_app)
 app.add_typer(definitions.definitions_app, name="definitions")
 app.add_typer(conformance.commands)
 app.add_typer(web_command.commands)
+_help_reflowed(app)
 
 
 def main() -> None:

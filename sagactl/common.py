@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, ParamSpec, TypeVar
 
 import typer
 
+from sagactl.completion import complete_status
 from sagactl.settings import DEFAULT_ADDRESS, ENV_ADDRESS, ENV_CA_FILE, ENV_TOKEN, ClientConfig
 
 if TYPE_CHECKING:
@@ -22,8 +23,8 @@ if TYPE_CHECKING:
     from sagactl.client import SagaClient
     from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 
-# Only typer is imported here: grpc, the contract and rich load inside the commands that use them, so
-# building the command tree (and a command's --help) costs none of them.
+# Only typer (and sagactl.completion, which imports nothing more) is imported here: grpc, the contract and rich
+# load inside the commands that use them, so building the command tree (and a command's --help) costs none of them.
 
 __all__ = [
     "CONNECTION",
@@ -93,6 +94,7 @@ Statuses_ = Annotated[
         "in_flight or ended; repeat or separate with commas",
         rich_help_panel=FILTERS,
         show_default=False,
+        autocompletion=complete_status,
     ),
 ]
 Type_ = Annotated[str, typer.Option("--type", help="saga type, e.g. OrderSaga", rich_help_panel=FILTERS)]

@@ -25,6 +25,7 @@ from sagactl.common import (
     print_json,
     usage,
 )
+from sagactl.completion import complete_saga_id
 from sagactl.roothelp import COMMANDS
 from sagactl.settings import EXIT_FAILED, EXIT_REFUSED, EXIT_UNREACHABLE, ClientConfig
 
@@ -42,6 +43,7 @@ SagaRef_ = Annotated[
         metavar="ID",
         help="saga id (or any unique start of one) or order id; leave out and give filters for a batch",
         show_default=False,
+        autocompletion=complete_saga_id,
     ),
 ]
 All_ = Annotated[

@@ -23,6 +23,7 @@ from sagactl.common import (
     print_events,
     print_json,
 )
+from sagactl.completion import complete_saga_id
 from sagactl.settings import EXIT_FAILED, ClientConfig
 
 __all__ = ["commands"]
@@ -94,7 +95,12 @@ def list_sagas(
 @calls_orchestrator
 def show(
     saga_ref: Annotated[
-        str, typer.Argument(metavar="ID", help="saga id (or any unique start of one), or the order id of one saga")
+        str,
+        typer.Argument(
+            metavar="ID",
+            help="saga id (or any unique start of one), or the order id of one saga",
+            autocompletion=complete_saga_id,
+        ),
     ],
     history: Annotated[bool, typer.Option("--history", help="also print every history event")] = False,
     width: Annotated[int, typer.Option(min=10, max=400, help="width of the time bars")] = 50,
@@ -176,7 +182,12 @@ def show(
 @calls_orchestrator
 def watch(
     saga_ref: Annotated[
-        str, typer.Argument(metavar="ID", help="saga id (or any unique start of one), or the order id of one saga")
+        str,
+        typer.Argument(
+            metavar="ID",
+            help="saga id (or any unique start of one), or the order id of one saga",
+            autocompletion=complete_saga_id,
+        ),
     ],
     after: Annotated[int, typer.Option(min=0, help="only events after this sequence number")] = 0,
     as_json: Json_ = False,

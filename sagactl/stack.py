@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import grpc
     from rich.console import Console
     from rich.panel import Panel
+    from rich.table import Table
 
     from devstack.launcher import Supervisor
     from devstack.stack import LocalStack
@@ -341,19 +342,52 @@ class _StackMonitor:
             if watch.process.metrics_port is not None
         }
 
-    def panel(self) -> Panel:
+    def panel(self, width: int = 200) -> Panel:
+        """The status panel for a terminal this wide: the log column goes first when the rows would not fit
+        (the panel then names the logs' folder), so that no address or port is ever cut."""
         from rich.console import Group
         from rich.panel import Panel
+        from rich.text import Text
+
+        from sagactl.render import IN_FLIGHT, STATUS_STYLE
+
+        table = self._table(with_logs=True)
+        logs_apart = _rendered_width(table) + _PANEL_FRAME > width
+        if logs_apart:
+            table = self._table(with_logs=False)
+        sagas = Text("sagas  ", style="bold")
+        if self.counts is None:
+            sagas.append("(orchestrator not answering)", style="red")
+        else:
+            in_flight = sum(self.counts.get(name, 0) for name in IN_FLIGHT)
+            sagas.append(f"in flight {in_flight}", style="bold cyan")
+            detail = ", ".join(f"{name.lower()} {self.counts.get(name, 0)}" for name in IN_FLIGHT)
+            sagas.append(f" ({detail})")
+            for name in ("COMPLETED", "COMPENSATED", "NEEDS_ATTENTION", "TERMINATED"):
+                sagas.append(" · ")
+                sagas.append(f"{name.lower().replace('_', ' ')} {self.counts.get(name, 0)}", style=STATUS_STYLE[name])
+        folders = sorted({str(watch.process.log_path.parent) for watch in self.supervisor.watched.values()})
+        logs = f" · logs in {', '.join(folders)}" if logs_apart else ""
+        where = Text(f"data {self.stack.config.data_dir}{logs} · orchestrator database {self.database}", style="dim")
+        return Panel(
+            Group(table, Text(""), sagas, where),
+            title="sagasuite local stack",
+            subtitle=f"{ENV_ADDRESS}={self.stack.address} · Ctrl-C stops everything",
+            expand=False,
+        )
+
+    def _table(self, *, with_logs: bool) -> Table:
+        """One row per process: address, pid, health, restarts, the metrics port with --metrics, the log file."""
         from rich.table import Table
         from rich.text import Text
 
         from devstack.launcher import Phase
-        from sagactl.render import IN_FLIGHT, STATUS_STYLE
 
         metrics = self.metrics_addresses()
+        columns = ("process", "address", "pid", "health", "restarts", *(["metrics"] if metrics else []))
         table = Table(show_edge=False, pad_edge=False, header_style="bold", box=None)
-        for column in ("process", "address", "pid", "health", "restarts", *(["metrics"] if metrics else []), "log"):
-            table.add_column(column, justify="right" if column == "restarts" else "left")
+        for column in (*columns, *(["log"] if with_logs else [])):
+            table.add_column(column, justify="right" if column == "restarts" else "left", no_wrap=column != "log")
         for name, watch in self.supervisor.watched.items():
             process = watch.process
             state, style = self.state(name)
@@ -366,25 +400,26 @@ class _StackMonitor:
             ]
             if metrics:
                 row.append(f":{process.metrics_port}" if process.metrics_port is not None else "-")
-            table.add_row(*row, Text(str(process.log_path), style="dim"))
-        sagas = Text("sagas  ", style="bold")
-        if self.counts is None:
-            sagas.append("(orchestrator not answering)", style="red")
-        else:
-            in_flight = sum(self.counts.get(name, 0) for name in IN_FLIGHT)
-            sagas.append(f"in flight {in_flight}", style="bold cyan")
-            detail = ", ".join(f"{name.lower()} {self.counts.get(name, 0)}" for name in IN_FLIGHT)
-            sagas.append(f" ({detail})")
-            for name in ("COMPLETED", "COMPENSATED", "NEEDS_ATTENTION", "TERMINATED"):
-                sagas.append(" · ")
-                sagas.append(f"{name.lower().replace('_', ' ')} {self.counts.get(name, 0)}", style=STATUS_STYLE[name])
-        where = Text(f"data {self.stack.config.data_dir} · orchestrator database {self.database}", style="dim")
-        return Panel(
-            Group(table, Text(""), sagas, where),
-            title="sagasuite local stack",
-            subtitle=f"{ENV_ADDRESS}={self.stack.address} · Ctrl-C stops everything",
-            expand=False,
-        )
+            if with_logs:
+                row.append(Text(str(process.log_path), style="dim"))
+            table.add_row(*row)
+        return table
+
+
+# A panel's borders and padding, around its content.
+_PANEL_FRAME = 4
+
+
+def _rendered_width(renderable: Table) -> int:
+    """How many columns the table takes when nothing limits it."""
+    import io
+
+    from rich.console import Console
+
+    probe = Console(width=1000, file=io.StringIO(), color_system=None)
+    with probe.capture() as captured:
+        probe.print(renderable)
+    return max((len(line.rstrip()) for line in captured.get().splitlines()), default=0)
 
 
 def _stop_stack(stack: LocalStack) -> None:
@@ -407,7 +442,7 @@ def _run_until_stopped(monitor: _StackMonitor, refresh: float, console: Console,
     if console.is_terminal:
         from rich.live import Live
 
-        live = Live(monitor.panel(), console=console, refresh_per_second=4)
+        live = Live(monitor.panel(console.width), console=console, refresh_per_second=4)
         live.start()
     try:
         next_poll = time.monotonic() + refresh
@@ -420,7 +455,7 @@ def _run_until_stopped(monitor: _StackMonitor, refresh: float, console: Console,
             for line in lines:
                 (live.console if live else console).print(line, soft_wrap=True)
             if live is not None:
-                live.update(monitor.panel())
+                live.update(monitor.panel(live.console.width))
             due = monitor.supervisor.seconds_to_next()
             pause = next_poll - time.monotonic() if due is None else min(due, next_poll - time.monotonic())
             time.sleep(max(0.02, pause))
@@ -539,7 +574,7 @@ def _run_stack(stack: LocalStack, tokens: _Tokens, database: str, refresh: float
         monitor.poll()
         if not console.is_terminal:
             # Without a terminal there is no live panel: show it once, then report changes line by line.
-            console.print(monitor.panel())
+            console.print(monitor.panel(console.width))
         if tokens.note:
             console.print(tokens.note, soft_wrap=True)
         for name, url in monitor.metrics_addresses().items():

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from sagactl.common import Json_, calls_orchestrator, fail, new_console, print_json, usage
+from sagactl.completion import complete_saga_id
 from sagactl.settings import EXIT_USAGE, ClientConfig
 
 if TYPE_CHECKING:
@@ -25,7 +26,10 @@ commands = typer.Typer()
 SagaRef_ = Annotated[
     str,
     typer.Argument(
-        metavar="ID", help="saga id (or any unique start of one), or the order id of one saga", show_default=False
+        metavar="ID",
+        help="saga id (or any unique start of one), or the order id of one saga",
+        show_default=False,
+        autocompletion=complete_saga_id,
     ),
 ]
 Step_ = Annotated[
@@ -206,6 +210,7 @@ def signal_saga(
             metavar="ID",
             help="saga id (or a unique start of one) or order id; left out with --type and --key",
             show_default=False,
+            autocompletion=complete_saga_id,
         ),
     ] = None,
     name: Annotated[

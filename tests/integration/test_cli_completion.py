@@ -1,22 +1,29 @@
-"""Completion of saga ids and order ids against a real orchestrator: the newest matches, fast, and silent on failure."""
+"""Completion of saga ids and order ids against a real orchestrator: the newest matches, fast, and silent on failure;
+and the `saga` script itself completing ids and --status words as bash asks it to, against a real stack."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
+import pytest
 import typer
 from typer.testing import CliRunner
 
 from devstack.launcher import ManagedProcess
+from devstack.stack import LocalStack
 from sagactl.app import app
 from sagactl.completion import COMPLETION_SECONDS, complete_saga_id, complete_status
 from sagactl.settings import DEFAULT_ADDRESS
-from tests.orchestrator_helpers import new_order_id
+from tests.orchestrator_helpers import new_order_id, start_stack
 
 # An orchestrator alone is enough: the sagas it starts stay RUNNING, retrying services that are not there.
 UNUSED = {f"{name}_ADDR": "127.0.0.1:9" for name in ("INVENTORY", "PAYMENT", "SHIPPING", "NOTIFY")}
@@ -89,3 +96,75 @@ def test_saga_ids_and_order_ids_complete_from_the_orchestrator(start_process: An
         orchestrator.popen.send_signal(signal.SIGCONT)
     # None at all listening: nothing, and no error printed.
     assert _completions("probe ab", _dead_address()) == []
+
+
+# -- the saga script, as bash runs it ------------------------------------------------------------------
+
+SCRIPT = Path(sys.executable).parent / "saga"
+SAGA = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-c", "import sys; sys.argv[0] = 'saga'; "
+                                              "from sagactl.main import main; main()"]  # fmt: skip
+# The commands that take a saga id as their first argument.
+ID_COMMANDS = ["show", "watch", "retry", "pause", "resume", "cancel", "terminate", "approve", "reject", "signal"]
+# The commands with a --status option.
+STATUS_COMMANDS = ["ls", "retry", "pause", "resume", "cancel", "terminate"]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    running = start_stack(tmp_path_factory.mktemp("cli-complete"))
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def bash_completes(words: str, address: str, **env: str) -> list[str]:
+    """What `saga` answers bash for the last word of words: bash sets _SAGA_COMPLETE, COMP_WORDS and COMP_CWORD."""
+    asked = {
+        **{name: value for name, value in os.environ.items() if name not in ("SAGA_TOKEN", "SAGA_CA_FILE")},
+        "SAGA_ADDRESS": address,
+        "_SAGA_COMPLETE": "complete_bash",
+        "COMP_WORDS": words,
+        "COMP_CWORD": str(len(words.split(" ")) - 1),
+        **env,
+    }
+    answer = subprocess.run(SAGA, env=asked, capture_output=True, text=True, timeout=60, check=False)
+    # Whatever happens, bash gets completions or nothing: never an error on its terminal.
+    assert (answer.returncode, answer.stderr) == (0, ""), answer
+    return answer.stdout.split()
+
+
+def test_the_saga_script_completes_a_short_id_and_a_status_in_every_command(stack: LocalStack) -> None:
+    placed = []
+    for _ in range(2):
+        order_id = new_order_id("complete-cli")
+        result = CliRunner().invoke(
+            app, ["order", "--order-id", order_id, "--json"], env={"SAGA_ADDRESS": stack.address, "COLUMNS": "80"}
+        )
+        assert result.exit_code == 0, result.output
+        placed.append(json.loads(result.stdout)["saga_id"])
+    listed = CliRunner().invoke(app, ["ls", "--all", "--json"], env={"SAGA_ADDRESS": stack.address})
+    everyone = [saga["saga_id"] for saga in json.loads(listed.stdout)["sagas"]]
+    saga_id = placed[0]
+    # A short prefix as one types it: the first 4 characters of an id ls shows by its first 8.
+    prefix = saga_id[:4]
+    sharing = sorted(found for found in everyone if found.startswith(prefix))
+    for command in ID_COMMANDS:
+        assert sorted(bash_completes(f"saga {command} {prefix}", stack.address)) == sharing, command
+    # The options before the id count: --address here points at the stack, SAGA_ADDRESS nowhere.
+    given = bash_completes(f"saga show --address {stack.address} {prefix}", _dead_address())
+    assert sorted(given) == sharing
+
+    for command in STATUS_COMMANDS:
+        assert bash_completes(f"saga {command} --status comp", stack.address) == [
+            "compensating",
+            "completed",
+            "compensated",
+        ], command
+    assert bash_completes("saga ls -s needs", stack.address) == ["needs_attention"]
+    assert bash_completes("saga ls --status running,pa", stack.address) == ["running,paused"]
+
+    # The orchestrator down: no completions, and no error.
+    assert bash_completes(f"saga show {prefix}", _dead_address()) == []
+    # Statuses need no orchestrator.
+    assert bash_completes("saga ls --status term", _dead_address()) == ["terminated"]

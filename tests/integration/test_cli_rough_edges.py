@@ -1,13 +1,23 @@
 """The CLI's rough edges, on a real stack: short ids resolved by any unique prefix in every command, `saga ls` at
-80 columns, --json errors as one line of JSON, a batch without a token stopped at once, `saga watch` with clock
-times and step starts, and the wording of cancel and of a paused saga."""
+80 columns, --json errors as one line of JSON and usage errors as one line, a batch without a token stopped at
+once, `saga watch` with clock times and step starts, the wording of cancel and of a paused saga, `saga stats`
+consistent at 80 columns, help at 80 columns without `<bool>`, and `saga up` at 80 columns (whole addresses, the
+metrics addresses, the --port hint, the folder locked, a kill -9 restarted, the token kept).
+
+The demo at 80 columns is tests/integration/test_cli_long_running.py's demo test; `saga up` with --token, and the
+orchestrator killed too, are in tests/integration/test_saga_up.py."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import re
+import signal
+import subprocess
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -19,6 +29,7 @@ from sagactl.app import app
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2 as pb
 from sagasuite.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
 from tests.integration.test_cli import ENDED, as_json, get, ok, placed, status, wait_saga, wait_status
+from tests.integration.test_saga_up import SAGA, _env, _free_port, _Up, start_up  # noqa: F401 (a fixture, used by up_80)
 from tests.orchestrator_helpers import frozen, new_order_id, order_request, start_stack
 
 TOKEN = "rough-edges-token-0123456789abcdef"
@@ -92,10 +103,15 @@ def test_any_unique_start_of_an_id_names_the_saga_in_every_command(saga: Any, st
     assert ok(saga("show", saga_id[:8])).stdout == ok(saga("show", saga_id)).stdout
     watched = [json.loads(line) for line in ok(saga("watch", saga_id[:8], "--json")).stdout.splitlines()]
     assert watched[-1]["type"] == "SagaCompleted"
-    # An operator call and a signal by a short id reach the saga (and are refused for what it is: ended).
-    assert "ILLEGAL_STATE_FOR_PAUSE" in ok(saga("pause", saga_id[:8]), code=4).stderr
-    assert "SAGA_ENDED" in ok(saga("signal", saga_id[:8], "payment_ok"), code=4).stderr
-    assert "waits for no approval now" in ok(saga("approve", saga_id[:8]), code=2).stderr
+    # Every operator call, a signal and a decision by a short id reach the saga (and are refused for what it is:
+    # ended), each naming it by its whole id.
+    for operation in ("retry", "pause", "resume", "cancel"):
+        refused = ok(saga(operation, prefix), code=4).stderr
+        assert f"ILLEGAL_STATE_FOR_{operation.upper()}" in refused and saga_id in refused, refused
+    assert "ILLEGAL_STATE_FOR_TERMINATE" in ok(saga("terminate", prefix, "--reason", "x"), code=4).stderr
+    assert "SAGA_ENDED" in ok(saga("signal", prefix, "payment_ok"), code=4).stderr
+    assert f"saga {saga_id} (COMPLETED) waits for no approval now" in ok(saga("approve", prefix), code=2).stderr
+    assert "waits for no approval now" in ok(saga("reject", prefix, "--reason", "x"), code=2).stderr
 
 
 def test_a_start_no_id_has_or_several_share_is_refused_with_exit_4(saga: Any, many: list[str]) -> None:
@@ -145,6 +161,21 @@ def test_json_errors_are_one_line_of_json_and_the_token_hint_names_saga_token(sa
     assert (usage["code"], usage["reason"]) == ("USAGE", "BAD_PARAMETER") and "--since" in usage["message"]
     state = json_error(saga("resume", many[0], "--json"), 4)
     assert (state["code"], state["reason"]) == ("FAILED_PRECONDITION", "ILLEGAL_STATE_FOR_RESUME")
+
+
+def test_usage_errors_are_one_line_naming_the_help(saga: Any) -> None:
+    for args, message in (
+        (["show"], "Missing argument 'ID'. (see saga show --help)"),
+        (["ls", "--bogus"], "No such option: --bogus (see saga ls --help)"),
+        (["ls", "--status", "sleeping"], "unknown status 'sleeping'"),
+        (["reject", "abc"], "reject needs --reason"),
+    ):
+        result = saga(*args, columns=80)
+        assert result.exit_code == 2 and result.stdout == "", (args, result.stdout, result.stderr)
+        assert result.stderr.count("\n") == 1 and result.stderr.startswith("saga: error: "), (args, result.stderr)
+        assert message in result.stderr, (args, result.stderr)
+    error = json_error(saga("ls", "--bogus", "--json"), 2)
+    assert (error["code"], error["reason"]) == ("USAGE", "NO_SUCH_OPTION")
 
 
 def test_a_batch_without_a_token_stops_once_with_exit_4(saga: Any, stub: Any) -> None:
@@ -229,3 +260,99 @@ def test_a_paused_saga_shows_what_it_is_held_before(saga: Any, stub: Any, stack:
     ok(saga("resume", saga_id))
     assert status(wait_status(stub, saga_id, ENDED)) == "COMPLETED"
     assert isinstance(pb.SAGA_STATUS_PAUSED, int)
+
+
+# -- stats -------------------------------------------------------------------------------------------
+
+
+def test_stats_at_80_columns_counts_needs_attention_apart_from_in_flight(saga: Any, stub: Any) -> None:
+    saga_id = stub.PlaceOrder(order_request(new_order_id("rough-attn-stats")), timeout=10).saga_id
+    assert status(wait_status(stub, saga_id, ENDED)) == "NEEDS_ATTENTION"
+    try:
+        figures = as_json(ok(saga("stats", "--json")))
+        text = ok(saga("stats", columns=80)).stdout
+        counts = figures["counts"]
+        assert figures["in_flight"] == sum(counts.get(s, 0) for s in ("RUNNING", "COMPENSATING", "PAUSED"))
+        assert figures["needs_attention"] == counts["NEEDS_ATTENTION"] >= 1
+        assert figures["oldest_needs_attention"]["status"] == "NEEDS_ATTENTION"
+        if figures["oldest_in_flight"] is not None:
+            assert figures["oldest_in_flight"]["status"] in ("RUNNING", "COMPENSATING")
+        else:
+            assert figures["in_flight"] == counts.get("PAUSED", 0)
+        assert max(map(len, text.splitlines())) <= 80 and "…" not in text, text
+        assert re.search(rf"^needs attention\s+{figures['needs_attention']}\s*$", text, re.MULTILINE), text
+        oldest = figures["oldest_needs_attention"]["saga_id"]
+        assert re.search(rf"^oldest needs attention\s+{oldest}", text, re.MULTILINE), text
+    finally:
+        # Later tests count the sagas that need attention: this one is retried (notify refuses each order once).
+        ok(saga("retry", saga_id))
+        assert status(wait_status(stub, saga_id, ENDED)) == "COMPLETED"
+
+
+# -- help ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["up", "ls", "show", "watch", "stats", "retry", "signal"])
+def test_help_at_80_columns_fills_its_lines_and_shows_flags_bare(command: str) -> None:
+    shown = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "80"})
+    assert shown.exit_code == 0, shown.output
+    assert "<bool>" not in shown.stdout and max(map(len, shown.stdout.splitlines())) <= 80, shown.stdout
+    # The prose before the option boxes: each line of a paragraph but its last is filled (no line of the
+    # docstring's own breaks kept, which gave one long line and one short one).
+    prose = shown.stdout[: shown.stdout.index("╭")].splitlines()
+    for line, following in itertools.pairwise(prose):
+        if line.strip() and following.strip() and not line.lstrip().startswith("Usage:"):
+            assert len(line.rstrip()) >= 60, f"{line!r} is followed by {following!r}:\n{shown.stdout}"
+
+
+# -- saga up at 80 columns -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def up_80(tmp_path: Path, start_up: Callable[..., _Up]) -> Callable[..., _Up]:  # noqa: F811 (the fixture)
+    """`saga up` at an 80-column terminal, on this test's data folder, stopped when the test ends."""
+    return lambda *args: start_up(tmp_path, *args, env=_env(COLUMNS="80"))
+
+
+def test_up_at_80_columns_shows_whole_addresses_restarts_a_killed_process_and_keeps_its_token(
+    tmp_path: Path, up_80: Callable[..., _Up]
+) -> None:
+    up = up_80("--metrics")
+    token = up.wait_for(r"operator token \(new, kept in \S+operator\.token\): export SAGA_TOKEN=(\S+)").group(1)
+    rows = up.panel_rows()
+    panel = [line for line in up.output().splitlines() if line.startswith(("╭", "│", "╰"))]
+    assert panel and max(map(len, panel)) <= 80 and "…" not in "".join(panel), up.output()
+    assert sorted(rows) == ["inventory", "notify", "orchestrator", "payment", "shipping"], up.output()
+    assert rows["orchestrator"][0] == up.port
+    # The log column made way for the addresses: the panel names the logs' folder.
+    assert f"logs in {tmp_path / 'logs'}" in " ".join(" ".join(line.strip("│ ") for line in panel).split())
+    metrics = re.findall(r"^metrics: (\w+) http://127\.0\.0\.1:\d+/metrics$", up.output(), re.MULTILINE)
+    assert sorted(metrics) == sorted(rows), up.output()
+    # Not the default port: the hint names the address that reaches this stack (wrapped at 80 columns).
+    up.wait_for(rf"export SAGA_ADDRESS={re.escape(up.address)}\)")
+    assert f"try `saga order --address {up.address}`" in " ".join(up.output().split())
+
+    # A second saga up on the folder is refused at once, in one line, the first one's token untouched.
+    second = subprocess.run(
+        [*SAGA, "up", "--port", str(_free_port()), "--service-port-base", "0", "--data-dir", str(tmp_path)],
+        env=_env(COLUMNS="80"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (second.returncode, second.stdout, second.stderr.count("\n")) == (1, "", 1), second
+    assert f"in use by another saga up (pid {up.process.pid})" in second.stderr
+    assert (tmp_path / "operator.token").read_text().strip() == token
+
+    # kill -9 of a service: it is started again with a backoff, and the panel's lines say so.
+    os.kill(rows["shipping"][1], signal.SIGKILL)
+    up.wait_for(r"shipping: exited \(SIGKILL\); restarting in 0\.5 s")
+    up.wait_for(rf"shipping: back on 127\.0\.0\.1:{rows['shipping'][0]} \(pid \d+, restart 1\)")
+    assert up.stop() == 1, up.output()
+
+    # The next run keeps the token an exported SAGA_TOKEN holds.
+    again = up_80()
+    again.wait_for(rf"operator token \(kept in \S+operator\.token\): export SAGA_TOKEN={re.escape(token)}$")
+    again.panel_rows()
+    assert again.stop() == 0, again.output()
