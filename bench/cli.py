@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -120,18 +121,64 @@ def render_bench(report: dict[str, Any], console: Console) -> None:
         for row in rows:
             ratios.add_row(*(str(row.get(key, "-")) for key in keys))
         console.print(ratios)
+    render_replicas(report, console)
+    render_long_running(report, console)
     render_targets(report, console)
     for note in report.get("notes", []):
-        console.print(f"note: {note}")
+        # Not markup: a note may name a pass in brackets ("[postgresql]").
+        console.print(f"note: {note}", markup=False)
+
+
+def render_replicas(report: dict[str, Any], console: Console) -> None:
+    """The two-replica phases' split (sagas each replica ran), then the takeover after a kill -9."""
+    split = Table(title="Two replicas on one PostgreSQL: sagas each ran in the window", title_justify="left")
+    for column in ("db", "load", "round", "sagas/s (both)", "replica", "REPLICA_ID", "completed", "answered"):
+        split.add_column(column, justify="left" if column in ("db", "load", "replica", "REPLICA_ID") else "right")
+    for phase in report["phases"]:
+        load = phase["load"]
+        label = f"rate={load['rate']:g}/s" if load["rate"] else f"C={load['concurrency']}"
+        for name, figures in (phase.get("replicas") or {}).items():
+            completed = figures["completed"]
+            split.add_row(
+                _database_label(phase), label, str(phase["round"]), _fmt(phase["completed_per_s"]), name,
+                figures["replica_id"], "-" if completed is None else f"{completed:,}", f"{figures['answered']:,}",
+            )  # fmt: skip
+    if split.row_count:
+        console.print(split)
+    takeover = report.get("takeover")
+    if takeover:
+        console.print(
+            f"takeover: kill -9 of {takeover['killed']} ({takeover['killed_replica_id']}) under C="
+            f"{takeover['concurrency']} on two replicas: it held {takeover['held_at_death']} sagas; "
+            f"{takeover['moved']} moved again on the survivor, death to next transition p50 "
+            f"{_fmt(takeover['gap_p50_s'], 2)} s, max {_fmt(takeover['gap_max_s'], 2)} s (heartbeat "
+            f"{takeover['heartbeat_interval_s']:g} s, silent after {takeover['replica_silent_after_s']:g} s, lease "
+            f"{takeover['lease_seconds']:g} s); client errors {takeover['client']['errors'] or 'none'}",
+            highlight=False,
+        )
+
+
+def render_long_running(report: dict[str, Any], console: Console) -> None:
+    """The short long-running run's figures, as bench.long_running prints them."""
+    long_running = report.get("long_running")
+    if long_running:
+        from bench.long_running import render
+
+        console.print("Long-running sagas (a short bench.long_running run, on a stack of its own)", highlight=False)
+        console.print(render(long_running), highlight=False)
 
 
 def render_targets(report: dict[str, Any], console: Console) -> None:
-    """Issue 15's targets as one table: each with what this run measured, and met, missed or not measured."""
+    """Issue 15's targets as one table: each with what this run measured, and met, missed, measured or not measured.
+
+    "measured" is a report-only target (no threshold) that this run measured.
+    """
     table = Table(title="Targets (issue 15), this run", title_justify="left")
     for column in ("target", "measured", "met"):
         table.add_column(column)
     for goal in report.get("targets", []):
-        met = {True: "yes", False: "[bold]NO[/bold]", None: "not measured"}[goal["met"]]
+        not_measured = goal["measured"].startswith("not measured")
+        met = {True: "yes", False: "[bold]NO[/bold]", None: "not measured" if not_measured else "measured"}[goal["met"]]
         measured = goal["measured"].removeprefix("not measured: ")
         table.add_row(goal["goal"], measured, met)
     console.print(table)
@@ -166,6 +213,28 @@ def bench_command(
             "PostgreSQL server (postgresql+psycopg://user@host:port/db to connect to), for the PostgreSQL targets"
         ),
     ] = "",
+    replicas: Annotated[
+        bool,
+        typer.Option(
+            help="on the PostgreSQL pass (--compare-postgres, or --db), also two orchestrator replicas on its "
+            "database, the client alternating between them: total throughput and the split"
+        ),
+    ] = False,
+    takeover: Annotated[
+        bool,
+        typer.Option(
+            help="on the PostgreSQL pass, then kill -9 one of two loaded replicas and time the takeover of its sagas"
+        ),
+    ] = False,
+    takeover_concurrency: Annotated[int, typer.Option(help="sagas in flight on the two replicas of --takeover")] = 8,
+    long_running: Annotated[
+        int,
+        typer.Option(
+            help="last, a short python -m bench.long_running on a stack of its own: this many parked sagas (and "
+            "half as many timers); 2000 takes under a minute; 0 skips it",
+            metavar="SAGAS",
+        ),
+    ] = 0,
     data_dir: Annotated[Path | None, typer.Option(help="where the stack keeps files and logs (default: temp)")] = None,
     log_level: Annotated[str, typer.Option(help="LOG_LEVEL of every process")] = "WARNING",
     json_output: Annotated[bool, typer.Option("--json", help="print the report as JSON instead of tables")] = False,
@@ -176,9 +245,11 @@ def bench_command(
     Starts the local stack (four services and the orchestrator, SQLite files unless --db), then
     for every load, round after round, runs each target for a warm-up and a measured window; a
     peer's processes run only for its own phases. Ends with the table of issue 15's targets.
-    Example: saga bench -c 1,32 --duration 10 --peers restate,temporal,dbos
 
-    Long-running sagas (parked in signal waits, signalled, timers): python -m bench.long_running
+    Every target in one run (PostgreSQL for the replica ones):
+    saga bench -c 1,32 --peers restate --compare-postgres URL --replicas --takeover --long-running 2000
+
+    The full long-running benchmark (100,000 parked sagas): python -m bench.long_running
     """
     from bench.loadgen import KNOWN_PEERS, BenchConfig, Load, run_benchmark
     from bench.targets import PeerUnavailable
@@ -195,6 +266,14 @@ def bench_command(
         raise typer.BadParameter(f"unknown {', '.join(unknown)}; known: {', '.join(KNOWN_PEERS)}", param_hint="--peers")
     if compare_postgres and not compare_postgres.startswith("postgresql"):
         raise typer.BadParameter("must be a postgresql+psycopg://... URL", param_hint="--compare-postgres")
+    on_postgresql = bool(compare_postgres) or db.startswith("postgresql")
+    for flag, wanted in (("--replicas", replicas), ("--takeover", takeover)):
+        if wanted and not on_postgresql:
+            raise typer.BadParameter("needs PostgreSQL: --compare-postgres URL or --db URL", param_hint=flag)
+    if takeover_concurrency < 2:
+        raise typer.BadParameter("must be at least 2 (one per replica)", param_hint="--takeover-concurrency")
+    if long_running < 0:
+        raise typer.BadParameter("must be 0 (skip) or more", param_hint="--long-running")
     config = BenchConfig(
         concurrencies=levels,
         rate=rate or None,
@@ -208,6 +287,10 @@ def bench_command(
         watch=watch,
         peers=peer_names,
         compare_postgres=compare_postgres,
+        replicas=replicas,
+        takeover=takeover,
+        takeover_concurrency=takeover_concurrency,
+        long_running=long_running,
         log_level=log_level,
     )
     err = Console(stderr=True)
@@ -221,7 +304,8 @@ def bench_command(
     ) as progress:
 
         def on_phase(target: str, load: Load, round_number: int):  # type: ignore[no-untyped-def]
-            task = progress.add_task(f"{target:18s} {load.label:10s} round {round_number}", total=1.0, done=0)
+            label = escape(f"{target:18s} {load.label:10s} round {round_number}")
+            task = progress.add_task(label, total=1.0, done=0)
 
             def update(fraction: float, done: int) -> None:
                 progress.update(task, completed=fraction, done=done)

@@ -126,6 +126,8 @@ class PhaseResult:
     # Where the orchestrator and the services kept their state during the phase: "sqlite" or "postgresql".
     database: str = "sqlite"
     services_database: str = "sqlite"
+    # Two replicas' phase: sagas each replica ran over the window, by replica (bench.replicas).
+    replicas: dict[str, Any] | None = None
 
     @property
     def completed(self) -> int:
@@ -158,6 +160,7 @@ class PhaseResult:
             "load_average_1m": {"start": _round(self.load_average[0]), "end": _round(self.load_average[1])},
             "errors": self.errors[:10],
             "rss_series_mib": self.rss_series_mib,
+            "replicas": self.replicas,
         }
 
 
@@ -365,6 +368,8 @@ async def run_phase(
         window_end = window_start + load.duration
         samples_start = {name: read_process(pid) for name, pid in pids.items()}
         load_start = _load_average()
+        if window_opened is not None:
+            await window_opened()
         while time.perf_counter() < window_end:
             for name, pid in pids.items():
                 sample = read_process(pid)
@@ -382,6 +387,9 @@ async def run_phase(
                 progress(min(1.0, fraction), len(recorder.timings))
             await asyncio.sleep(0.25)
 
+    # A target that reports more than the common figures (bench.replicas) hears when the window opens and closes.
+    window_opened = getattr(target, "window_opened", None)
+    window_closed = getattr(target, "window_closed", None)
     sampling = asyncio.create_task(sampler())
     ticking = asyncio.create_task(ticker())
     try:
@@ -394,6 +402,7 @@ async def run_phase(
         samples_end = {name: read_process(pid) for name, pid in pids.items()}
         load_end = _load_average()
         measured_end = time.perf_counter()
+        detail = await window_closed(window_start, measured_end) if window_closed is not None else None
         await driver
     finally:
         ticking.cancel()
@@ -436,6 +445,7 @@ async def run_phase(
         rss_series_mib=rss_series if load.duration >= 60 else {},
         database=database,
         services_database=services_database,
+        replicas=detail,
     )
 
 
@@ -463,6 +473,14 @@ class BenchConfig:
     # A PostgreSQL server (URL of a database to connect to): after the first pass, the stack runs
     # again with the orchestrator and the four services each on a fresh database of that server.
     compare_postgres: str = ""
+    # In the pass whose orchestrator is on PostgreSQL (all-PostgreSQL when compare_postgres is set):
+    # two replicas on its database, the client alternating between them (bench.replicas).
+    replicas: bool = False
+    # Then: kill -9 one of two loaded replicas and time the takeover of its sagas.
+    takeover: bool = False
+    takeover_concurrency: int = 8
+    # After the passes: bench.long_running on a stack of its own with this many parked sagas (0: not run).
+    long_running: int = 0
     log_level: str = "WARNING"
     stack_env: dict[str, str] = field(default_factory=dict)
 
@@ -479,15 +497,21 @@ class BenchReport:
     config: dict[str, Any]
     phases: list[PhaseResult]
     notes: list[str] = field(default_factory=list)
+    # bench.replicas.measure_takeover's figures, and bench.long_running's report (None: not run).
+    takeover: dict[str, Any] | None = None
+    long_running: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         from bench.goals import evaluate_goals
 
         phases = [p.as_dict() for p in self.phases]
+        goals = evaluate_goals(phases, takeover=self.takeover, long_running=self.long_running)
         return {
             "config": self.config,
             "phases": phases,
-            "targets": [goal.as_dict() for goal in evaluate_goals(phases)],
+            "takeover": self.takeover,
+            "long_running": self.long_running,
+            "targets": [goal.as_dict() for goal in goals],
             "notes": list(dict.fromkeys(self.notes)),
         }
 
@@ -601,14 +625,25 @@ def _run_pass(
     peer_groups: Sequence[PeerGroup],
     on_phase: PhaseStarted | None,
     notes: list[str],
+    extras: dict[str, Any],
 ) -> list[PhaseResult]:
-    """Start one local stack, run its own targets and the peers' (each group only for its phases), stop it."""
+    """Start one local stack, run its own targets and the peers' (each group only for its phases), stop it.
+
+    In the pass whose orchestrator is on PostgreSQL (the all-PostgreSQL one when there are two), the
+    two-replica phases run as a group of their own and the takeover after every phase, into extras.
+    """
     from bench.floor import FloorTarget
+    from bench.replicas import PRIMARY_REPLICA_ID, REPLICA_ENV, ReplicasGroup, measure_takeover
 
     common = {"LOG_LEVEL": config.log_level, **config.stack_env}
     # The floor and the peers make the four calls in a row: that is OrderSaga v1, not the
     # latest (v2 runs two of them in parallel and ships in a child saga).
     orchestrator_env = {"ORDER_SAGA_VERSION": "1", **config.stack_env}
+    replicated = setup.database == "postgresql" and (
+        setup.services_database == "postgresql" or not config.compare_postgres
+    )
+    if replicated and (config.replicas or config.takeover):
+        orchestrator_env = {**REPLICA_ENV, "REPLICA_ID": PRIMARY_REPLICA_ID, **orchestrator_env}
     stack = LocalStack(
         StackConfig(
             stack_dir,
@@ -647,11 +682,19 @@ def _run_pass(
             pids = {**service_pids, "orchestrator": yaml_replica.pid}
             ours.append(OrchestratorTarget(yaml_replica.address, pids, name="orchestrator-yaml"))
         groups: list[TargetGroup] = [ResidentGroup("suite", ours)]
+        if replicated and config.replicas:
+            groups.append(ReplicasGroup(stack, service_pids))
         for group in peer_groups:
             # The peers learn the services' addresses only now that they run.
             group.bind(addresses, service_pids)
             groups.append(group)
         phases = asyncio.run(_run_groups(groups, config, setup, on_phase))
+        if replicated and config.takeover:
+            load = Load(concurrency=config.takeover_concurrency)
+            progress = on_phase(f"takeover (kill -9){setup.label}", load, 1) if on_phase else None
+            extras["takeover"] = measure_takeover(stack, database_urls["orchestrator"], config.takeover_concurrency)
+            if progress is not None:
+                progress(1.0, extras["takeover"]["client"]["completed"])
         for ran in groups:
             notes.extend(ran.notes)
         for target in ours:
@@ -713,8 +756,9 @@ def run_benchmark(config: BenchConfig, on_phase: PhaseStarted | None = None) -> 
             group.prepare()
         first_db = "postgresql" if config.database_url.startswith("postgresql") else "sqlite"
         first_urls = {"orchestrator": config.database_url} if config.database_url else {}
+        extras: dict[str, Any] = {}
         phases = _run_pass(
-            config, data_dir / "stack", _Setup(first_db, "sqlite"), first_urls, peer_groups, on_phase, notes
+            config, data_dir / "stack", _Setup(first_db, "sqlite"), first_urls, peer_groups, on_phase, notes, extras
         )
         if config.compare_postgres:
             databases = scope.enter_context(
@@ -722,10 +766,14 @@ def run_benchmark(config: BenchConfig, on_phase: PhaseStarted | None = None) -> 
             )
             second = replace(config, yaml=False, peers=(), database_url=databases["orchestrator"])
             all_postgresql = _Setup("postgresql", "postgresql")
-            more = _run_pass(second, data_dir / "stack-postgresql", all_postgresql, databases, [], on_phase, notes)
+            more = _run_pass(
+                second, data_dir / "stack-postgresql", all_postgresql, databases, [], on_phase, notes, extras
+            )
             phases.extend(more)
             notes.append("the [postgresql] pass ran after the first, on a stack of its own: the orchestrator and "
                          "each service on a fresh database of the --compare-postgres server")  # fmt: skip
+        if config.long_running > 0:
+            extras["long_running"] = _long_running(config, data_dir / "long-running", on_phase)
     described = {
         "database": first_db,
         "compare_postgres": bool(config.compare_postgres),
@@ -735,6 +783,30 @@ def run_benchmark(config: BenchConfig, on_phase: PhaseStarted | None = None) -> 
         "rounds": config.rounds,
         "targets": list(dict.fromkeys(p.target for p in phases)),
         "peers": list(config.peers),
+        "replicas": config.replicas,
+        "takeover": config.takeover,
+        "long_running_sagas": config.long_running,
         "cpus": os.cpu_count(),
     }
-    return BenchReport(described, phases, notes)
+    return BenchReport(described, phases, notes, extras.get("takeover"), extras.get("long_running"))
+
+
+def _long_running(config: BenchConfig, data_dir: Path, on_phase: PhaseStarted | None) -> dict[str, Any]:
+    """A short bench.long_running on a stack of its own, after every other phase (the orchestrator's database)."""
+    from bench.long_running import LongRunningConfig, run_long_running
+
+    progress = on_phase(f"long-running ({config.long_running} parked)", Load(concurrency=64), 1) if on_phase else None
+    short = LongRunningConfig(
+        sagas=config.long_running,
+        timers=max(1, config.long_running // 2),
+        concurrency=64,
+        idle_window=5.0,
+        warmup=min(200, config.long_running // 10),
+        database_url=config.database_url,
+        data_dir=data_dir,
+        log_level=config.log_level,
+    )
+    report = run_long_running(short)
+    if progress is not None:
+        progress(1.0, config.long_running + short.timers)
+    return report
