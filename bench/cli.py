@@ -204,7 +204,10 @@ def bench_command(
         bool, typer.Option(help="also measure the old client way: PlaceOrder, then WatchSaga (orchestrator-watch)")
     ] = False,
     peers: Annotated[
-        str, typer.Option(help="peer engines, each run only for its own phases: temporal,dbos,restate (needs .[bench])")
+        str,
+        typer.Option(
+            help="peer engines, each run only for its own phases: temporal,dbos,restate (pip install -e '.\\[bench]')"
+        ),
     ] = "",
     compare_postgres: Annotated[
         str,
