@@ -217,7 +217,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
                         pass
             finally:
                 subscription.close()
-        return await self._view(saga.saga_id, include_history=False)
+        # With each step's result (the payment id, the tracking number): what a caller that waits wants.
+        return await self._view(saga.saga_id, include_history=False, include_results=True)
 
     def _starts_on(self, saga_type: str) -> SagaDefinition | None:
         """The definition a new saga of this type starts on: the latest version, or for OrderSaga the
@@ -319,7 +320,9 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         except LookupError:
             return None
 
-    async def _view(self, saga_id: str, *, include_history: bool, include_data: bool = False) -> pb.Saga:
+    async def _view(
+        self, saga_id: str, *, include_history: bool, include_data: bool = False, include_results: bool = False
+    ) -> pb.Saga:
         saga, events, pendings, children = await self._load_full(saga_id)
         return saga_pb(
             saga,
@@ -328,6 +331,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             pendings,
             include_history=include_history,
             include_data=include_data,
+            include_results=include_results,
             children=children,
         )
 

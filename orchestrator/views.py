@@ -302,10 +302,12 @@ def saga_pb(
     *,
     include_history: bool = False,
     include_data: bool = False,
+    include_results: bool = False,
     children: list[SagaState] | None = None,
 ) -> pb.Saga:
     """The API's view of a saga. With events, its steps; include_data adds its input and each step's
-    result as JSON (GetSaga: a list spares the cost)."""
+    result as JSON (GetSaga: a list spares the cost), include_results only the results (the waiting
+    starts: the caller sent the input)."""
     pendings = pendings or {}
     view = pb.Saga(
         saga_id=saga.saga_id,
@@ -329,7 +331,9 @@ def saga_pb(
         if include_data:
             view.input_json, view.input_truncated = input_json(saga, definition)
         if events is not None:
-            view.steps.extend(_steps(definition, saga, events, pendings, include_results=include_data))
+            view.steps.extend(
+                _steps(definition, saga, events, pendings, include_results=include_data or include_results)
+            )
             if saga.status == SagaStatus.TERMINATED:
                 view.steps_maybe_applied.extend(steps_maybe_applied(definition, events, pendings))
         if not saga.ended:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 
@@ -41,6 +42,10 @@ def test_a_completed_order_answers_with_its_steps_and_results(orchestrator: pb_g
     assert answer.created and answer.saga.saga_id == answer.saga_id
     assert answer.saga.status == pb.SAGA_STATUS_COMPLETED
     assert not answer.saga.history  # the outcome, not the record
+    # Each step's result, as GetSaga gives it: the payment id here; the input the caller sent is not echoed.
+    results = {step.name: step.result_json for step in answer.saga.steps}
+    assert json.loads(results["charge_payment"])["payment"]["payment_id"]
+    assert not answer.saga.input_json
     # The repeat finds the same saga, already ended, and answers at once.
     again = orchestrator.PlaceOrderAndWait(
         and_wait(order_request(answer.saga.business_key, minor_units=2000)), timeout=30
