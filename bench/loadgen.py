@@ -800,7 +800,8 @@ def _long_running(config: BenchConfig, data_dir: Path, on_phase: PhaseStarted | 
         sagas=config.long_running,
         timers=max(1, config.long_running // 2),
         concurrency=64,
-        idle_window=5.0,
+        # 5 s of idle CPU for the 2,000 parked sagas of a real run; a second for a test's few dozen.
+        idle_window=min(5.0, max(1.0, config.long_running / 400)),
         warmup=min(200, config.long_running // 10),
         database_url=config.database_url,
         data_dir=data_dir,
