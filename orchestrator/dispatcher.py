@@ -56,7 +56,7 @@ from orchestrator.status import Direction, EventType, OperatorCall, SagaStatus
 from orchestrator.store import EventRecord, PendingCommand
 from orchestrator.watch import WatchHub
 from svckit.channels import ChannelPool, NoHealthyInstance
-from svckit.db import Database, is_retryable_conflict, savepoint
+from svckit.db import Database, is_retryable_conflict, needs_new_transaction, savepoint
 from svckit.errors import DomainError, FailedPrecondition, RetryableError
 from svckit.idempotency_key import IDEMPOTENCY_HEADER
 
@@ -77,6 +77,10 @@ _UNIT_ATTEMPTS = 3
 _MAX_RECORDING_DELAY = 2.0
 # How many saga ids one ERROR line names per definition.
 _NAMED_PER_DEFINITION = 20
+
+
+class _SomeUnitFailed(Exception):
+    """A unit of a batch recorded without savepoints failed: the batch is recorded again unit by unit."""
 
 
 class NotRecorded(FailedPrecondition):
@@ -503,7 +507,14 @@ class Dispatcher:
 
     async def _commit(self, items: list[_Item]) -> None:
         try:
-            outcome = await self._database.transaction(lambda c, batch=items: self._apply_units(c, batch))  # type: ignore[misc]
+            try:
+                outcome = await self._database.transaction(lambda c, batch=items: self._apply_units(c, batch))  # type: ignore[misc]
+            except _SomeUnitFailed as failed:
+                # Nothing of the batch was applied: record it again, each unit in a savepoint of its own.
+                cause = failed.__cause__
+                log.warning("a unit of a batch of %d failed (%s: %s); recording each alone", len(items),
+                            type(cause).__name__, cause)  # fmt: skip
+                outcome = await self._database.transaction(lambda c, batch=items: self._apply_each(c, batch))  # type: ignore[misc]
         except Exception as error:
             log.exception("recording a batch of %d units failed", len(items))
             self._batch_failed(items, error)
@@ -585,10 +596,13 @@ class Dispatcher:
             self._queue.task_done()
 
     def _apply_units(self, connection: Connection, items: list[_Item]) -> _BatchOutcome:
-        """Record every unit of the batch; a unit that fails is rolled back alone and only its caller hears of it.
+        """Record every unit of the batch at once, with no savepoint: the common case, where none fails.
 
-        The whole batch is tried first in one savepoint, which costs no more than the batch itself;
-        only when something in it fails is each unit recorded again in a savepoint of its own.
+        When one fails this raises _SomeUnitFailed: svckit.db then rolls the whole unit of work back
+        (nothing of the batch is applied or answered) and _commit records the batch again with
+        _apply_each, where a unit that fails is rolled back alone and only its caller hears of it.
+        A savepoint around the batch would cost two round trips per batch on PostgreSQL to save a
+        transaction only when something fails.
         """
         # Starts insert their business keys in one order on every replica: two replicas starting
         # the same keys at once then queue behind each other instead of deadlocking in the
@@ -596,15 +610,18 @@ class Dispatcher:
         items = sorted(items, key=_insert_order)
         batch = _BatchOutcome()
         try:
-            with savepoint(connection):
-                self._apply(connection, items, batch)
-            return batch
+            self._apply(connection, items, batch)
         except Exception as error:
             if _connection_lost(connection):
                 raise  # nothing of the transaction stands: the database runs the whole unit again
-            log.warning(
-                "a unit of a batch of %d failed (%s: %s); recording each alone", len(items), type(error).__name__, error
-            )
+            if needs_new_transaction(connection, error):
+                raise  # this snapshot can never see the winner: svckit.db runs the batch again in a new one
+            raise _SomeUnitFailed() from error
+        return batch
+
+    def _apply_each(self, connection: Connection, items: list[_Item]) -> _BatchOutcome:
+        """Record every unit of the batch, each in a savepoint of its own: one that fails fails alone."""
+        items = sorted(items, key=_insert_order)
         batch = _BatchOutcome()
         for item in items:
             self._apply_alone(connection, item, batch)
@@ -619,8 +636,14 @@ class Dispatcher:
             except Exception as error:
                 if _connection_lost(connection):
                     raise
+                if needs_new_transaction(connection, error):
+                    # A serialization failure or deadlock, or a key race on one snapshot (REPEATABLE
+                    # READ, SERIALIZABLE): a try in this transaction would fail the same way, so the
+                    # whole batch is handed back to svckit.db, which runs it again in a new transaction
+                    # (where a losing start finds the winner's saga). Nothing of it was answered yet.
+                    raise
                 if attempt < _UNIT_ATTEMPTS and is_retryable_conflict(error):
-                    continue  # a unique-key race or a deadlock: the next try sees the winner
+                    continue  # a unique-key race at READ COMMITTED: the next statement sees the winner
                 self._unit_failed(item, error, batch)
                 return
             batch.merge(alone)

@@ -235,6 +235,14 @@ _SELECT_SAGA = select(*[SAGA.c[name] for name in _SAGA_COLUMNS]).where(SAGA.c.sa
 _LOAD_SAGA = Prepared(_SELECT_SAGA)
 # Row locks keep two replicas from recording transitions of one saga at once on PostgreSQL.
 _LOAD_SAGA_FOR_UPDATE = Prepared(_SELECT_SAGA.with_for_update())
+# PostgreSQL only: saga_id = ANY(array), a list bound as one array parameter.
+_SELECT_SAGAS_ANY = (
+    select(*[SAGA.c[name] for name in _SAGA_COLUMNS])
+    .where(SAGA.c.saga_id == func.any(bindparam("saga_ids")))
+    .order_by(SAGA.c.saga_id)
+)
+_LOAD_SAGAS_ANY = Prepared(_SELECT_SAGAS_ANY)
+_LOAD_SAGAS_ANY_FOR_UPDATE = Prepared(_SELECT_SAGAS_ANY.with_for_update())
 _FIND_BY_BUSINESS_KEY = Prepared(
     select(*[SAGA.c[name] for name in _SAGA_COLUMNS]).where(
         SAGA.c.saga_type == bindparam("saga_type"), SAGA.c.business_key == bindparam("business_key")
@@ -247,9 +255,17 @@ def update_sagas(connection: Connection, sagas: Iterable[SagaState]) -> None:
 
 
 def load_sagas(connection: Connection, saga_ids: Iterable[str], *, for_update: bool = False) -> dict[str, SagaState]:
+    """The sagas of saga_ids that exist; with for_update, row-locked in ascending id order."""
+    ids = list(saga_ids)
+    if len(ids) > 1 and connection.dialect.name == "postgresql":
+        # One statement (one round trip) for the batch: ORDER BY is applied before FOR UPDATE, so
+        # the rows are still locked in ascending id order, as two replicas' batches need.
+        statement = _LOAD_SAGAS_ANY_FOR_UPDATE if for_update else _LOAD_SAGAS_ANY
+        rows = statement.execute(connection, {"saga_ids": sorted(set(ids))}).fetchall()
+        return {row[0]: saga_from_row(row) for row in rows}
     statement = _LOAD_SAGA_FOR_UPDATE if for_update else _LOAD_SAGA
     sagas = {}
-    for saga_id in saga_ids:
+    for saga_id in ids:
         row = statement.execute(connection, {"saga_id": saga_id}).fetchone()
         if row is not None:
             sagas[saga_id] = saga_from_row(row)

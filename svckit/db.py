@@ -3,17 +3,26 @@
 Every unit of work handed to `Database.transaction` runs on that thread inside a savepoint of a
 shared transaction; the transaction commits once for all the work queued meanwhile, and only then
 are the results handed back. So each unit is atomic on its own, nothing is reported before it is
-durable, and a busy process pays for one commit per batch instead of one per call.
+durable, and a busy process pays for one commit per batch instead of one per call. A unit alone
+in its transaction (the usual case when the process is not busy) runs without a savepoint: rolling
+the whole transaction back undoes exactly its work, for two round trips fewer on PostgreSQL.
 
 Each unit also succeeds or fails alone, whatever else is in its batch:
 
 - a unit that raises is rolled back to its savepoint, and the batch carries on without it;
 - a unit that ends the transaction itself (SQLite's RAISE(ROLLBACK)) fails, and the others run again;
 - a lock conflict (deadlock victim, lock timeout, unique-key race) is retried alone, after the batch;
+  so is a conflict that ended the whole transaction (a database that cannot roll back to a savepoint
+  after a serialization failure, 40001, or a deadlock, 40P01): it runs again alone, in a new transaction;
 - a COMMIT the database refuses (a deferred constraint) is retried unit by unit, so only the guilty fails;
 - a connection lost before COMMIT loses nothing durable: the batch runs again on a new connection;
-- a connection lost during COMMIT leaves the outcome unknown, and says so (`CommitOutcomeUnknown`,
-  retryable): a retry with the same idempotency key then replays the unit if it committed, or runs it.
+- a connection lost during COMMIT, or a COMMIT answered 40003 (statement_completion_unknown), leaves
+  the outcome unknown, and says so (`CommitOutcomeUnknown`, retryable) instead of running the units
+  again: a retry with the same idempotency key then replays the unit if it committed, or runs it.
+
+A unit whose conflict no retry inside its transaction can settle (`needs_new_transaction`: 40001,
+40P01, or a key race on one snapshot at REPEATABLE READ or SERIALIZABLE) re-raises it, and is run
+again alone in a new transaction.
 
 On PostgreSQL, where two processes may share a database, a batch never waits for a lock in a way
 that could close a cycle with another process's batch: units that lock rows other orders lock too
@@ -63,6 +72,7 @@ __all__ = [
     "is_retryable_conflict",
     "key_lock_id",
     "may_wait_for_locks",
+    "needs_new_transaction",
     "record_columns",
     "savepoint",
 ]
@@ -75,7 +85,14 @@ log = logging.getLogger("sagasuite.db")
 # serialization failure, deadlock victim and lock timeout. A unique-key race is retried too, since
 # the retry then sees the winner's committed row (and an idempotent call replays it).
 _TRANSIENT_SQLSTATES = {"40001", "40P01", "55P03"}
-_RETRYABLE_SQLSTATES = {*_TRANSIENT_SQLSTATES, "23505"}
+_UNIQUE_VIOLATION = "23505"
+_RETRYABLE_SQLSTATES = {*_TRANSIENT_SQLSTATES, _UNIQUE_VIOLATION}
+# Conflicts that no retry inside the same transaction can settle: its snapshot (or its SSI
+# bookkeeping) is what lost. Only a new transaction can succeed.
+_ENDS_SNAPSHOT_SQLSTATES = {"40001", "40P01"}
+# statement_completion_unknown: the server cannot say whether a COMMIT took effect (CockroachDB's
+# ambiguous result, on a live connection). Handled as a connection lost during COMMIT.
+_COMMIT_UNKNOWN_SQLSTATES = {"40003"}
 _MAX_ATTEMPTS = 5
 _MAX_BATCH = 256
 # Runs of one batch on a fresh connection after its connection broke before COMMIT.
@@ -85,6 +102,7 @@ _MAX_BOUNCES = 2
 # One key for every process of the suite: schema creation takes turns on it.
 _SCHEMA_LOCK_KEY = int.from_bytes(hashlib.sha256(b"sagasuite.create_schema").digest()[:8], "big", signed=True)
 # psycopg's pq.TransactionStatus values, read without importing psycopg where SQLite is all there is.
+_PG_IDLE = 0
 _PG_IN_TRANSACTION = 2
 _PG_IN_ERROR = 3
 
@@ -112,6 +130,38 @@ def is_retryable_conflict(error: BaseException) -> bool:
     if isinstance(original, sqlite3.OperationalError):
         return "locked" in str(original).lower() or "busy" in str(original).lower()
     return getattr(original, "sqlstate", None) in _RETRYABLE_SQLSTATES
+
+
+def _sqlstate(error: BaseException) -> str | None:
+    original = error.orig if isinstance(error, DBAPIError) else error
+    return getattr(original, "sqlstate", None)
+
+
+def needs_new_transaction(connection: Connection, error: BaseException) -> bool:
+    """True when trying the work again in this transaction (after a savepoint) cannot succeed.
+
+    A serialization failure (40001) or a deadlock (40P01) on PostgreSQL, or a unique-key race
+    (23505) at a level with one snapshot per transaction (REPEATABLE READ, SERIALIZABLE), where the
+    snapshot never shows the winner's row. The unit should re-raise: `Database.transaction` then runs
+    it again, alone, in a new transaction. At READ COMMITTED a key race is settled in the same
+    transaction: the next statement sees the winner. Looks the level up only for a key race (rare).
+    """
+    state = _sqlstate(error)
+    if state in _ENDS_SNAPSHOT_SQLSTATES:
+        return True
+    if state != _UNIQUE_VIOLATION or connection.dialect.name != "postgresql":
+        return False
+    raw = _raw(connection)
+    if _pg_status(raw) != _PG_IN_TRANSACTION:
+        return True  # the transaction is unusable anyway
+    try:
+        cursor = raw.cursor()
+        cursor.execute("SELECT current_setting('transaction_isolation')")
+        level = str(cursor.fetchone()[0])
+    except Exception:
+        log.debug("reading the isolation level failed", exc_info=True)
+        return True
+    return level != "read committed"
 
 
 class KeyBusy(Exception):
@@ -206,6 +256,11 @@ class Prepared:
 
     def executemany(self, connection: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
         if not rows:
+            return
+        if len(rows) == 1:
+            # psycopg runs executemany in pipeline mode, whose set-up and syncs cost more than one
+            # plain execute (measured: docs/scaling.md#round-trips-per-unit-on-postgresql).
+            self.execute(connection, rows[0])
             return
         sql, positions = self._sql(connection)
         cursor = connection.connection.cursor()
@@ -564,27 +619,27 @@ class Database:
             if isinstance(connection, BaseException):
                 self._fail(todo, DatabaseUnavailable(f"cannot connect: {type(connection).__name__}"))
                 return
-            outcome, _ = self._round(connection, todo, order_locks=self._orders_locks)
+            outcome, commit_error = self._round(connection, todo, order_locks=self._orders_locks)
             self._settle([job for job in todo if job.state is _State.FAILED])
             done = [job for job in todo if job.state is _State.DONE]
             conflicts = [job for job in todo if job.state is _State.CONFLICT]
             out_of_order = [job for job in todo if job.state is _State.BOUNCED]
             if outcome is _Round.COMMITTED:
                 self._settle(done)
-                alone, bounced = conflicts, out_of_order
+                alone, bounced = alone + conflicts, out_of_order
                 break
             if outcome is _Round.COMMIT_UNKNOWN:
                 log.warning("the connection broke during the COMMIT of %d units: their outcome is unknown", len(done))
                 for job in done:
-                    job.result, job.error = None, CommitOutcomeUnknown("the connection broke during COMMIT")
+                    job.result, job.error = None, CommitOutcomeUnknown(_unknown_cause(commit_error))
                 self._settle(done)
                 self._drop_connection()
-                alone = conflicts + out_of_order
+                alone += conflicts + out_of_order
                 break
             if outcome is _Round.COMMIT_REFUSED:
                 # Some unit's writes cannot commit (a deferred constraint): each commits alone, so only it fails.
                 log.warning("the database refused the COMMIT of %d units; committing each alone", len(done))
-                alone = done + conflicts + out_of_order
+                alone += done + conflicts + out_of_order
                 break
             if outcome is _Round.BROKEN:
                 self._drop_connection()
@@ -596,8 +651,11 @@ class Database:
                     )
                     return
                 log.warning("the connection broke before COMMIT; nothing was applied, running the units again")
-            # BROKEN or ENDED: nothing of the round is durable; all but the failed units run again.
-            todo = [job for job in todo if job.state is not _State.FAILED]
+            # BROKEN or ENDED: nothing of the round is durable; all but the failed units run again,
+            # those that met a conflict alone after the batch (so a conflict cannot end round after round).
+            ended_by_conflict = [job for job in todo if job.state is _State.CONFLICT]
+            alone += ended_by_conflict
+            todo = [job for job in todo if job.state is not _State.FAILED and job not in ended_by_conflict]
         for job in bounced:
             job.bounces += 1
         again = [] if self._inline else [job for job in bounced if job.bounces <= _MAX_BOUNCES]
@@ -633,8 +691,11 @@ class Database:
             try:
                 if not self.is_postgres:  # psycopg begins implicitly with the first statement
                     raw.execute("BEGIN IMMEDIATE")
+                # A unit alone in its transaction needs no savepoint: if it fails, rolling the whole
+                # transaction back undoes exactly its work, and saves two round trips on PostgreSQL.
+                alone = len(jobs) == 1
                 for job in jobs:
-                    self._run_unit(connection, job)
+                    self._run_unit(connection, job, alone=alone)
             except (_ConnectionBroke, _TransactionEnded) as stop:
                 _roll_back_quietly(raw)
                 return (_Round.BROKEN if isinstance(stop, _ConnectionBroke) else _Round.ENDED), None
@@ -642,6 +703,14 @@ class Database:
                 log.warning("starting a transaction failed: %s", error)
                 _roll_back_quietly(raw)
                 return _Round.BROKEN, error
+            if not any(job.state is _State.DONE for job in jobs):
+                # Nothing to commit (a lone unit that failed was rolled back already): settled as it is.
+                if self._transaction_open(raw):
+                    _roll_back_quietly(raw)
+                return _Round.COMMITTED, None
+            if len(jobs) == 1 and _pg_status(raw) == _PG_IDLE:
+                # A lone unit that ran no statement: psycopg never began a transaction, nothing to commit.
+                return _Round.COMMITTED, None
             if not self._transaction_open(raw):
                 # Never COMMIT a transaction that is no longer there: the COMMIT would "succeed".
                 _roll_back_quietly(raw)
@@ -651,6 +720,12 @@ class Database:
             except Exception as error:
                 if self._disconnected(connection, error):
                     return _Round.COMMIT_UNKNOWN, error
+                if _sqlstate(error) in _COMMIT_UNKNOWN_SQLSTATES:
+                    # The server cannot say whether the COMMIT took effect: running the units again
+                    # could apply one twice. Their callers hear CommitOutcomeUnknown and retry by key.
+                    log.warning("the database could not say whether the COMMIT took effect: %s", error)
+                    _roll_back_quietly(raw)
+                    return _Round.COMMIT_UNKNOWN, error
                 log.warning("COMMIT failed: %s", error)
                 _roll_back_quietly(raw)
                 return _Round.COMMIT_REFUSED, error
@@ -659,21 +734,36 @@ class Database:
             if ledger is not None:
                 _LEDGERS.pop(connection, None)
 
-    def _run_unit(self, connection: Connection, job: _Job[Any]) -> None:
+    def _run_unit(self, connection: Connection, job: _Job[Any], *, alone: bool = False) -> None:
+        """Run one unit of a round: in a savepoint when it shares the transaction, bare when it is alone."""
         job.result, job.error = None, None
         try:
-            with savepoint(connection):
+            if alone:
                 job.result = job.context.run(job.work, connection)
+                if self.is_postgres and _pg_status(_raw(connection)) == _PG_IN_ERROR:
+                    raise UnitLeftTransactionAborted()
+            else:
+                with savepoint(connection):
+                    job.result = job.context.run(job.work, connection)
         except _OutOfLockOrder as bounce:
             job.result, job.lock_keys, job.state = None, bounce.keys, _State.BOUNCED
+            if alone:
+                _roll_back_quietly(_raw(connection))
             return
         except Exception as error:
             job.result, job.error = None, error
             if self._disconnected(connection, error):
                 job.state = _State.PENDING
                 raise _ConnectionBroke() from error
+            if alone:
+                # The transaction held this unit's work only: rolling it back is the savepoint's rollback.
+                _roll_back_quietly(_raw(connection))
+                job.state = _State.CONFLICT if is_retryable_conflict(error) else _State.FAILED
+                return
             if not self._transaction_open(_raw(connection)):
-                job.state = _State.FAILED
+                # A conflict that took the transaction with it (a database that cannot roll back to a
+                # savepoint after a serialization failure) runs again alone; anything else is the unit's own.
+                job.state = _State.CONFLICT if _is_transient_conflict(error) else _State.FAILED
                 raise _TransactionEnded() from error
             job.state = _State.CONFLICT if is_retryable_conflict(error) else _State.FAILED
             return
@@ -703,7 +793,7 @@ class Database:
                     continue
                 return  # done, or failed with its own error
             if outcome is _Round.COMMIT_UNKNOWN:
-                job.result, job.error = None, CommitOutcomeUnknown("the connection broke during COMMIT")
+                job.result, job.error = None, CommitOutcomeUnknown(_unknown_cause(commit_error))
                 self._drop_connection()
                 return
             if outcome is _Round.COMMIT_REFUSED:
@@ -714,6 +804,9 @@ class Database:
                     continue
                 return
             if outcome is _Round.ENDED:
+                if job.state is _State.CONFLICT and not last:
+                    time.sleep(0.002 * attempt)  # a conflict ended it: a new transaction may succeed
+                    continue
                 return  # the unit ended its own transaction: failed with that error
             self._drop_connection()  # BROKEN: nothing applied, try again on a new connection
             job.result, job.error = None, DatabaseUnavailable("the connection broke before COMMIT")
@@ -733,6 +826,12 @@ class Database:
         except Exception:
             return True
         return bool(raw.closed or getattr(raw, "broken", False))
+
+
+def _unknown_cause(error: BaseException | None) -> str:
+    if error is not None and _sqlstate(error) in _COMMIT_UNKNOWN_SQLSTATES:
+        return "the database answered COMMIT with 40003, statement_completion_unknown"
+    return "the connection broke during COMMIT"
 
 
 def _roll_back_quietly(raw: Any) -> None:

@@ -15,7 +15,7 @@ from google.rpc import status_pb2
 from sqlalchemy import Column, Connection, LargeBinary, bindparam, delete, func, insert, literal_column, select
 from sqlmodel import Field, SQLModel
 
-from svckit.db import Database, KeyBusy, Prepared, key_lock_id, may_wait_for_locks, savepoint
+from svckit.db import Database, KeyBusy, Prepared, key_lock_id, may_wait_for_locks
 from svckit.errors import DeadlineExceeded, DomainError, FailedPrecondition, IdempotencyKeyReused, error_from_status
 from svckit.server import CallContext, RpcServer, rpc
 
@@ -114,7 +114,7 @@ class IdempotencyStore:
         lock_name = f"order/{order_id}" if isinstance(order_id, str) and order_id else f"key/{key}"
         lock = key_lock_id(lock_name)
 
-        def work(connection: Connection) -> IdempotentResult[ResponseT] | _Refusal:
+        def work(connection: Connection, refused: DomainError | None = None) -> IdempotentResult[ResponseT] | _Refusal:
             # Checked before the effect too: a call whose caller has gone must not take locks or do
             # work (a queued batch, a retry after a deadlock) only to be rolled back.
             if deadline is not None and time.monotonic() >= deadline:
@@ -122,13 +122,15 @@ class IdempotencyStore:
             row = self._claim_and_read(connection, key, lock, lock_name)
             if row is not None:
                 return _replay(key, method, request_hash, row, response_type)
-            refusal: DomainError | None = None
-            try:
-                # A savepoint, so a refusal raised halfway leaves none of the effect's writes.
-                with savepoint(connection):
+            refusal = refused
+            if refusal is None:
+                # No savepoint around the effect (two round trips on PostgreSQL, for every call) to
+                # undo the writes of the rare one refused halfway: a refusal undoes the whole unit
+                # instead, and only its record is written, in a new transaction (below).
+                try:
                     response = effect(connection)
-            except DomainError as error:
-                refusal = error
+                except DomainError as error:
+                    raise _RefusedMidway(error) from error
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded("the caller's deadline passed before the work committed")
             if refusal is not None:
@@ -154,7 +156,13 @@ class IdempotencyStore:
                 return _Refusal(refusal)
             return IdempotentResult(response, replayed=False)
 
-        result = await self._database.transaction(work)
+        try:
+            result = await self._database.transaction(work)
+        except _RefusedMidway as refused:
+            # Nothing of the refused run was applied: the state is what the effect saw, so its
+            # refusal stands, as if recorded then. The record is written under the call's lock, once
+            # it has read that no duplicate of the call recorded meanwhile (which it then replays).
+            result = await self._database.transaction(functools.partial(work, refused=refused.error))
         if isinstance(result, _Refusal):
             raise result.error
         return result
@@ -189,6 +197,14 @@ class IdempotencyStore:
             return connection.execute(delete(_TABLE).where(_TABLE.c.created_at < cutoff)).rowcount
 
         return await self._database.transaction(work)
+
+
+class _RefusedMidway(Exception):
+    """The effect refused the call, perhaps after writing: the unit is undone, and the refusal recorded alone."""
+
+    def __init__(self, error: DomainError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class _Refusal:

@@ -14,7 +14,6 @@ reports it blocked (pg_blocking_pids), never for a lucky sleep.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections import Counter
@@ -28,13 +27,9 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
 from orchestrator import store
-from orchestrator.dispatcher import Dispatcher
 from orchestrator.engine import ACTION, Command, SagaState, Status
-from orchestrator.sagas.order import ORDER_SAGA
 from svckit.db import Database, is_retryable_conflict, savepoint
-from svckit.errors import RetryableError
 from tests.orchestrator_helpers import fresh_postgres_database
-from tests.unit.test_dispatcher_batch import order, running
 
 T = TypeVar("T")
 
@@ -357,7 +352,7 @@ def start(connection: Connection, saga_id: str, business_key: str) -> tuple[str,
 
 
 class _StartConflict(Exception):
-    """Every try of a start in its transaction met a conflict: the dispatcher answers RetryableError."""
+    """Every try of a start in its transaction met a conflict: the dispatcher runs it again in a new transaction."""
 
     def __init__(self, tries: list[str]) -> None:
         super().__init__(f"every try met a conflict: {tries}")
@@ -391,13 +386,14 @@ def test_two_starts_of_one_business_key_at_once_give_one_saga(
             assert starting.result(timeout=WITHIN) == ("saga-first", [UNIQUE_VIOLATION, "found"])
         else:
             # The snapshot never shows the winner: every try in the transaction fails the same way
-            # (SERIALIZABLE reports the key clash as a serialization failure), and the dispatcher
-            # answers the caller with a retryable error (RetryableError, UNAVAILABLE).
+            # (SERIALIZABLE reports the key clash as a serialization failure). So the dispatcher
+            # does not try in the transaction: it hands the conflict to svckit.db, which runs the
+            # unit again in a new one (tests/integration/test_pg_start_isolation.py), as below.
             with pytest.raises(_StartConflict) as conflicted:
                 starting.result(timeout=WITHIN)
             clash = SERIALIZATION_FAILURE if serializable(engine) else UNIQUE_VIOLATION
             assert conflicted.value.tries == [clash] * UNIT_ATTEMPTS
-            # The caller's retry (a new transaction) is answered with the one saga.
+            # A new transaction is answered with the one saga.
             assert in_new_transaction(engine, lambda c: start(c, "saga-retry", "order-42")) == ("saga-first", ["found"])
     assert sagas_with_key(engine, "order-42") == ["saga-first"]
 
@@ -441,57 +437,3 @@ class _Retry(Exception):
     """Stands for the RetryableError the caller sees; classified as a conflict so in_new_transaction retries."""
 
     sqlstate = SERIALIZATION_FAILURE
-
-
-# -- the dispatcher ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("level", LEVELS, ids=lambda level: level.lower().replace(" ", "_"))
-async def test_two_replicas_starting_the_same_orders_give_one_saga_each_and_finish_them(
-    level: str, postgres_admin_url: str
-) -> None:
-    # The whole orchestrator path on a database whose every transaction runs at the level: group
-    # commits, claims, fences and outcomes of two replicas, each order started on both at once.
-    with fresh_postgres_database(postgres_admin_url) as url:
-        admin = create_engine(url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-        with admin.connect() as connection:
-            name = url.rsplit("/", 1)[1]
-            connection.execute(text(f"ALTER DATABASE \"{name}\" SET default_transaction_isolation = '{level.lower()}'"))
-        admin.dispose()
-        databases = [Database(url), Database(url)]
-        store.ensure_schema(databases[0])
-        started: list[Dispatcher] = []
-        try:
-            for replica, database in zip(("replica-a", "replica-b"), databases, strict=True):
-                dispatcher, _ = await running(database, replica_id=replica)
-                started.append(dispatcher)
-            keys = [f"order-{n}" for n in range(20)]
-            replies = await asyncio.gather(
-                *(d.start_saga(ORDER_SAGA, key, order(key), 300) for key in keys for d in started),
-                return_exceptions=True,
-            )
-            rows = databases[0].transaction_sync(
-                lambda c: c.execute(text("SELECT business_key, saga_id FROM saga")).all()
-            )
-            sagas: dict[str, str] = {str(key): str(saga_id) for key, saga_id in rows}
-            assert sorted(sagas) == sorted(keys)
-            for key, reply in zip([key for key in keys for _ in started], replies, strict=True):
-                if isinstance(reply, BaseException):
-                    # A start that lost the key race on one snapshot is told to retry, never given a second saga.
-                    assert level != "READ COMMITTED" and isinstance(reply, RetryableError), reply
-                else:
-                    assert reply[0].saga_id == sagas[key]
-            deadline = time.monotonic() + WITHIN
-            while (statuses := _statuses(databases[0])) != {"COMPLETED": len(keys)}:
-                assert time.monotonic() < deadline, statuses
-                await asyncio.sleep(0.05)
-        finally:
-            for dispatcher in started:
-                await dispatcher.stop(5)
-            for database in databases:
-                database.close()
-
-
-def _statuses(database: Database) -> dict[str, int]:
-    rows = database.transaction_sync(lambda c: c.execute(text("SELECT status FROM saga")).scalars().all())
-    return dict(Counter(str(status) for status in rows))
