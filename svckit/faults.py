@@ -19,11 +19,13 @@ class FaultRule:
     """What to do to calls of one method (or of every method, for "*").
 
     reply_delay_first=N limits reply_delay_ms to the first N replies per method and key (0: every
-    reply), so a retry with the same key gets its replayed answer in time.
+    reply), so a retry with the same key gets its replayed answer in time; latency_first=N limits
+    latency_ms to the first N calls per method and key the same way, so a resend is not slowed.
     """
 
     method: str
     latency_ms: float = 0.0
+    latency_first: int = 0
     reply_delay_ms: float = 0.0
     reply_delay_first: int = 0
     error_rate: float = 0.0
@@ -42,6 +44,7 @@ class FaultRule:
 
 _NUMERIC_FIELDS = {
     "latency_ms": float,
+    "latency_first": int,
     "reply_delay_ms": float,
     "reply_delay_first": int,
     "error_rate": float,
@@ -86,6 +89,7 @@ class FaultInjector:
     def __init__(self, rules: list[FaultRule]) -> None:
         self._rules = rules
         self._calls_by_key: Counter[tuple[str, str]] = Counter()
+        self._delayed_by_key: Counter[tuple[str, str]] = Counter()
         self._replies_by_key: Counter[tuple[str, str]] = Counter()
 
     @property
@@ -97,7 +101,9 @@ class FaultInjector:
             if not rule.applies_to(method, key, order_id):
                 continue
             if rule.latency_ms:
-                await asyncio.sleep(rule.latency_ms / 1000)
+                self._delayed_by_key[(method, key)] += 1
+                if not rule.latency_first or self._delayed_by_key[(method, key)] <= rule.latency_first:
+                    await asyncio.sleep(rule.latency_ms / 1000)
             if rule.fail_first:
                 self._calls_by_key[(method, key)] += 1
                 if self._calls_by_key[(method, key)] <= rule.fail_first:

@@ -52,13 +52,14 @@ ORCHESTRATOR_ENV = {
 }
 SMALL, BIG = 2599, 9000
 # Faults pick orders by a fragment of their id, so each test slows only its own orders:
-# "crash-branch-": ReserveStock sleeps 1.2 s before its work (v2's call timeout is 2 s), and Charge
-#   commits, then holds its first reply 1.5 s: both branches of v2 are on the wire at once;
+# "crash-branch-": ReserveStock's first call sleeps 1.9 s before its work (v2's call timeout is 2 s; the
+#   resend after the restart does not sleep), and Charge commits, then holds its first reply 1.5 s:
+#   both branches of v2 are on the wire at once, for as long as the call timeout allows;
 # "crash-stop-": ReserveStock sleeps 6 s (PatientParallelOrder allows 20) while the other branch fails
 #   (its charge comes after a 2 s timer) or while the saga is paused;
 # "crash-ship-": CreateShipment commits, then holds its first reply 1.5 s: the child's pivot on the wire.
 FAULTS = {
-    "inventory": "ReserveStock:latency_ms=1200,order_contains=crash-branch-;"
+    "inventory": "ReserveStock:latency_ms=1900,latency_first=1,order_contains=crash-branch-;"
     "ReserveStock:latency_ms=6000,order_contains=crash-stop-",
     "payment": "Charge:reply_delay_ms=1500,reply_delay_first=1,order_contains=crash-branch-",
     "shipping": "CreateShipment:reply_delay_ms=1500,reply_delay_first=1,order_contains=crash-ship-",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import grpc
@@ -183,3 +184,19 @@ def test_a_bad_faults_setting_is_one_configuration_line_not_a_traceback(
     assert error.startswith("configuration error:")
     assert "FAULTS" in error and "latency_ms must be a number" in error
     assert "Traceback" not in error
+
+
+async def test_latency_first_delays_only_the_first_calls_of_each_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    (rule,) = parse_faults("Reserve:latency_ms=50,latency_first=1")
+    assert rule.latency_first == 1
+    injector = FaultInjector([rule])
+    slept: list[float] = []
+
+    async def recording_sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    monkeypatch.setattr(asyncio, "sleep", recording_sleep)
+    for key in ("k1", "k1", "k2", "k1"):
+        await injector.before("Reserve", key)
+    # The first call of k1 and the first of k2 wait; the resends of k1 do not.
+    assert slept == [0.05, 0.05]
