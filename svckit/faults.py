@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ import grpc
 from svckit.errors import RetryableError
 
 __all__ = ["FaultInjector", "FaultRule", "parse_faults"]
+
+log = logging.getLogger("sagasuite.faults")
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,9 @@ class FaultInjector:
             if rule.latency_ms:
                 self._delayed_by_key[(method, key)] += 1
                 if not rule.latency_first or self._delayed_by_key[(method, key)] <= rule.latency_first:
+                    # Said when it starts, so that a test can act while the call is on the wire.
+                    log.info("injected latency: %s, key %s, sleeps %g ms before its work", method, key,
+                             rule.latency_ms)  # fmt: skip
                     await asyncio.sleep(rule.latency_ms / 1000)
             if rule.fail_first:
                 self._calls_by_key[(method, key)] += 1
@@ -118,4 +124,6 @@ class FaultInjector:
                     self._replies_by_key[(method, key)] += 1
                     if self._replies_by_key[(method, key)] > rule.reply_delay_first:
                         continue
+                log.info("injected reply delay: %s, key %s, holds its reply %g ms after its work", method, key,
+                         rule.reply_delay_ms)  # fmt: skip
                 await asyncio.sleep(rule.reply_delay_ms / 1000)

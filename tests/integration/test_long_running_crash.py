@@ -54,7 +54,7 @@ SMALL, BIG = 2599, 9000
 # Faults pick orders by a fragment of their id, so each test slows only its own orders:
 # "crash-branch-": ReserveStock's first call sleeps 1.9 s before its work (v2's call timeout is 2 s; the
 #   resend after the restart does not sleep), and Charge commits, then holds its first reply 1.5 s:
-#   both branches of v2 are on the wire at once, for as long as the call timeout allows;
+#   the test kills once the services have logged both delays of both orders;
 # "crash-stop-": ReserveStock sleeps 6 s (PatientParallelOrder allows 20) while the other branch fails
 #   (its charge comes after a 2 s timer) or while the saga is paused;
 # "crash-ship-": CreateShipment commits, then holds its first reply 1.5 s: the child's pivot on the wire.
@@ -415,10 +415,20 @@ async def test_kill_with_both_branches_of_order_saga_v2_on_the_wire(stack: Local
         clients.place(order_request(small, minor_units=SMALL)), clients.place(order_request(big, minor_units=BIG))
     )
     saga_ids = dict(zip((small, big), placed, strict=True))
+
     # Each charge is committed with its reply held back, each reserve sleeps before its work: kill
     # there at once (the services' logs below show that both calls were on the wire).
-    charges = [exists(functools.partial(clients.payment_of, order_id, call_timeout=5)) for order_id in saga_ids]
-    await asyncio.gather(*(wait_until(charge, "the charge", within=WAIT) for charge in charges))
+    async def both_on_the_wire() -> bool:
+        # Read from the faults' own log lines, written as each delay starts: every reserve sleeps before
+        # its work, and every charge has committed and holds its reply.
+        inventory, payment = stack.services["inventory"].log_path, stack.services["payment"].log_path
+        return all(
+            log_lines(inventory, "injected latency: ReserveStock,", f"key {saga_id}/reserve_stock/action,")
+            and log_lines(payment, "injected reply delay: Charge,", f"key {saga_id}/charge_payment/action,")
+            for saga_id in saga_ids.values()
+        )
+
+    await wait_until(both_on_the_wire, "both branches on the wire", within=WAIT)
     await crash_and_restart(stack)
     # The big order waits for its review after the branches: rejected, it compensates both.
     await wait_for(clients, saga_ids[big], waiting_on("fraud_review"), within=WAIT)
