@@ -12,7 +12,6 @@ that saga (history timestamps, GetSaga), as tests/integration/test_orchestrator_
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 import urllib.request
 import uuid
@@ -21,6 +20,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grpc
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import Engine, create_engine, text
 
 from bench.goals import REPLICAS
 from bench.stats import percentile
@@ -46,7 +47,7 @@ TAKEOVER_REPLICA_ID = "bench-replica-killed"
 # given to every replica of the pass so the report says what they were.
 REPLICA_ENV = {"HEARTBEAT_INTERVAL_SECONDS": "0.5", "REPLICA_SILENT_AFTER_SECONDS": "2.5", "METRICS_PORT": "0"}
 WAIT_DEADLINE = 120.0
-_COUNTER = re.compile(r"^sagasuite_sagas_(started|completed)_total(?:\{[^}]*\})? ([0-9.eE+-]+)$", re.MULTILINE)
+_COUNTED = {"sagasuite_sagas_started_total": "started", "sagasuite_sagas_completed_total": "completed"}
 
 
 def _read_counters(metrics_port: int | None) -> dict[str, float] | None:
@@ -59,8 +60,10 @@ def _read_counters(metrics_port: int | None) -> dict[str, float] | None:
     except OSError:
         return None
     totals = {"started": 0.0, "completed": 0.0}
-    for kind, value in _COUNTER.findall(text):
-        totals[kind] += float(value)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in _COUNTED:
+                totals[_COUNTED[sample.name]] += sample.value
     return totals
 
 
@@ -173,25 +176,17 @@ class ReplicasGroup:
         self._second = None
 
 
-def _leased_by(database_url: str, owner: str) -> set[str]:
+def _leased_by(engine: Engine, owner: str) -> set[str]:
     """Sagas whose pending command the replica holds a lease on (read from the shared database)."""
-    import sqlalchemy
-
-    engine = sqlalchemy.create_engine(database_url, connect_args={"connect_timeout": 5})
-    try:
-        with engine.connect() as connection:
-            rows = connection.execute(
-                sqlalchemy.text("select saga_id from outbox where lease_owner = :o"), {"o": owner}
-            )
-            return {str(row.saga_id) for row in rows}
-    finally:
-        engine.dispose()
+    with engine.connect() as connection:
+        rows = connection.execute(text("select saga_id from outbox where lease_owner = :o"), {"o": owner})
+        return {str(row.saga_id) for row in rows}
 
 
 async def _takeover(
     survivor_address: str,
     victim: ManagedProcess,
-    database_url: str,
+    database: Engine,
     concurrency: int,
     before_kill: float,
     limit: float,
@@ -224,14 +219,14 @@ async def _takeover(
         await asyncio.sleep(before_kill)
         # Killed only once it holds sagas, so the takeover is exercised.
         give_up = time.monotonic() + 30
-        while not await asyncio.to_thread(_leased_by, database_url, victim.env["REPLICA_ID"]):
+        while not await asyncio.to_thread(_leased_by, database, victim.env["REPLICA_ID"]):
             if time.monotonic() > give_up:
                 break
             await asyncio.sleep(0.05)
         await asyncio.to_thread(victim.kill)
         died_at = time.time()
         victim_alive = False
-        held = await asyncio.to_thread(_leased_by, database_url, victim.env["REPLICA_ID"])
+        held = await asyncio.to_thread(_leased_by, database, victim.env["REPLICA_ID"])
         # The load goes on on the survivor while it takes the dead replica's sagas over.
         moved_at: dict[str, float] = {}
         deadline = time.monotonic() + limit
@@ -274,8 +269,11 @@ def measure_takeover(
 ) -> dict[str, Any]:
     """Start a replica beside the stack's orchestrator, load both, kill -9 it, and time its sagas' takeover."""
     assert stack.orchestrator is not None
+    # One engine for the polls of the outbox while the load runs, not one per poll.
+    database = create_engine(database_url, connect_args={"connect_timeout": 5})
     victim = stack.add_orchestrator("orchestrator-killed", {**REPLICA_ENV, "REPLICA_ID": TAKEOVER_REPLICA_ID})
     try:
-        return asyncio.run(_takeover(stack.address, victim, database_url, concurrency, before_kill, limit))
+        return asyncio.run(_takeover(stack.address, victim, database, concurrency, before_kill, limit))
     finally:
         victim.stop()
+        database.dispose()

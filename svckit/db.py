@@ -111,12 +111,18 @@ def is_postgres(url: str) -> bool:
     return url.startswith("postgresql")
 
 
+def _sqlstate(error: BaseException) -> str | None:
+    """The driver's SQLSTATE of an error, under SQLAlchemy's wrapper or not (None: SQLite, or not a database error)."""
+    original = error.orig if isinstance(error, DBAPIError) else error
+    return getattr(original, "sqlstate", None)
+
+
 def _is_transient_conflict(error: BaseException) -> bool:
     """A conflict that says nothing about the work itself (unlike a unique-key clash, which may be its fault)."""
     original = error.orig if isinstance(error, DBAPIError) else error
     if isinstance(original, KeyBusy | sqlite3.OperationalError):
         return is_retryable_conflict(original)
-    return getattr(original, "sqlstate", None) in _TRANSIENT_SQLSTATES
+    return _sqlstate(error) in _TRANSIENT_SQLSTATES
 
 
 def is_retryable_conflict(error: BaseException) -> bool:
@@ -129,12 +135,7 @@ def is_retryable_conflict(error: BaseException) -> bool:
         return "unique constraint" in str(original).lower()
     if isinstance(original, sqlite3.OperationalError):
         return "locked" in str(original).lower() or "busy" in str(original).lower()
-    return getattr(original, "sqlstate", None) in _RETRYABLE_SQLSTATES
-
-
-def _sqlstate(error: BaseException) -> str | None:
-    original = error.orig if isinstance(error, DBAPIError) else error
-    return getattr(original, "sqlstate", None)
+    return _sqlstate(error) in _RETRYABLE_SQLSTATES
 
 
 def needs_new_transaction(connection: Connection, error: BaseException) -> bool:

@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from devstack.stack import LocalStack
 from sagactl.app import app
 from sagactl.completion import COMPLETION_SECONDS, complete_saga_id, complete_status
 from sagactl.settings import DEFAULT_ADDRESS
+from tests.integration.test_saga_up import SAGA
 from tests.orchestrator_helpers import new_order_id, start_stack
 
 # An orchestrator alone is enough: the sagas it starts stay RUNNING, retrying services that are not there.
@@ -100,9 +100,6 @@ def test_saga_ids_and_order_ids_complete_from_the_orchestrator(start_process: An
 
 # -- the saga script, as bash runs it ------------------------------------------------------------------
 
-SCRIPT = Path(sys.executable).parent / "saga"
-SAGA = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-c", "import sys; sys.argv[0] = 'saga'; "
-                                              "from sagactl.main import main; main()"]  # fmt: skip
 # The commands that take a saga id as their first argument.
 ID_COMMANDS = ["show", "watch", "retry", "pause", "resume", "cancel", "terminate", "approve", "reject", "signal"]
 # The commands with a --status option.

@@ -26,7 +26,9 @@ from tests.orchestrator_helpers import new_order_id
 WAIT_SECONDS = 90.0
 PANEL_ROW = re.compile(r"(inventory|payment|shipping|notify|orchestrator)\s+127\.0\.0\.1:(\d+)\s+(\d+)\s+SERVING")
 SCRIPT = Path(sys.executable).parent / "saga"
-SAGA = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-c", "from sagactl.main import main; main()"]
+# Without the installed script, the same entry point under the script's name (completion reads it).
+SAGA = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-c", "import sys; sys.argv[0] = 'saga'; "
+                                              "from sagactl.main import main; main()"]  # fmt: skip
 
 
 def _free_port() -> int:
